@@ -1,0 +1,149 @@
+//! Typed access to the datapath maps, from a loaded object or from pins.
+
+use std::path::Path;
+
+use anyhow::Context;
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+};
+use lb_common::{
+    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, ServiceKey, ServiceValue,
+    TrafficCounter, map_names,
+};
+
+use crate::sync::{DatapathMaps, MapOpError};
+
+pub struct BpfMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, BackendSlotKey, BackendId>,
+    pub backends: HashMap<MapData, BackendId, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub service_stats: PerCpuArray<MapData, TrafficCounter>,
+    pub backend_stats: PerCpuArray<MapData, TrafficCounter>,
+    pub drop_stats: PerCpuArray<MapData, u64>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
+    ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+}
+
+fn from_pin(root: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = root.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {} (is an agent running with this --bpf-root?)", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+impl BpfMaps {
+    /// Takes the maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::build(|name| take(ebpf, name))
+    }
+
+    /// Opens the maps a running agent pinned under `root`.
+    pub fn open_pinned(root: &Path) -> anyhow::Result<Self> {
+        Self::build(|name| from_pin(root, name))
+    }
+
+    fn build(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(BpfMaps {
+            services: get(map_names::SERVICES)?.try_into()?,
+            slots: get(map_names::BACKEND_SLOTS)?.try_into()?,
+            backends: get(map_names::BACKENDS)?.try_into()?,
+            conntrack: get(map_names::CONNTRACK)?.try_into()?,
+            service_stats: get(map_names::SERVICE_STATS)?.try_into()?,
+            backend_stats: get(map_names::BACKEND_STATS)?.try_into()?,
+            drop_stats: get(map_names::DROP_STATS)?.try_into()?,
+        })
+    }
+
+    /// Sum over CPUs of a service's counters.
+    pub fn service_counter(&self, id: u32) -> anyhow::Result<TrafficCounter> {
+        sum_counters(self.service_stats.get(&id, 0)?)
+    }
+
+    pub fn backend_counter(&self, id: BackendId) -> anyhow::Result<TrafficCounter> {
+        sum_counters(self.backend_stats.get(&id, 0)?)
+    }
+
+    pub fn drops(&self, reason: DropReason) -> anyhow::Result<u64> {
+        Ok(self.drop_stats.get(&(reason as u32), 0)?.iter().sum())
+    }
+}
+
+fn sum_counters(values: PerCpuValues<TrafficCounter>) -> anyhow::Result<TrafficCounter> {
+    Ok(values.iter().fold(TrafficCounter::default(), |acc, c| TrafficCounter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }))
+}
+
+fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapOpError {
+    move |e| {
+        let message = match &e {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                format!("map is full ({e})")
+            }
+            _ => e.to_string(),
+        };
+        MapOpError { map, op, message }
+    }
+}
+
+/// Deleting what is already gone is fine.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn zeroed_per_cpu<T: aya::Pod + Default>(map: &'static str) -> Result<PerCpuValues<T>, MapOpError> {
+    let err = |message: String| MapOpError { map, op: "reset", message };
+    let n = aya::util::nr_cpus().map_err(|(what, e)| err(format!("{what}: {e}")))?;
+    PerCpuValues::try_from(vec![T::default(); n]).map_err(|e| err(e.to_string()))
+}
+
+fn keys<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<Vec<K>, MapOpError> {
+    map.keys().collect::<Result<Vec<_>, _>>().map_err(op_err(name, "iterate"))
+}
+
+impl DatapathMaps for BpfMaps {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapOpError> {
+        self.services.insert(key, value, 0).map_err(op_err(map_names::SERVICES, "insert"))
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapOpError> {
+        ignore_missing(self.services.remove(key)).map_err(op_err(map_names::SERVICES, "delete"))
+    }
+    fn put_slot(&mut self, key: &BackendSlotKey, id: BackendId) -> Result<(), MapOpError> {
+        self.slots.insert(key, id, 0).map_err(op_err(map_names::BACKEND_SLOTS, "insert"))
+    }
+    fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapOpError> {
+        ignore_missing(self.slots.remove(key)).map_err(op_err(map_names::BACKEND_SLOTS, "delete"))
+    }
+    fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapOpError> {
+        self.backends.insert(id, backend, 0).map_err(op_err(map_names::BACKENDS, "insert"))
+    }
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapOpError> {
+        ignore_missing(self.backends.remove(&id)).map_err(op_err(map_names::BACKENDS, "delete"))
+    }
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), MapOpError> {
+        let zero = zeroed_per_cpu(map_names::SERVICE_STATS)?;
+        self.service_stats.set(id, zero, 0).map_err(op_err(map_names::SERVICE_STATS, "reset"))
+    }
+    fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), MapOpError> {
+        let zero = zeroed_per_cpu(map_names::BACKEND_STATS)?;
+        self.backend_stats.set(id, zero, 0).map_err(op_err(map_names::BACKEND_STATS, "reset"))
+    }
+    fn service_keys(&self) -> Result<Vec<ServiceKey>, MapOpError> {
+        keys(&self.services, map_names::SERVICES)
+    }
+    fn slot_keys(&self) -> Result<Vec<BackendSlotKey>, MapOpError> {
+        keys(&self.slots, map_names::BACKEND_SLOTS)
+    }
+    fn backend_ids(&self) -> Result<Vec<BackendId>, MapOpError> {
+        keys(&self.backends, map_names::BACKENDS)
+    }
+}

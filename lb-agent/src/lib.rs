@@ -1,0 +1,9 @@
+//! lb-agent: watches Services/EndpointSlices (here from manifests) and
+//! programs the eBPF datapath. See README.md for the architecture.
+pub mod cli;
+pub mod datapath;
+pub mod model;
+pub mod run;
+pub mod source;
+pub mod sync;
+pub mod tracker;

@@ -1,0 +1,403 @@
+//! Manifests source: a file or directory of Kubernetes YAML (multi-document,
+//! `kind: List` too). Services, EndpointSlices and Nodes are read; other
+//! kinds are ignored. A bad document is reported with its file, document
+//! number and field, and the last good version of that object (or of the
+//! whole file, for a YAML syntax error) stays in force, so one broken edit
+//! never takes other services down.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+use serde_norway::Value;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::model::{FieldError, NodeSpec, ServiceSpec, SliceSpec, Snapshot};
+
+/// A manifest problem, located precisely enough to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based document number within the file (0: the file as a whole).
+    pub document: usize,
+    /// `Kind namespace/name` when it could be read.
+    pub object: Option<String>,
+    /// Field path such as `spec.ports[0].port`, when the problem has one.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.document > 0 {
+            write!(f, ": document {}", self.document)?;
+        }
+        if let Some(o) = &self.object {
+            write!(f, " ({o})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// Identity of an object across reloads.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ObjectRef {
+    kind: String,
+    namespace: String,
+    name: String,
+}
+
+#[derive(Clone, Debug)]
+enum Object {
+    Service(ServiceSpec),
+    Slice(SliceSpec),
+    Node(NodeSpec),
+}
+
+/// Reads a manifests path again and again, remembering each file's last good objects.
+pub struct ManifestSource {
+    path: PathBuf,
+    last_good: BTreeMap<PathBuf, BTreeMap<ObjectRef, Object>>,
+}
+
+impl ManifestSource {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        ManifestSource { path: path.into(), last_good: BTreeMap::new() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads every manifest file now. Errors are returned beside the
+    /// snapshot; the snapshot keeps the last good version of what failed.
+    pub fn load(&mut self) -> (Snapshot, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        let files = match manifest_files(&self.path) {
+            Ok(files) => files,
+            Err(e) => {
+                errors.push(ManifestError {
+                    file: self.path.clone(),
+                    document: 0,
+                    object: None,
+                    field: None,
+                    message: format!("cannot list manifests: {e}"),
+                });
+                // Keep serving what we had.
+                return (self.snapshot(), errors);
+            }
+        };
+        let mut next = BTreeMap::new();
+        for file in files {
+            let previous = self.last_good.remove(&file).unwrap_or_default();
+            let objects = match std::fs::read_to_string(&file) {
+                Ok(text) => parse_file(&file, &text, &previous, &mut errors),
+                Err(e) => {
+                    errors.push(file_error(&file, format!("cannot read: {e}")));
+                    previous
+                }
+            };
+            next.insert(file, objects);
+        }
+        self.last_good = next;
+        (self.snapshot(), errors)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot::default();
+        let mut seen = BTreeMap::new();
+        for (file, objects) in &self.last_good {
+            for (r, obj) in objects {
+                if let Some(first) = seen.insert(r.clone(), file.clone()) {
+                    tracing::warn!(
+                        "{} {}/{} is defined in {} and again in {}; using both may give surprising results",
+                        r.kind, r.namespace, r.name, first.display(), file.display()
+                    );
+                }
+                match obj.clone() {
+                    Object::Service(s) => snap.services.push(s),
+                    Object::Slice(s) => snap.slices.push(s),
+                    Object::Node(n) => snap.nodes.push(n),
+                }
+            }
+        }
+        snap
+    }
+
+    /// Watches the path; one message per burst of file system changes.
+    pub fn watch(&self) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+        use notify::{RecursiveMode, Watcher};
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.send(());
+            }
+        })?;
+        // Watch the directory (the parent, for a file): editors replace
+        // files by renaming, which a watch on the file itself would miss.
+        let dir = if self.path.is_dir() {
+            self.path.clone()
+        } else {
+            self.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+        };
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        Ok((watcher, rx))
+    }
+}
+
+fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        std::fs::metadata(path)?;
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.')
+                && p.is_file()
+                && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn file_error(file: &Path, message: String) -> ManifestError {
+    ManifestError { file: file.to_path_buf(), document: 0, object: None, field: None, message }
+}
+
+fn parse_file(
+    file: &Path,
+    text: &str,
+    previous: &BTreeMap<ObjectRef, Object>,
+    errors: &mut Vec<ManifestError>,
+) -> BTreeMap<ObjectRef, Object> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        match Value::deserialize(doc) {
+            Ok(v) => docs.push(v),
+            Err(e) => {
+                errors.push(ManifestError {
+                    file: file.to_path_buf(),
+                    document: docs.len() + 1,
+                    object: None,
+                    field: None,
+                    message: format!("YAML syntax: {e}; keeping this file's previous objects"),
+                });
+                return previous.clone();
+            }
+        }
+    }
+    let mut objects = BTreeMap::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        let document = i + 1;
+        let mut items = Vec::new();
+        flatten_lists(doc, &mut items);
+        for item in items {
+            match parse_object(&item) {
+                Ok(Some((r, obj))) => {
+                    objects.insert(r, obj);
+                }
+                Ok(None) => {}
+                Err((r, field, message)) => {
+                    let object = r.as_ref().map(|r| format!("{} {}/{}", r.kind, r.namespace, r.name));
+                    errors.push(ManifestError { file: file.to_path_buf(), document, object, field, message });
+                    // Like an API server refusing an update: the old object stays.
+                    if let Some(r) = r
+                        && let Some(old) = previous.get(&r)
+                    {
+                        objects.insert(r, old.clone());
+                    }
+                }
+            }
+        }
+    }
+    objects
+}
+
+/// `kind: List` documents (as `kubectl get -o yaml` writes) hold items.
+fn flatten_lists(doc: Value, out: &mut Vec<Value>) {
+    if doc.get("kind").and_then(Value::as_str) == Some("List")
+        && let Some(Value::Sequence(items)) = doc.get("items")
+    {
+        for item in items.clone() {
+            flatten_lists(item, out);
+        }
+        return;
+    }
+    if !doc.is_null() {
+        out.push(doc);
+    }
+}
+
+type ObjectError = (Option<ObjectRef>, Option<String>, String);
+
+fn object_ref(doc: &Value, kind: &str) -> Option<ObjectRef> {
+    let meta = doc.get("metadata")?;
+    Some(ObjectRef {
+        kind: kind.to_string(),
+        namespace: meta.get("namespace").and_then(Value::as_str).unwrap_or("default").to_string(),
+        name: meta.get("name")?.as_str()?.to_string(),
+    })
+}
+
+fn typed<T: DeserializeOwned>(doc: &Value, r: &Option<ObjectRef>) -> Result<T, ObjectError> {
+    serde_path_to_error::deserialize(doc.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        (r.clone(), field, e.into_inner().to_string())
+    })
+}
+
+fn spec_err(r: &Option<ObjectRef>, e: FieldError) -> ObjectError {
+    (r.clone(), Some(e.field), e.message)
+}
+
+fn parse_object(doc: &Value) -> Result<Option<(ObjectRef, Object)>, ObjectError> {
+    let kind = doc.get("kind").and_then(Value::as_str);
+    let api_version = doc.get("apiVersion").and_then(Value::as_str);
+    let (Some(kind), Some(api_version)) = (kind, api_version) else {
+        return Err((None, None, "not a Kubernetes object: apiVersion and kind are required".into()));
+    };
+    let r = object_ref(doc, kind);
+    let obj = match (api_version, kind) {
+        ("v1", "Service") => Object::Service(ServiceSpec::from_k8s(&typed::<Service>(doc, &r)?).map_err(|e| spec_err(&r, e))?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match SliceSpec::from_k8s(&typed::<EndpointSlice>(doc, &r)?).map_err(|e| spec_err(&r, e))? {
+                Some(s) => Object::Slice(s),
+                None => {
+                    debug!(?r, "EndpointSlice without service-name label or with FQDN addresses ignored");
+                    return Ok(None);
+                }
+            }
+        }
+        ("v1", "Node") => Object::Node(NodeSpec::from_k8s(&typed::<Node>(doc, &r)?).map_err(|e| spec_err(&r, e))?),
+        _ => {
+            debug!(api_version, kind, "ignoring object of a kind the proxy does not use");
+            return Ok(None);
+        }
+    };
+    let r = r.ok_or_else(|| (None, Some("metadata.name".to_string()), "missing".to_string()))?;
+    Ok(Some((r, obj)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: net-test}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: net-test}
+spec:
+  clusterIP: 198.19.0.10
+  ports: [{port: 8080, targetPort: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: net-test
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+  - addresses: [198.18.1.11]
+"#;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lb-manifests-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn reads_services_and_slices_and_ignores_other_kinds() {
+        let dir = tempdir();
+        write(&dir, "a.yaml", GOOD);
+        let (snap, errors) = ManifestSource::new(&dir).load();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.slices.len(), 1);
+        assert_eq!(snap.slices[0].endpoints.len(), 1);
+    }
+
+    #[test]
+    fn bad_document_names_file_document_and_field_and_keeps_last_good() {
+        let dir = tempdir();
+        let file = write(&dir, "a.yaml", GOOD);
+        let mut src = ManifestSource::new(&file);
+        assert!(src.load().1.is_empty());
+
+        write(&dir, "a.yaml", &GOOD.replace("[{port: 8080, targetPort: 80}]", "[{port: eighty}]"));
+        let (snap, errors) = src.load();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0];
+        assert_eq!(e.document, 2);
+        assert_eq!(e.field.as_deref(), Some("spec.ports[0].port"));
+        assert_eq!(e.object.as_deref(), Some("Service net-test/web"));
+        let text = e.to_string();
+        assert!(text.contains("a.yaml: document 2 (Service net-test/web): field spec.ports[0].port"), "{text}");
+        // The previous version of the service still stands.
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.services[0].ports[0].port, 8080);
+    }
+
+    #[test]
+    fn semantic_error_is_reported_with_field() {
+        let dir = tempdir();
+        write(&dir, "a.yaml", &GOOD.replace("addresses: [198.18.1.11]", "addresses: [not-an-ip]"));
+        let (snap, errors) = ManifestSource::new(&dir).load();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].field.as_deref(), Some("endpoints[0].addresses[0]"));
+        assert_eq!(snap.services.len(), 1, "the valid service is still read");
+        assert!(snap.slices.is_empty());
+    }
+
+    #[test]
+    fn yaml_syntax_error_keeps_the_files_previous_objects() {
+        let dir = tempdir();
+        write(&dir, "a.yaml", GOOD);
+        let mut src = ManifestSource::new(&dir);
+        src.load();
+        write(&dir, "a.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        let (snap, errors) = src.load();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].message.contains("YAML syntax"), "{}", errors[0]);
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.slices.len(), 1);
+    }
+
+    #[test]
+    fn list_documents_are_flattened() {
+        let dir = tempdir();
+        let list = "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Service\n    metadata: {name: a}\n    spec: {clusterIP: 198.19.0.1, ports: [{port: 80}]}\n";
+        write(&dir, "l.yml", list);
+        let (snap, errors) = ManifestSource::new(&dir).load();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snap.services[0].namespace, "default");
+    }
+}

@@ -1,0 +1,523 @@
+//! Sync: turns model changes into map writes.
+//!
+//! Order per service port, so the datapath never sees half a list:
+//! backends first, then the complete slot list under a new revision, then
+//! the SERVICES value that switches to it in one update, and only then the
+//! old revision's slots and the removed backends. A removed backend's id is
+//! deleted, which moves its established flows (conntrack checks it) — as
+//! kube-proxy's flush of stale UDP conntrack entries does.
+//!
+//! If anything fails, the next sync is a full resync: every service port is
+//! written again and map entries nobody owns are swept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use lb_common::{
+    Backend, BackendId, BackendSlotKey, RawAddr, ServiceKey, ServiceScope, ServiceValue,
+    addr::{from_v4_word, from_v6_octets},
+    limits::{MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES},
+};
+use tracing::{debug, info};
+
+use crate::model::{Endpoint, Frontend, Model, ServicePort};
+use crate::tracker::{self, ChangeSet};
+
+/// A failed map operation, with the map's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op} on map {map}: {message}")]
+pub struct MapOpError {
+    pub map: &'static str,
+    pub op: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Map(#[from] MapOpError),
+    #[error("{what} exhausted: all {limit} ids are in use ({hint})")]
+    IdsExhausted { what: &'static str, limit: u32, hint: &'static str },
+    #[error("{service}: {count} endpoints exceed the limit of {limit} per service port")]
+    TooManyEndpoints { service: String, count: usize, limit: u32 },
+}
+
+/// The map operations sync needs; the BPF maps implement it, and so does an
+/// in-memory fake in the tests.
+pub trait DatapathMaps {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapOpError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapOpError>;
+    fn put_slot(&mut self, key: &BackendSlotKey, id: BackendId) -> Result<(), MapOpError>;
+    fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapOpError>;
+    fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapOpError>;
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapOpError>;
+    /// Zeroes the counters of a newly allocated service id.
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), MapOpError>;
+    /// Zeroes the counters of a newly allocated backend id.
+    fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), MapOpError>;
+    fn service_keys(&self) -> Result<Vec<ServiceKey>, MapOpError>;
+    fn slot_keys(&self) -> Result<Vec<BackendSlotKey>, MapOpError>;
+    fn backend_ids(&self) -> Result<Vec<BackendId>, MapOpError>;
+}
+
+pub fn raw_addr(ip: IpAddr) -> RawAddr {
+    match ip {
+        IpAddr::V4(v4) => from_v4_word(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => from_v6_octets(v6.octets()),
+    }
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: raw_addr(f.ip),
+        port: f.port.to_be(),
+        proto: f.protocol.ip_proto(),
+        scope: ServiceScope::Cluster as u8,
+    }
+}
+
+/// Ids in `1..limit`, handed out next-fit so a freed id is reused as late as
+/// possible (stale conntrack entries also check the backend's address).
+#[derive(Debug)]
+struct IdAllocator {
+    limit: u32,
+    next: u32,
+    used: BTreeSet<u32>,
+    what: &'static str,
+    hint: &'static str,
+}
+
+impl IdAllocator {
+    fn new(limit: u32, what: &'static str, hint: &'static str) -> Self {
+        IdAllocator { limit, next: 1, used: BTreeSet::new(), what, hint }
+    }
+
+    fn alloc(&mut self) -> Result<u32, SyncError> {
+        if self.used.len() as u32 >= self.limit - 1 {
+            return Err(SyncError::IdsExhausted { what: self.what, limit: self.limit - 1, hint: self.hint });
+        }
+        loop {
+            let id = self.next;
+            self.next = if self.next + 1 >= self.limit { 1 } else { self.next + 1 };
+            if self.used.insert(id) {
+                return Ok(id);
+            }
+        }
+    }
+
+    fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+/// What is in the maps for one service port.
+#[derive(Debug, Clone)]
+struct Programmed {
+    service_id: u32,
+    revision: u32,
+    slot_count: u32,
+    backends: BTreeMap<Endpoint, BackendId>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    pub upserted: usize,
+    pub removed: usize,
+    pub full: bool,
+}
+
+pub struct Syncer {
+    applied: Model,
+    programmed: BTreeMap<Frontend, Programmed>,
+    service_ids: IdAllocator,
+    backend_ids: IdAllocator,
+    needs_full_resync: bool,
+}
+
+impl Default for Syncer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Syncer {
+    pub fn new() -> Self {
+        Syncer {
+            applied: Model::default(),
+            programmed: BTreeMap::new(),
+            service_ids: IdAllocator::new(MAX_SERVICES, "service ids", "raise lb_common::limits::MAX_SERVICES"),
+            backend_ids: IdAllocator::new(MAX_BACKENDS, "backend ids", "raise lb_common::limits::MAX_BACKENDS"),
+            needs_full_resync: true,
+        }
+    }
+
+    /// Brings the maps to `model`. The first sync, and any sync after a
+    /// failure, is a full resync.
+    pub fn sync(&mut self, maps: &mut impl DatapathMaps, model: &Model) -> Result<SyncReport, SyncError> {
+        let full = self.needs_full_resync;
+        let result = if full { self.full_resync(maps, model) } else { self.apply(maps, tracker::changes(&self.applied, model)) };
+        match result {
+            Ok(mut report) => {
+                self.applied = model.clone();
+                self.needs_full_resync = false;
+                report.full = full;
+                Ok(report)
+            }
+            Err(e) => {
+                self.needs_full_resync = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&mut self, maps: &mut impl DatapathMaps, changes: ChangeSet) -> Result<SyncReport, SyncError> {
+        let mut report = SyncReport::default();
+        let mut first_error = None;
+        for f in &changes.removed {
+            self.remove(maps, f)?;
+            report.removed += 1;
+        }
+        // One bad service port must not stop the others from being programmed.
+        for sp in &changes.upserted {
+            match self.upsert(maps, sp) {
+                Ok(()) => report.upserted += 1,
+                Err(e) => {
+                    tracing::error!(service = %sp.name, frontend = %sp.frontend, "programming failed: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(report), Err)
+    }
+
+    fn full_resync(&mut self, maps: &mut impl DatapathMaps, model: &Model) -> Result<SyncReport, SyncError> {
+        info!(services = model.services.len(), "full resync");
+        let stale: Vec<Frontend> = self.programmed.keys().filter(|f| !model.services.contains_key(f)).copied().collect();
+        let changes = ChangeSet { removed: stale, upserted: model.services.values().cloned().collect() };
+        let report = self.apply(maps, changes)?;
+        self.sweep(maps)?;
+        Ok(report)
+    }
+
+    /// Deletes map entries that no programmed service port owns (left by a
+    /// failed sync).
+    fn sweep(&mut self, maps: &mut impl DatapathMaps) -> Result<(), SyncError> {
+        let keys: BTreeSet<ServiceKey> = self.programmed.keys().map(service_key).collect();
+        for k in maps.service_keys()? {
+            if !keys.contains(&k) {
+                maps.delete_service(&k)?;
+            }
+        }
+        let live: BTreeMap<u32, (u32, u32)> =
+            self.programmed.values().map(|p| (p.service_id, (p.revision, p.slot_count))).collect();
+        for k in maps.slot_keys()? {
+            if live.get(&k.service_id).is_none_or(|&(rev, n)| k.revision != rev || k.slot >= n) {
+                maps.delete_slot(&k)?;
+            }
+        }
+        let backends: BTreeSet<BackendId> = self.programmed.values().flat_map(|p| p.backends.values().copied()).collect();
+        for id in maps.backend_ids()? {
+            if !backends.contains(&id) {
+                maps.delete_backend(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, maps: &mut impl DatapathMaps, f: &Frontend) -> Result<(), SyncError> {
+        let Some(p) = self.programmed.get(f).cloned() else {
+            return Ok(());
+        };
+        maps.delete_service(&service_key(f))?;
+        for slot in 0..p.slot_count {
+            maps.delete_slot(&BackendSlotKey { service_id: p.service_id, revision: p.revision, slot })?;
+        }
+        for &id in p.backends.values() {
+            maps.delete_backend(id)?;
+            self.backend_ids.free(id);
+        }
+        self.service_ids.free(p.service_id);
+        self.programmed.remove(f);
+        debug!(frontend = %f, "service port removed");
+        Ok(())
+    }
+
+    fn upsert(&mut self, maps: &mut impl DatapathMaps, sp: &ServicePort) -> Result<(), SyncError> {
+        if sp.endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(SyncError::TooManyEndpoints {
+                service: sp.name.clone(),
+                count: sp.endpoints.len(),
+                limit: MAX_BACKENDS_PER_SERVICE,
+            });
+        }
+        let old = self.programmed.get(&sp.frontend).cloned();
+        // Ids taken in this attempt go back if it fails.
+        let mut fresh_ids = Vec::new();
+        let result = self.write_service(maps, sp, old.as_ref(), &mut fresh_ids);
+        match result {
+            Ok(new) => {
+                self.programmed.insert(sp.frontend, new);
+                Ok(())
+            }
+            Err(e) => {
+                for (is_service, id) in fresh_ids {
+                    if is_service { self.service_ids.free(id) } else { self.backend_ids.free(id) }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn write_service(
+        &mut self,
+        maps: &mut impl DatapathMaps,
+        sp: &ServicePort,
+        old: Option<&Programmed>,
+        fresh_ids: &mut Vec<(bool, u32)>,
+    ) -> Result<Programmed, SyncError> {
+        let service_id = match old {
+            Some(p) => p.service_id,
+            None => {
+                let id = self.service_ids.alloc()?;
+                fresh_ids.push((true, id));
+                maps.reset_service_stats(id)?;
+                id
+            }
+        };
+        let proto = sp.frontend.protocol.ip_proto();
+        let mut backends = BTreeMap::new();
+        for ep in &sp.endpoints {
+            let id = match old.and_then(|p| p.backends.get(ep)) {
+                Some(&id) => id,
+                None => {
+                    let id = self.backend_ids.alloc()?;
+                    fresh_ids.push((false, id));
+                    maps.reset_backend_stats(id)?;
+                    maps.put_backend(
+                        id,
+                        &Backend { addr: raw_addr(ep.ip), port: ep.port.to_be(), proto, _pad: 0, service_id },
+                    )?;
+                    id
+                }
+            };
+            backends.insert(*ep, id);
+        }
+        // A full resync rewrites surviving backends too (they may be missing).
+        if let Some(p) = old {
+            for (ep, &id) in &p.backends {
+                if backends.contains_key(ep) {
+                    maps.put_backend(
+                        id,
+                        &Backend { addr: raw_addr(ep.ip), port: ep.port.to_be(), proto, _pad: 0, service_id },
+                    )?;
+                }
+            }
+        }
+        let revision = old.map_or(1, |p| p.revision.wrapping_add(1).max(1));
+        for (slot, &id) in backends.values().enumerate() {
+            maps.put_slot(&BackendSlotKey { service_id, revision, slot: slot as u32 }, id)?;
+        }
+        let value = ServiceValue { service_id, revision, backend_count: backends.len() as u32, flags: 0 };
+        maps.put_service(&service_key(&sp.frontend), &value)?;
+
+        // The new list is live: retire the old one.
+        if let Some(p) = old {
+            for slot in 0..p.slot_count {
+                maps.delete_slot(&BackendSlotKey { service_id, revision: p.revision, slot })?;
+            }
+            for (ep, &id) in &p.backends {
+                if !backends.contains_key(ep) {
+                    maps.delete_backend(id)?;
+                    self.backend_ids.free(id);
+                }
+            }
+        }
+        debug!(service = %sp.name, frontend = %sp.frontend, backends = backends.len(), revision, "service port programmed");
+        Ok(Programmed { service_id, revision, slot_count: backends.len() as u32, backends })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+    use std::collections::HashMap;
+
+    /// In-memory maps that, after every write, check what a packet could
+    /// see: each service's live revision resolves completely.
+    #[derive(Default)]
+    struct FakeMaps {
+        services: HashMap<ServiceKey, ServiceValue>,
+        slots: HashMap<BackendSlotKey, BackendId>,
+        backends: HashMap<BackendId, Backend>,
+        fail_backend_put_after: Option<usize>,
+        writes: usize,
+    }
+
+    impl FakeMaps {
+        fn check_consistent(&self) {
+            for (k, v) in &self.services {
+                for slot in 0..v.backend_count {
+                    let id = self.slots.get(&BackendSlotKey { service_id: v.service_id, revision: v.revision, slot });
+                    let id = id.unwrap_or_else(|| panic!("service {k:?} slot {slot} missing"));
+                    let b = self.backends.get(id).unwrap_or_else(|| panic!("backend {id} missing"));
+                    assert_eq!(b.service_id, v.service_id);
+                }
+            }
+        }
+
+        /// Endpoints a packet to this frontend could reach.
+        fn resolve(&self, f: &Frontend) -> BTreeSet<Endpoint> {
+            let Some(v) = self.services.get(&service_key(f)) else { return BTreeSet::new() };
+            (0..v.backend_count)
+                .map(|slot| {
+                    let id = self.slots[&BackendSlotKey { service_id: v.service_id, revision: v.revision, slot }];
+                    let b = self.backends[&id];
+                    let o = lb_common::addr::octets(&b.addr);
+                    Endpoint { ip: IpAddr::from([o[12], o[13], o[14], o[15]]), port: u16::from_be(b.port) }
+                })
+                .collect()
+        }
+
+        fn wrote(&mut self) {
+            self.writes += 1;
+            self.check_consistent();
+        }
+    }
+
+    impl DatapathMaps for FakeMaps {
+        fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), MapOpError> {
+            self.services.insert(*k, *v);
+            self.wrote();
+            Ok(())
+        }
+        fn delete_service(&mut self, k: &ServiceKey) -> Result<(), MapOpError> {
+            self.services.remove(k);
+            self.wrote();
+            Ok(())
+        }
+        fn put_slot(&mut self, k: &BackendSlotKey, id: BackendId) -> Result<(), MapOpError> {
+            self.slots.insert(*k, id);
+            self.wrote();
+            Ok(())
+        }
+        fn delete_slot(&mut self, k: &BackendSlotKey) -> Result<(), MapOpError> {
+            self.slots.remove(k);
+            self.wrote();
+            Ok(())
+        }
+        fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), MapOpError> {
+            if let Some(n) = self.fail_backend_put_after.as_mut() {
+                if *n == 0 {
+                    return Err(MapOpError { map: "BACKENDS", op: "insert", message: "map is full".into() });
+                }
+                *n -= 1;
+            }
+            self.backends.insert(id, *b);
+            self.wrote();
+            Ok(())
+        }
+        fn delete_backend(&mut self, id: BackendId) -> Result<(), MapOpError> {
+            self.backends.remove(&id);
+            self.wrote();
+            Ok(())
+        }
+        fn reset_service_stats(&mut self, _: u32) -> Result<(), MapOpError> {
+            Ok(())
+        }
+        fn reset_backend_stats(&mut self, _: BackendId) -> Result<(), MapOpError> {
+            Ok(())
+        }
+        fn service_keys(&self) -> Result<Vec<ServiceKey>, MapOpError> {
+            Ok(self.services.keys().copied().collect())
+        }
+        fn slot_keys(&self) -> Result<Vec<BackendSlotKey>, MapOpError> {
+            Ok(self.slots.keys().copied().collect())
+        }
+        fn backend_ids(&self) -> Result<Vec<BackendId>, MapOpError> {
+            Ok(self.backends.keys().copied().collect())
+        }
+    }
+
+    fn frontend(ip: &str, port: u16) -> Frontend {
+        Frontend { ip: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
+    }
+
+    fn eps(ips: &[&str]) -> BTreeSet<Endpoint> {
+        ips.iter().map(|ip| Endpoint { ip: ip.parse().unwrap(), port: 80 }).collect()
+    }
+
+    fn model(services: &[(Frontend, &[&str])]) -> Model {
+        Model {
+            services: services
+                .iter()
+                .map(|(f, ips)| (*f, ServicePort { name: f.to_string(), frontend: *f, endpoints: eps(ips) }))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn programs_updates_and_removes_without_exposing_partial_lists() {
+        let (a, b) = (frontend("198.19.0.10", 8080), frontend("198.19.0.10", 9090));
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let r = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1", "198.18.1.2", "198.18.1.3"]), (b, &["198.18.1.4"])])).unwrap();
+        assert!(r.full);
+        assert_eq!(maps.resolve(&a), eps(&["198.18.1.1", "198.18.1.2", "198.18.1.3"]));
+        assert_eq!(maps.resolve(&b), eps(&["198.18.1.4"]));
+        let kept_id = syncer.programmed[&a].backends[&eps(&["198.18.1.1"]).into_iter().next().unwrap()];
+
+        let r = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1", "198.18.1.3", "198.18.1.5"]), (b, &["198.18.1.4"])])).unwrap();
+        assert_eq!(r, SyncReport { upserted: 1, removed: 0, full: false }, "only the changed port is written");
+        assert_eq!(maps.resolve(&a), eps(&["198.18.1.1", "198.18.1.3", "198.18.1.5"]));
+        assert_eq!(syncer.programmed[&a].backends[&eps(&["198.18.1.1"]).into_iter().next().unwrap()], kept_id, "surviving backend keeps its id");
+        assert_eq!(maps.backends.len(), 4, "the removed backend is deleted");
+        assert_eq!(maps.slots.len(), 4, "old revision slots are deleted");
+
+        syncer.sync(&mut maps, &model(&[(b, &["198.18.1.4"])])).unwrap();
+        assert!(maps.resolve(&a).is_empty());
+        assert_eq!((maps.services.len(), maps.slots.len(), maps.backends.len()), (1, 1, 1));
+    }
+
+    #[test]
+    fn failed_sync_keeps_other_services_and_full_resync_recovers() {
+        let (a, b) = (frontend("198.19.0.10", 80), frontend("198.19.0.11", 80));
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"])])).unwrap();
+        maps.fail_backend_put_after = Some(1);
+        let err = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"]), (b, &["198.18.1.2", "198.18.1.3"])])).unwrap_err();
+        assert!(err.to_string().contains("BACKENDS"), "{err}");
+        assert_eq!(maps.resolve(&a), eps(&["198.18.1.1"]), "untouched service keeps working");
+        assert!(maps.resolve(&b).is_empty());
+
+        maps.fail_backend_put_after = None;
+        let r = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"]), (b, &["198.18.1.2", "198.18.1.3"])])).unwrap();
+        assert!(r.full, "a failed sync is followed by a full resync");
+        assert_eq!(maps.resolve(&b), eps(&["198.18.1.2", "198.18.1.3"]));
+        assert_eq!(maps.backends.len(), 3, "the half-written backend was swept or reused");
+    }
+
+    #[test]
+    fn full_resync_sweeps_entries_nobody_owns() {
+        let a = frontend("198.19.0.10", 80);
+        let mut maps = FakeMaps::default();
+        let stray = service_key(&frontend("198.19.9.9", 1));
+        maps.services.insert(stray, ServiceValue { service_id: 999, revision: 1, backend_count: 0, flags: 0 });
+        maps.slots.insert(BackendSlotKey { service_id: 999, revision: 1, slot: 0 }, 999);
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"])])).unwrap();
+        assert!(!maps.services.contains_key(&stray));
+        assert_eq!(maps.slots.len(), 1);
+    }
+
+    #[test]
+    fn id_allocator_reports_exhaustion_and_reuses_late() {
+        let mut ids = IdAllocator::new(4, "test ids", "hint");
+        assert_eq!((ids.alloc().unwrap(), ids.alloc().unwrap()), (1, 2));
+        ids.free(1);
+        assert_eq!(ids.alloc().unwrap(), 3, "next-fit: the freed id waits");
+        assert_eq!(ids.alloc().unwrap(), 1);
+        assert!(matches!(ids.alloc(), Err(SyncError::IdsExhausted { limit: 3, .. })));
+    }
+}

@@ -1,0 +1,61 @@
+//! Change tracker: what differs between the model last programmed and the
+//! new one, per service port, so a sync touches only what changed.
+
+use crate::model::{Frontend, Model, ServicePort};
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    /// Service ports to delete.
+    pub removed: Vec<Frontend>,
+    /// Service ports that are new or whose endpoints changed.
+    pub upserted: Vec<ServicePort>,
+}
+
+impl ChangeSet {
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.upserted.is_empty()
+    }
+}
+
+pub fn changes(old: &Model, new: &Model) -> ChangeSet {
+    let removed = old.services.keys().filter(|f| !new.services.contains_key(f)).copied().collect();
+    let upserted = new
+        .services
+        .iter()
+        .filter(|(f, sp)| old.services.get(f) != Some(sp))
+        .map(|(_, sp)| sp.clone())
+        .collect();
+    ChangeSet { removed, upserted }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, Protocol};
+
+    fn sp(ip: &str, port: u16, eps: &[&str]) -> ServicePort {
+        let frontend = Frontend { ip: ip.parse().unwrap(), port, protocol: Protocol::Tcp };
+        ServicePort {
+            name: format!("ns/{ip}:{port}"),
+            frontend,
+            endpoints: eps.iter().map(|e| Endpoint { ip: e.parse().unwrap(), port: 80 }).collect(),
+        }
+    }
+
+    fn model(sps: Vec<ServicePort>) -> Model {
+        Model { services: sps.into_iter().map(|s| (s.frontend, s)).collect() }
+    }
+
+    #[test]
+    fn only_changed_service_ports_are_listed() {
+        let a = sp("198.19.0.1", 80, &["198.18.1.1"]);
+        let b = sp("198.19.0.2", 80, &["198.18.1.2"]);
+        let c = sp("198.19.0.3", 80, &["198.18.1.3"]);
+        let b2 = sp("198.19.0.2", 80, &["198.18.1.2", "198.18.1.4"]);
+        let d = sp("198.19.0.4", 80, &[]);
+        let set = changes(&model(vec![a.clone(), b, c.clone()]), &model(vec![a, b2.clone(), d.clone()]));
+        assert_eq!(set.removed, vec![c.frontend]);
+        assert_eq!(set.upserted, vec![b2, d]);
+        assert!(changes(&Model::default(), &Model::default()).is_empty());
+    }
+}

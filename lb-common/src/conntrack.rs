@@ -1,0 +1,64 @@
+//! CONNTRACK map (LRU): one forward entry (client → VIP) and one reply entry
+//! (backend → client) per balanced flow. Replaces nf_conntrack for our NAT.
+
+use crate::{RawAddr, assert_size};
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtKind {
+    /// Key is the packet as the client sent it (dst = VIP).
+    Forward = 0,
+    /// Key is the backend's reply (src = backend, dst = client).
+    Reply = 1,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src_addr: RawAddr,
+    pub dst_addr: RawAddr,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    /// `CtKind` discriminant.
+    pub kind: u8,
+    pub _pad: [u8; 2],
+}
+assert_size!(CtKey, 40);
+
+/// TCP flags remembered in `CtEntry::tcp_flags_seen`.
+pub mod ct_flags {
+    pub const SYN: u8 = 0x02;
+    pub const FIN: u8 = 0x01;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Lifetimes (seconds) like Cilium's defaults: a flow idle for longer is
+/// forgotten and its next packet is balanced afresh.
+pub mod ct_timeouts {
+    pub const TCP_SYN: u32 = 60;
+    pub const TCP_ESTABLISHED: u32 = 21_600;
+    pub const TCP_CLOSING: u32 = 10;
+    pub const NON_TCP: u32 = 60;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Forward: the backend address DNAT writes; reply: the VIP the reply's
+    /// source is restored to.
+    pub nat_addr: RawAddr,
+    /// Port matching `nat_addr`, network byte order.
+    pub nat_port: u16,
+    /// TCP flags seen on this flow so far (`ct_flags`).
+    pub tcp_flags_seen: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Monotonic clock seconds (bpf_ktime_get_ns / 1e9) after which the entry is stale.
+    pub expires_at: u32,
+}
+assert_size!(CtEntry, 32);

@@ -1,0 +1,90 @@
+//! Types shared by the kernel programs (`lb-ebpf`) and the agent (`lb-agent`).
+//!
+//! Every map key and value is `#[repr(C)]`, has no implicit padding (explicit
+//! `_pad` fields instead, asserted at compile time) and carries no `bool` or
+//! `Option`, so the same bytes mean the same thing on both sides and
+//! `bpftool map dump` prints every field by name from BTF.
+//!
+//! Addresses are 16 bytes in every key: IPv4 is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so IPv6 needs no second set of maps. Addresses and ports
+//! are kept in network byte order, exactly as they appear in the packet.
+#![no_std]
+
+pub mod addr;
+pub mod backend;
+pub mod conntrack;
+pub mod service;
+pub mod stats;
+
+pub use addr::RawAddr;
+pub use backend::{Backend, BackendId, BackendSlotKey};
+pub use conntrack::{CtEntry, CtKey, CtKind};
+pub use service::{ServiceKey, ServiceScope, ServiceValue};
+pub use stats::{DropReason, TrafficCounter};
+
+/// IP protocol numbers used in keys.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// Map names, shared so the agent finds what the kernel object declares.
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const DROP_STATS: &str = "DROP_STATS";
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        DROP_STATS,
+    ];
+}
+
+/// Map capacities. Ids index the per-CPU counter arrays, so they stay below
+/// the matching maximum.
+pub mod limits {
+    /// Service ports (one per VIP:port/protocol), like one KUBE-SVC chain each.
+    pub const MAX_SERVICES: u32 = 65_536;
+    /// Backends over all services (one per service port × endpoint, like KUBE-SEP).
+    pub const MAX_BACKENDS: u32 = 65_536;
+    /// Backend slots over all services; two revisions of a service coexist
+    /// while it is being swapped, hence the headroom over `MAX_BACKENDS`.
+    pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+    /// Backends one service port may have.
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
+    /// Default conntrack size (forward + reply entries); `--conntrack-max` overrides it.
+    pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+    /// Number of drop-reason counters (`DropReason` discriminants are below it).
+    pub const DROP_REASONS: u32 = 16;
+}
+
+/// Compile-time assertion that a map type has exactly the expected size.
+#[macro_export]
+macro_rules! assert_size {
+    ($t:ty, $size:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain integers/arrays with no padding
+    // (sizes asserted next to each definition).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for TrafficCounter {}
+}

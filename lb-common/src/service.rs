@@ -1,0 +1,44 @@
+//! SERVICES map: (VIP, port, protocol, scope) → service entry. Replaces the
+//! `KUBE-SERVICES` match on ClusterIP:port.
+
+use crate::{RawAddr, assert_size};
+
+/// Which traffic a service entry captures. ClusterIP entries are `Cluster`;
+/// NodePort/LoadBalancer entries get their own scopes later.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceScope {
+    Cluster = 0,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Service VIP (network order, IPv4-mapped for IPv4).
+    pub addr: RawAddr,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// IP protocol (`proto::TCP`, `proto::UDP`).
+    pub proto: u8,
+    /// `ServiceScope` discriminant.
+    pub scope: u8,
+}
+assert_size!(ServiceKey, 20);
+
+/// Entry for one service port. The backend list lives in BACKEND_SLOTS under
+/// `(service_id, revision, slot)`: the agent writes a complete new revision
+/// first and then replaces this value in one map update, so a packet sees
+/// either the old list or the new one, never half of either.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Stable id of this service port (indexes SERVICE_STATS); never 0.
+    pub service_id: u32,
+    /// Revision of the backend slot list that is live.
+    pub revision: u32,
+    /// Number of live slots (0: no usable endpoint).
+    pub backend_count: u32,
+    /// Reserved for per-service options (affinity, traffic policy).
+    pub flags: u32,
+}
+assert_size!(ServiceValue, 16);

@@ -1,0 +1,56 @@
+//! Counter maps: per service, per backend, per drop reason (per CPU).
+//! What `iptables -t nat -vnL` counted per chain in kube-proxy.
+
+use crate::assert_size;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+assert_size!(TrafficCounter, 16);
+
+/// Why a packet was dropped; the discriminant indexes DROP_STATS.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A header ends beyond the packet (after pulling non-linear data).
+    Truncated = 1,
+    /// IPv4 header length field below 5 words or beyond the total length.
+    BadIpHeader = 2,
+    /// A fragment addressed to a service port: fragments are not balanced yet.
+    FragmentToService = 3,
+    /// The service has no usable endpoint (kube-proxy REJECTs; we drop and count).
+    NoBackend = 4,
+    /// The backend slot of the live revision was missing (update race).
+    BackendSlotMissing = 5,
+    /// The conntrack map refused the new flow.
+    ConntrackInsert = 6,
+    /// A packet rewrite or checksum helper failed.
+    Rewrite = 7,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Truncated,
+        DropReason::BadIpHeader,
+        DropReason::FragmentToService,
+        DropReason::NoBackend,
+        DropReason::BackendSlotMissing,
+        DropReason::ConntrackInsert,
+        DropReason::Rewrite,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::FragmentToService => "fragment_to_service",
+            DropReason::NoBackend => "no_backend",
+            DropReason::BackendSlotMissing => "backend_slot_missing",
+            DropReason::ConntrackInsert => "conntrack_insert",
+            DropReason::Rewrite => "rewrite",
+        }
+    }
+}

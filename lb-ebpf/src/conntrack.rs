@@ -1,0 +1,102 @@
+//! Flow state: forward entries pin a client flow to its backend, reply
+//! entries let the backend's answers be translated back to the VIP.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    CtEntry, CtKey, CtKind, proto,
+    addr::from_v4_word,
+    conntrack::{ct_flags, ct_timeouts},
+};
+
+use crate::{maps::CONNTRACK, parse::Packet};
+
+#[inline(always)]
+pub fn now_secs() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+pub fn key(pkt: &Packet, kind: CtKind) -> CtKey {
+    CtKey {
+        src_addr: from_v4_word(pkt.src),
+        dst_addr: from_v4_word(pkt.dst),
+        src_port: pkt.sport,
+        dst_port: pkt.dport,
+        proto: pkt.proto,
+        kind: kind as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// The key the backend's replies carry for a flow DNATed to `backend`.
+#[inline(always)]
+pub fn reply_key(pkt: &Packet, backend_addr: [u32; 4], backend_port: u16) -> CtKey {
+    CtKey {
+        src_addr: backend_addr,
+        dst_addr: from_v4_word(pkt.src),
+        src_port: backend_port,
+        dst_port: pkt.sport,
+        proto: pkt.proto,
+        kind: CtKind::Reply as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// How long a flow lives after a packet with `flags_seen` so far.
+#[inline(always)]
+fn lifetime(pkt_proto: u8, flags_seen: u8) -> u32 {
+    if pkt_proto != proto::TCP {
+        ct_timeouts::NON_TCP
+    } else if flags_seen & (ct_flags::FIN | ct_flags::RST) != 0 {
+        ct_timeouts::TCP_CLOSING
+    } else if flags_seen & ct_flags::ACK != 0 {
+        ct_timeouts::TCP_ESTABLISHED
+    } else {
+        ct_timeouts::TCP_SYN
+    }
+}
+
+/// A live entry for `key`, or `None` when absent or expired.
+#[inline(always)]
+pub fn lookup(key: &CtKey, now: u32) -> Option<*mut CtEntry> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup; fields are plain integers.
+    if unsafe { (*entry).expires_at } < now {
+        return None;
+    }
+    Some(entry)
+}
+
+/// Records this packet on a live entry: TCP flags and a later expiry. Writes
+/// only when something changed, to keep cache lines quiet on busy flows.
+#[inline(always)]
+pub fn touch(entry: *mut CtEntry, pkt: &Packet, now: u32) {
+    // SAFETY: pointer from a successful lookup in this program run.
+    unsafe {
+        let flags = (*entry).tcp_flags_seen | pkt.tcp_flags;
+        let expires = now + lifetime(pkt.proto, flags);
+        if flags != (*entry).tcp_flags_seen || expires > (*entry).expires_at + 1 {
+            (*entry).tcp_flags_seen = flags;
+            (*entry).expires_at = expires;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn new_entry(pkt: &Packet, nat_addr: [u32; 4], nat_port: u16, backend_id: u32, service_id: u32, now: u32) -> CtEntry {
+    CtEntry {
+        nat_addr,
+        nat_port,
+        tcp_flags_seen: pkt.tcp_flags,
+        _pad: 0,
+        backend_id,
+        service_id,
+        expires_at: now + lifetime(pkt.proto, pkt.tcp_flags),
+    }
+}
+
+#[inline(always)]
+pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
+    CONNTRACK.insert(key, entry, 0)
+}
