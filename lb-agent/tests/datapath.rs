@@ -1,0 +1,382 @@
+//! Kernel program tests: crafted packets through `lb_ingress` with
+//! BPF_PROG_TEST_RUN (Cilium's PKTGEN / SETUP / CHECK), against maps the
+//! agent's own sync code programmed. Needs root (CAP_BPF).
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder};
+use lb_agent::datapath::{Datapath, LoadOptions};
+use lb_agent::model::{Endpoint, Frontend, Model, Protocol, ServicePort};
+use lb_agent::sync::Syncer;
+use lb_common::DropReason;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const CLIENT: [u8; 4] = [198, 18, 2, 10];
+const VIP: [u8; 4] = [198, 19, 0, 10];
+const UDP_VIP: [u8; 4] = [198, 19, 0, 11];
+const BACKEND: [u8; 4] = [198, 18, 1, 11];
+const UDP_BACKEND: [u8; 4] = [198, 18, 1, 12];
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+// ---- PKTGEN ---------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+enum Tcp {
+    Syn,
+    SynAck,
+    Ack,
+}
+
+struct Ip {
+    src: [u8; 4],
+    dst: [u8; 4],
+    options: &'static [u8],
+    more_fragments: bool,
+    fragment_offset: u16,
+}
+
+fn ip(src: [u8; 4], dst: [u8; 4]) -> Ip {
+    Ip { src, dst, options: &[], more_fragments: false, fragment_offset: 0 }
+}
+
+fn ip_header(ip: &Ip) -> IpHeaders {
+    let mut h = Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, ip.src, ip.dst).unwrap();
+    h.options = Ipv4Options::try_from(ip.options).unwrap();
+    h.more_fragments = ip.more_fragments;
+    h.fragment_offset = IpFragOffset::try_new(ip.fragment_offset).unwrap();
+    h.identification = 0x1234;
+    IpHeaders::Ipv4(h, Default::default())
+}
+
+fn tcp(ip: Ip, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip_header(&ip)).tcp(sport, dport, 1000, 64240);
+    let b = match flags {
+        Tcp::Syn => b.syn(),
+        Tcp::SynAck => b.syn().ack(1001),
+        Tcp::Ack => b.ack(1001),
+    };
+    let payload = b"GET / HTTP/1.0\r\n\r\n";
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn udp(ip: Ip, sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip_header(&ip)).udp(sport, dport);
+    let payload = b"query";
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// UDP checksum 0 means "no checksum" and must stay 0 through NAT.
+fn without_udp_checksum(mut pkt: Vec<u8>) -> Vec<u8> {
+    let l4 = 14 + 20;
+    pkt[l4 + 6] = 0;
+    pkt[l4 + 7] = 0;
+    pkt
+}
+
+// ---- SETUP ----------------------------------------------------------------
+
+fn v4(a: [u8; 4]) -> std::net::IpAddr {
+    Ipv4Addr::from(a).into()
+}
+
+fn service_port(vip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4], u16)]) -> ServicePort {
+    let frontend = Frontend { ip: v4(vip), port, protocol };
+    ServicePort {
+        name: format!("net-test/{frontend}"),
+        frontend,
+        endpoints: backends.iter().map(|&(ip, port)| Endpoint { ip: v4(ip), port }).collect(),
+    }
+}
+
+fn model(ports: Vec<ServicePort>) -> Model {
+    Model { services: ports.into_iter().map(|sp| (sp.frontend, sp)).collect() }
+}
+
+fn default_model() -> Model {
+    model(vec![
+        service_port(VIP, 8080, Protocol::Tcp, &[(BACKEND, 80)]),
+        service_port(VIP, 9090, Protocol::Tcp, &[([198, 18, 1, 13], 90)]),
+        service_port(UDP_VIP, 53, Protocol::Udp, &[(UDP_BACKEND, 5353)]),
+        service_port([198, 19, 0, 12], 80, Protocol::Tcp, &[]),
+    ])
+}
+
+struct Harness {
+    datapath: Datapath,
+    syncer: Syncer,
+}
+
+impl Harness {
+    fn new(model: &Model) -> Self {
+        let datapath = Datapath::load(&LoadOptions { bpf_root: None, conntrack_max: 4096 })
+            .expect("loading the datapath (run as root)");
+        let mut h = Harness { datapath, syncer: Syncer::new() };
+        h.sync(model);
+        h
+    }
+
+    fn sync(&mut self, model: &Model) {
+        self.syncer.sync(&mut self.datapath.maps, model).expect("sync");
+    }
+
+    fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let prog = self.datapath.ingress_program().unwrap();
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        self.datapath.maps.drops(reason).unwrap()
+    }
+}
+
+// ---- CHECK ----------------------------------------------------------------
+
+enum Expect {
+    /// Passed and rewritten into exactly this packet (checksums included).
+    Rewritten(Vec<u8>),
+    /// Passed untouched.
+    Untouched,
+    /// Dropped and counted under this reason.
+    Dropped(DropReason),
+}
+
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    expect: Expect,
+}
+
+fn check(h: &mut Harness, case: Case) {
+    let before = match &case.expect {
+        Expect::Dropped(r) => h.drops(*r),
+        _ => 0,
+    };
+    let (action, out) = h.run(&case.input);
+    match case.expect {
+        Expect::Rewritten(want) => {
+            assert_eq!(action, TC_ACT_OK, "{}: action", case.name);
+            assert_eq!(hex(&out), hex(&want), "{}: output packet", case.name);
+        }
+        Expect::Untouched => {
+            assert_eq!(action, TC_ACT_OK, "{}: action", case.name);
+            assert_eq!(hex(&out), hex(&case.input), "{}: packet must be untouched", case.name);
+        }
+        Expect::Dropped(reason) => {
+            assert_eq!(action, TC_ACT_SHOT, "{}: action", case.name);
+            assert_eq!(h.drops(reason), before + 1, "{}: drop counter {reason:?}", case.name);
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn run_table(h: &mut Harness, cases: Vec<Case>) {
+    for case in cases {
+        check(h, case);
+    }
+}
+
+// ---- Tests ------------------------------------------------------------------
+
+#[test]
+fn clusterip_tcp_dnat_and_reverse_nat() {
+    let mut h = Harness::new(&default_model());
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "SYN to VIP:8080 is DNATed to the backend with valid checksums",
+                input: tcp(ip(CLIENT, VIP), 40000, 8080, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "backend's SYN-ACK is reverse-NATed to come from VIP:8080",
+                input: tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
+                expect: Expect::Rewritten(tcp(ip(VIP, CLIENT), 8080, 40000, Tcp::SynAck)),
+            },
+            Case {
+                name: "the flow's next packet follows the conntrack entry",
+                input: tcp(ip(CLIENT, VIP), 40000, 8080, Tcp::Ack),
+                expect: Expect::Rewritten(tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Ack)),
+            },
+            Case {
+                name: "same VIP, other port: its own service",
+                input: tcp(ip(CLIENT, VIP), 40001, 9090, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(ip(CLIENT, [198, 18, 1, 13]), 40001, 90, Tcp::Syn)),
+            },
+            Case {
+                name: "VIP on a port no service has passes untouched",
+                input: tcp(ip(CLIENT, VIP), 40002, 9999, Tcp::Syn),
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "UDP to the TCP service port passes untouched",
+                input: udp(ip(CLIENT, VIP), 40003, 8080),
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "unknown address passes untouched",
+                input: tcp(ip(CLIENT, [198, 19, 9, 9]), 40004, 8080, Tcp::Syn),
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "backend traffic that is not a reply passes untouched",
+                input: tcp(ip(BACKEND, CLIENT), 80, 41000, Tcp::Ack),
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "service without endpoints drops (counted)",
+                input: tcp(ip(CLIENT, [198, 19, 0, 12]), 40005, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+        ],
+    );
+}
+
+#[test]
+fn clusterip_udp_round_trip_and_zero_checksum() {
+    let mut h = Harness::new(&default_model());
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "UDP to VIP:53 is DNATed",
+                input: udp(ip(CLIENT, UDP_VIP), 50000, 53),
+                expect: Expect::Rewritten(udp(ip(CLIENT, UDP_BACKEND), 50000, 5353)),
+            },
+            Case {
+                name: "UDP reply is reverse-NATed",
+                input: udp(ip(UDP_BACKEND, CLIENT), 5353, 50000),
+                expect: Expect::Rewritten(udp(ip(UDP_VIP, CLIENT), 53, 50000)),
+            },
+            Case {
+                name: "UDP without checksum keeps checksum 0",
+                input: without_udp_checksum(udp(ip(CLIENT, UDP_VIP), 50001, 53)),
+                expect: Expect::Rewritten(without_udp_checksum(udp(ip(CLIENT, UDP_BACKEND), 50001, 5353))),
+            },
+        ],
+    );
+}
+
+#[test]
+fn malformed_and_unusual_packets() {
+    let mut h = Harness::new(&default_model());
+    let syn = tcp(ip(CLIENT, VIP), 40000, 8080, Tcp::Syn);
+
+    // IHL 4 (16 bytes) is not a valid IPv4 header.
+    let mut bad_ihl = syn.clone();
+    bad_ihl[14] = 0x44;
+    // IP header complete but the TCP header cut after 10 bytes.
+    let mut truncated_l4 = syn[..14 + 20 + 10].to_vec();
+    truncated_l4[16..18].copy_from_slice(&30u16.to_be_bytes());
+    // IHL claims 60 bytes of header (options) the packet does not have.
+    // (The kernel's test_run refuses packets shorter than an IP header.)
+    let mut options_beyond_end = syn[..14 + 20 + 10].to_vec();
+    options_beyond_end[14] = 0x4f;
+    options_beyond_end[16..18].copy_from_slice(&80u16.to_be_bytes());
+    let mut arp = syn.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+
+    let with_options = |src, dst| Ip { src, dst, options: &[1, 1, 1, 0], more_fragments: false, fragment_offset: 0 };
+    let first_fragment = Ip { src: CLIENT, dst: UDP_VIP, options: &[], more_fragments: true, fragment_offset: 0 };
+    let later_fragment = Ip { src: CLIENT, dst: UDP_VIP, options: &[], more_fragments: false, fragment_offset: 100 };
+
+    run_table(
+        &mut h,
+        vec![
+            Case { name: "IHL below 5", input: bad_ihl, expect: Expect::Dropped(DropReason::BadIpHeader) },
+            Case { name: "truncated TCP header", input: truncated_l4, expect: Expect::Dropped(DropReason::Truncated) },
+            Case {
+                name: "IP options running past the packet end",
+                input: options_beyond_end,
+                expect: Expect::Dropped(DropReason::Truncated),
+            },
+            Case { name: "non-IP (ARP) passes untouched", input: arp, expect: Expect::Untouched },
+            Case {
+                name: "IP options: L4 found from IHL, DNAT keeps the options",
+                input: tcp(with_options(CLIENT, VIP), 40010, 8080, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(with_options(CLIENT, BACKEND), 40010, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "IP options on the reply",
+                input: tcp(with_options(BACKEND, CLIENT), 80, 40010, Tcp::SynAck),
+                expect: Expect::Rewritten(tcp(with_options(VIP, CLIENT), 8080, 40010, Tcp::SynAck)),
+            },
+            Case {
+                name: "first fragment to a service is dropped (counted)",
+                input: udp(first_fragment, 50000, 53),
+                expect: Expect::Dropped(DropReason::FragmentToService),
+            },
+            Case {
+                name: "later fragment (no L4 header) passes untouched",
+                input: udp(later_fragment, 50000, 53),
+                expect: Expect::Untouched,
+            },
+        ],
+    );
+}
+
+/// Which backend a flow from `sport` lands on.
+fn backend_of(h: &mut Harness, sport: u16, flags: Tcp) -> [u8; 4] {
+    let (action, out) = h.run(&tcp(ip(CLIENT, VIP), sport, 8080, flags));
+    assert_eq!(action, TC_ACT_OK);
+    out[30..34].try_into().unwrap()
+}
+
+#[test]
+fn established_flow_stays_on_its_backend_until_that_backend_is_removed() {
+    let b = |last| ([198, 18, 1, last], 80);
+    let three = model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(11), b(12), b(13)])]);
+    let mut h = Harness::new(&three);
+
+    let first = backend_of(&mut h, 45000, Tcp::Syn);
+    let others: Vec<_> = [11, 12, 13].into_iter().filter(|&l| l != first[3]).collect();
+
+    // The list changes (a backend added, another removed): the flow stays.
+    let changed = model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(first[3]), b(others[0]), b(20)])]);
+    h.sync(&changed);
+    for _ in 0..20 {
+        assert_eq!(backend_of(&mut h, 45000, Tcp::Ack), first, "established flow moved");
+    }
+
+    // Its backend goes away: the flow is balanced again, onto a live backend.
+    let without = model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(others[0]), b(20)])]);
+    h.sync(&without);
+    let moved = backend_of(&mut h, 45000, Tcp::Ack);
+    assert!(moved == [198, 18, 1, others[0]] || moved == [198, 18, 1, 20], "moved to {moved:?}");
+}
+
+#[test]
+fn new_flows_spread_over_all_backends() {
+    let b = |last| ([198, 18, 1, last], 80);
+    let mut h = Harness::new(&model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(11), b(12), b(13)])]));
+    let mut counts = std::collections::BTreeMap::new();
+    for sport in 20000..20300 {
+        *counts.entry(backend_of(&mut h, sport, Tcp::Syn)[3]).or_insert(0u32) += 1;
+    }
+    let seen: BTreeSet<u8> = counts.keys().copied().collect();
+    assert_eq!(seen, BTreeSet::from([11, 12, 13]), "{counts:?}");
+    for (backend, n) in &counts {
+        assert!(*n >= 45, "backend .{backend} got {n} of 300 new flows: {counts:?}");
+    }
+    // Per-service and per-backend counters saw every packet.
+    let total: u64 = (1..4).map(|id| h.datapath.maps.backend_counter(id).unwrap().packets).sum();
+    assert_eq!(total, 300);
+    assert_eq!(h.datapath.maps.service_counter(1).unwrap().packets, 300);
+}
