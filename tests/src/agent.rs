@@ -1,0 +1,127 @@
+//! The real `lb-agent` binary, started inside the node namespace. Its log
+//! is collected so tests wait on what it reports, not on the clock.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::cleanup;
+use crate::sandbox::{NODE_NAME, Sandbox};
+
+/// Where the agent binary is: $LB_AGENT_BIN, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("LB_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent")
+    })
+}
+
+type Log = Arc<(Mutex<Vec<String>>, Condvar)>;
+
+pub struct Agent {
+    child: Child,
+    log: Log,
+}
+
+impl Agent {
+    /// Starts the agent on the sandbox's manifests and waits until it has
+    /// done its first sync and attached ("ready").
+    pub fn start(sandbox: &Sandbox, echo: bool) -> anyhow::Result<Self> {
+        let bin = agent_bin();
+        if !bin.exists() {
+            bail!("{} not found: build it first (cargo build -p lb-agent) or set LB_AGENT_BIN", bin.display());
+        }
+        let mut child = sandbox
+            .node
+            .command(bin.to_str().context("agent path is not UTF-8")?)
+            .args(["run", "--node-name", NODE_NAME, "--manifests"])
+            .arg(&sandbox.manifests_dir)
+            .arg("--bpf-root")
+            .arg(&sandbox.bpf_root)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting lb-agent")?;
+        cleanup::track_pid(child.id() as i32);
+        let log: Log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[lb-agent] {line}");
+                }
+                let (lines, cond) = &*sink;
+                lines.lock().unwrap().push(line);
+                cond.notify_all();
+            }
+            // EOF: the agent exited; wake waiters so they fail fast.
+            let (lines, cond) = &*sink;
+            lines.lock().unwrap().push("<exited>".into());
+            cond.notify_all();
+        });
+        let agent = Agent { child, log };
+        agent.wait_for_log(0, " ready", Duration::from_secs(30)).context("waiting for lb-agent to become ready")?;
+        Ok(agent)
+    }
+
+    /// Number of log lines so far (a position for `wait_for_log`).
+    pub fn log_position(&self) -> usize {
+        self.log.0.lock().unwrap().len()
+    }
+
+    /// Waits for a log line after `from` containing `needle`; returns it.
+    pub fn wait_for_log(&self, from: usize, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        let (lines, cond) = &*self.log;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(line) = guard.iter().skip(from).find(|l| l.contains(needle)) {
+                return Ok(line.clone());
+            }
+            if guard.last().is_some_and(|l| l == "<exited>") {
+                bail!("lb-agent exited before logging {needle:?}; log:\n{}", guard.join("\n"));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("no log line containing {needle:?} within {timeout:?}; log:\n{}", guard.join("\n"));
+            }
+            guard = cond.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.0.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM and wait: the agent detaches its programs and removes its pins.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // Its stderr closes when it exits: wait on that, then reap it.
+        if self.wait_for_log(0, "<exited>", Duration::from_secs(10)).is_err() {
+            let _ = self.child.kill();
+        }
+        let status = self.child.wait()?;
+        cleanup::untrack_pid(pid);
+        Ok(status)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.terminate();
+        }
+    }
+}

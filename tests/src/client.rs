@@ -1,0 +1,78 @@
+//! Client side of the sandbox: HTTP GETs (one connection each, or one
+//! keep-alive connection) and UDP queries. Call these inside a client
+//! namespace (`Netns::run`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One request on a new connection; returns the body (the pod name).
+pub fn http_get(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    conn.write_all(b"GET / HTTP/1.0\r\nHost: service\r\n\r\n")?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).with_context(|| format!("reading from {addr}"))?;
+    body(&response)
+}
+
+fn body(response: &str) -> anyhow::Result<String> {
+    let Some((head, body)) = response.split_once("\r\n\r\n") else {
+        bail!("malformed HTTP response {response:?}");
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("unexpected status in {head:?}");
+    }
+    Ok(body.trim().to_string())
+}
+
+/// One TCP connection used for many requests.
+pub struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let conn = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        Ok(KeepAlive { reader: BufReader::new(conn.try_clone()?), writer: conn })
+    }
+
+    pub fn get(&mut self) -> anyhow::Result<String> {
+        self.writer.write_all(b"GET / HTTP/1.1\r\nHost: service\r\n\r\n")?;
+        let mut head = String::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("connection closed by the server");
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                content_length = v.trim().parse()?;
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        self.reader.read_exact(&mut body)?;
+        Ok(String::from_utf8(body)?.trim().to_string())
+    }
+}
+
+/// One UDP datagram and its answer.
+pub fn udp_query(addr: SocketAddr) -> anyhow::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.connect(addr)?;
+    socket.send(b"who are you")?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf).with_context(|| format!("waiting for a UDP answer from {addr}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}

@@ -1,0 +1,86 @@
+//! Named network namespaces (`ip netns`), deleted when dropped, and running
+//! code inside one from a thread of this process.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Output};
+
+use anyhow::{Context, bail};
+
+use crate::cleanup;
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+/// `ip ARGS…`
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        ip(&["netns", "add", name])?;
+        cleanup::track_namespace(name);
+        let ns = Netns { name: name.to_string() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NAME ARGS…`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args)).map(|_| ())
+    }
+
+    /// A command inside the namespace (`nsenter --net`, which keeps /sys/fs/bpf visible).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        c
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        run(self.command("sysctl").args(["-qw", &format!("{key}={value}")])).map(|_| ())
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace; sockets it
+    /// opens live there.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns on this thread only; the fd is valid while `file` lives.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        }))
+    }
+
+    /// Runs `f` inside the namespace and waits for it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "delete", &self.name]);
+        cleanup::untrack_namespace(&self.name);
+    }
+}

@@ -1,0 +1,114 @@
+//! The "nginx" of the sandbox: an HTTP/1.1 server (keep-alive capable) and
+//! a UDP server, both answering with the pod's name. They run as threads
+//! inside the pod's namespace and stop when dropped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::netns::Netns;
+
+pub struct Servers {
+    tcp: Arc<TcpListener>,
+    udp: Arc<UdpSocket>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Servers {
+    pub fn start(ns: &Netns, pod_name: &str, http_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        let (tcp, udp) = ns.run(move || -> anyhow::Result<_> {
+            let tcp = TcpListener::bind(("0.0.0.0", http_port)).context("binding HTTP port")?;
+            let udp = UdpSocket::bind(("0.0.0.0", udp_port)).context("binding UDP port")?;
+            Ok((Arc::new(tcp), Arc::new(udp)))
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = pod_name.to_string();
+        let listener = tcp.clone();
+        let stopped = stop.clone();
+        let http = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                let name = name.clone();
+                std::thread::spawn(move || serve_http(conn, &name));
+            }
+            Ok(())
+        });
+        let name = pod_name.to_string();
+        let socket = udp.clone();
+        let stopped = stop.clone();
+        let udp_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = socket.send_to(name.as_bytes(), peer);
+            }
+            Ok(())
+        });
+        Ok(Servers { tcp, udp, stop, threads: vec![http, udp_thread] })
+    }
+}
+
+/// Answers requests on one connection until the client closes it.
+fn serve_http(conn: TcpStream, name: &str) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let mut writer = conn;
+    loop {
+        let mut close = false;
+        let mut line = String::new();
+        // Request line and headers, up to the empty line.
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.to_ascii_lowercase().starts_with("connection: close") || line.starts_with("GET / HTTP/1.0") {
+                close = true;
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let body = format!("{name}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        // shutdown(2) wakes the blocked accept/recv so the threads end and the
+        // sockets (which pin the namespace) close.
+        self.stop.store(true, Ordering::Relaxed);
+        // SAFETY: plain syscalls on fds we own.
+        unsafe {
+            libc::shutdown(self.tcp.as_raw_fd(), libc::SHUT_RDWR);
+            libc::shutdown(self.udp.as_raw_fd(), libc::SHUT_RDWR);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

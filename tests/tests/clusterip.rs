@@ -1,0 +1,180 @@
+//! End-to-end: real TCP/UDP through veths of a netns node running lb-agent.
+//! Each test builds its own sandbox (namespaces, pins, agent) and removes it.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use lb_tests::client::{KeepAlive, http_get, udp_query};
+use lb_tests::manifests::{self, NGINX_VIP, PortDef, ServiceDef, UDP_VIP, example_pods, nginx_service, udp_service};
+use lb_tests::{Agent, Sandbox};
+
+const PODS: [&str; 3] = ["nginx-a", "nginx-b", "nginx-c"];
+
+fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// A sandbox with the example's pods, the example manifests and a ready agent.
+fn example_sandbox() -> (Sandbox, Agent) {
+    let sandbox = Sandbox::new("lbt-", &PODS).expect("sandbox");
+    sandbox.write_manifest("net-test.yaml", &manifests::example()).unwrap();
+    let agent = Agent::start(&sandbox, true).expect("agent");
+    (sandbox, agent)
+}
+
+/// `n` requests on fresh connections from the client; pod name → count.
+fn spread(sandbox: &Sandbox, target: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    sandbox
+        .client()
+        .run(move || {
+            let mut counts = BTreeMap::new();
+            for i in 0..n {
+                let pod = http_get(target).unwrap_or_else(|e| panic!("request {i} to {target}: {e:#}"));
+                *counts.entry(pod).or_insert(0) += 1;
+            }
+            counts
+        })
+        .unwrap()
+}
+
+/// Rewrites the manifests and waits for the agent's sync of them.
+fn apply(sandbox: &Sandbox, agent: &Agent, file: &str, yaml: &str) -> Duration {
+    let from = agent.log_position();
+    let started = Instant::now();
+    sandbox.write_manifest(file, yaml).unwrap();
+    agent.wait_for_log(from, "synced", Duration::from_secs(5)).expect("agent sync");
+    started.elapsed()
+}
+
+#[test]
+fn clusterip_balances_300_requests_over_all_pods_without_nat_rules() {
+    let (sandbox, _agent) = example_sandbox();
+    let counts = spread(&sandbox, addr(NGINX_VIP, 8080), 300);
+    assert_eq!(counts.keys().cloned().collect::<Vec<_>>(), PODS, "{counts:?}");
+    for (pod, n) in &counts {
+        assert!(*n >= 45, "{pod} answered {n} of 300 (< 15%): {counts:?}");
+    }
+    let rules = sandbox.nat_rules().expect("listing nat rules (is nftables/iptables installed? run cargo xtask setup)");
+    assert!(rules.is_empty(), "the node has NAT rules; only eBPF may translate:\n{rules}");
+}
+
+#[test]
+fn long_lived_connection_stays_on_one_pod_while_endpoints_change() {
+    let (sandbox, agent) = example_sandbox();
+    // A socket belongs to the namespace it was opened in; it can then be
+    // used from any thread.
+    let mut conn = sandbox.client().run(|| KeepAlive::connect(addr(NGINX_VIP, 8080))).unwrap().unwrap();
+    let mut ask = |_: &Sandbox| conn.get().expect("request on the long-lived connection");
+    let first = ask(&sandbox);
+    for _ in 0..20 {
+        assert_eq!(ask(&sandbox), first);
+    }
+    // Another endpoint leaves; the connection's pod stays.
+    let pods = example_pods();
+    let leaving = pods.iter().find(|(name, _)| name != &first).unwrap().0.clone();
+    let kept: Vec<_> = pods.iter().filter(|(name, _)| name != &leaving).cloned().collect();
+    apply(&sandbox, &agent, "net-test.yaml", &manifests::join(&[manifests::service(&nginx_service(&kept)), manifests::service(&udp_service(&pods))]));
+    for _ in 0..20 {
+        assert_eq!(ask(&sandbox), first, "an established connection moved to another pod");
+    }
+}
+
+#[test]
+fn removed_endpoint_gets_no_new_connections_within_one_second() {
+    let (sandbox, agent) = example_sandbox();
+    let pods = example_pods();
+    let remaining: Vec<_> = pods.iter().filter(|(n, _)| n != "nginx-b").cloned().collect();
+    let took = apply(
+        &sandbox,
+        &agent,
+        "net-test.yaml",
+        &manifests::join(&[manifests::service(&nginx_service(&remaining)), manifests::service(&udp_service(&pods))]),
+    );
+    assert!(took < Duration::from_secs(1), "sync took {took:?}");
+    let counts = spread(&sandbox, addr(NGINX_VIP, 8080), 60);
+    assert!(!counts.contains_key("nginx-b"), "removed pod still got new connections: {counts:?}");
+    assert_eq!(counts.len(), 2, "the others still answer: {counts:?}");
+}
+
+#[test]
+fn deleted_service_stops_answering_on_its_vip() {
+    let (sandbox, agent) = example_sandbox();
+    assert!(sandbox.client().run(|| http_get(addr(NGINX_VIP, 8080))).unwrap().is_ok());
+    let pods = example_pods();
+    apply(&sandbox, &agent, "net-test.yaml", &manifests::service(&udp_service(&pods)));
+    let result = sandbox.client().run(|| http_get(addr(NGINX_VIP, 8080))).unwrap();
+    assert!(result.is_err(), "the deleted service still answered: {result:?}");
+    // The other service is untouched.
+    assert!(sandbox.client().run(|| udp_query(addr(UDP_VIP, 53))).unwrap().is_ok());
+}
+
+#[test]
+fn udp_service_round_trips_to_every_pod() {
+    let (sandbox, _agent) = example_sandbox();
+    let answers = sandbox
+        .client()
+        .run(|| (0..60).map(|_| udp_query(addr(UDP_VIP, 53)).expect("UDP answer")).collect::<Vec<_>>())
+        .unwrap();
+    let distinct: std::collections::BTreeSet<_> = answers.iter().cloned().collect();
+    assert_eq!(distinct.into_iter().collect::<Vec<_>>(), PODS, "answers came from the pods, as the VIP");
+}
+
+#[test]
+fn same_vip_different_ports_route_independently() {
+    let sandbox = Sandbox::new("lbt-", &PODS).unwrap();
+    let pods = example_pods();
+    let vip = Ipv4Addr::new(198, 19, 0, 20);
+    let web = ServiceDef {
+        name: "web",
+        cluster_ip: vip,
+        ports: vec![PortDef { name: "", protocol: "TCP", port: 8080, target_port: 80 }],
+        endpoints: pods[..1].to_vec(),
+    };
+    let mut api = web.clone();
+    api.name = "api";
+    api.ports[0].port = 9090;
+    api.endpoints = pods[1..].to_vec();
+    sandbox.write_manifest("svc.yaml", &manifests::join(&[manifests::service(&web), manifests::service(&api)])).unwrap();
+    let _agent = Agent::start(&sandbox, true).unwrap();
+    let web_counts = spread(&sandbox, addr(vip, 8080), 30);
+    let api_counts = spread(&sandbox, addr(vip, 9090), 30);
+    assert_eq!(web_counts.keys().collect::<Vec<_>>(), ["nginx-a"]);
+    assert_eq!(api_counts.keys().collect::<Vec<_>>(), ["nginx-b", "nginx-c"]);
+}
+
+#[test]
+fn interface_created_after_start_is_attached() {
+    let (mut sandbox, agent) = example_sandbox();
+    let from = agent.log_position();
+    sandbox.add_client("late-client").unwrap();
+    let host_if = agent.wait_for_log(from, "attached TC ingress", Duration::from_secs(5)).unwrap();
+    assert!(host_if.contains("veth"), "{host_if}");
+    let late = &sandbox.clients[1].ns;
+    let counts = late
+        .run(|| {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                seen.insert(http_get(addr(NGINX_VIP, 8080)).expect("request from the new interface"));
+            }
+            seen
+        })
+        .unwrap();
+    assert!(counts.len() >= 2, "{counts:?}");
+}
+
+#[test]
+fn invalid_manifest_is_reported_and_other_services_keep_working() {
+    let (sandbox, agent) = example_sandbox();
+    let from = agent.log_position();
+    sandbox
+        .write_manifest(
+            "broken.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: net-test}\nspec:\n  clusterIP: 198.19.0.30\n  ports: [{port: seventy}]\n",
+        )
+        .unwrap();
+    let line = agent.wait_for_log(from, "invalid manifest", Duration::from_secs(5)).unwrap();
+    assert!(line.contains("broken.yaml") && line.contains("document 1") && line.contains("spec.ports[0].port"), "{line}");
+    let counts = spread(&sandbox, addr(NGINX_VIP, 8080), 30);
+    assert_eq!(counts.values().sum::<usize>(), 30);
+}
