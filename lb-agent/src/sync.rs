@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use lb_common::{
     Backend, BackendId, BackendSlotKey, RawAddr, ServiceKey, ServiceScope, ServiceValue,
-    addr::{from_v4_word, from_v6_octets},
+    addr::from_v4_word,
     limits::{MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES},
 };
 use tracing::{debug, info};
@@ -63,14 +63,14 @@ pub trait DatapathMaps {
 pub fn raw_addr(ip: IpAddr) -> RawAddr {
     match ip {
         IpAddr::V4(v4) => from_v4_word(u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(v6) => from_v6_octets(v6.octets()),
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
         addr: raw_addr(f.ip),
-        port: f.port.to_be(),
+        port: f.port,
         proto: f.protocol.ip_proto(),
         scope: ServiceScope::Cluster as u8,
     }
@@ -295,7 +295,7 @@ impl Syncer {
                     maps.reset_backend_stats(id)?;
                     maps.put_backend(
                         id,
-                        &Backend { addr: raw_addr(ep.ip), port: ep.port.to_be(), proto, _pad: 0, service_id },
+                        &Backend { addr: raw_addr(ep.ip), port: ep.port, proto, _pad: 0, service_id },
                     )?;
                     id
                 }
@@ -308,7 +308,7 @@ impl Syncer {
                 if backends.contains_key(ep) {
                     maps.put_backend(
                         id,
-                        &Backend { addr: raw_addr(ep.ip), port: ep.port.to_be(), proto, _pad: 0, service_id },
+                        &Backend { addr: raw_addr(ep.ip), port: ep.port, proto, _pad: 0, service_id },
                     )?;
                 }
             }
@@ -373,8 +373,8 @@ mod tests {
                 .map(|slot| {
                     let id = self.slots[&BackendSlotKey { service_id: v.service_id, revision: v.revision, slot }];
                     let b = self.backends[&id];
-                    let o = lb_common::addr::octets(&b.addr);
-                    Endpoint { ip: IpAddr::from([o[12], o[13], o[14], o[15]]), port: u16::from_be(b.port) }
+                    let o = b.addr;
+                    Endpoint { ip: IpAddr::from([o[12], o[13], o[14], o[15]]), port: b.port }
                 })
                 .collect()
         }

@@ -1,46 +1,24 @@
 //! One 16-byte address layout for both families.
 
-/// An address as four 32-bit words in network byte order (the bytes of the
-/// packet, read as native words). IPv4 is IPv4-mapped: `::ffff:a.b.c.d`.
-pub type RawAddr = [u32; 4];
+/// An address as its 16 bytes in network order (bpftool prints them as a
+/// byte list). IPv4 is IPv4-mapped: `::ffff:a.b.c.d`, so the last four bytes
+/// read as the dotted quad.
+pub type RawAddr = [u8; 16];
 
-/// The third word of an IPv4-mapped address (`00 00 ff ff` in memory order).
-pub const V4_MAPPED_MARKER: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-/// Maps an IPv4 address word (as read from the packet) into a `RawAddr`.
+/// Maps an IPv4 address word (the 4 packet bytes read as a native `u32`).
 #[inline(always)]
 pub const fn from_v4_word(word: u32) -> RawAddr {
-    [0, 0, V4_MAPPED_MARKER, word]
+    let b = word.to_ne_bytes();
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
 }
 
 /// The IPv4 address word of an IPv4-mapped `RawAddr`, or `None` for IPv6.
 #[inline(always)]
 pub const fn v4_word(addr: &RawAddr) -> Option<u32> {
-    if addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_MARKER {
-        Some(addr[3])
+    let a = addr;
+    if a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0 && a[10] == 0xff && a[11] == 0xff {
+        Some(u32::from_ne_bytes([a[12], a[13], a[14], a[15]]))
     } else {
         None
     }
-}
-
-/// Builds a `RawAddr` from the 16 bytes of an IPv6 address.
-pub const fn from_v6_octets(o: [u8; 16]) -> RawAddr {
-    [
-        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
-        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
-        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
-        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
-    ]
-}
-
-/// The 16 bytes (network order) of a `RawAddr`.
-pub const fn octets(addr: &RawAddr) -> [u8; 16] {
-    let a = addr[0].to_ne_bytes();
-    let b = addr[1].to_ne_bytes();
-    let c = addr[2].to_ne_bytes();
-    let d = addr[3].to_ne_bytes();
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
 }

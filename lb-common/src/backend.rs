@@ -19,9 +19,9 @@ assert_size!(BackendSlotKey, 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
-    /// Endpoint address (network order, IPv4-mapped for IPv4).
+    /// Endpoint address (IPv4-mapped for IPv4).
     pub addr: RawAddr,
-    /// Endpoint (target) port, network byte order.
+    /// Endpoint (target) port, host byte order.
     pub port: u16,
     /// IP protocol.
     pub proto: u8,

@@ -17,9 +17,9 @@ pub enum CtKind {
 pub struct CtKey {
     pub src_addr: RawAddr,
     pub dst_addr: RawAddr,
-    /// Network byte order.
+    /// Host byte order.
     pub src_port: u16,
-    /// Network byte order.
+    /// Host byte order.
     pub dst_port: u16,
     pub proto: u8,
     /// `CtKind` discriminant.
@@ -51,7 +51,7 @@ pub struct CtEntry {
     /// Forward: the backend address DNAT writes; reply: the VIP the reply's
     /// source is restored to.
     pub nat_addr: RawAddr,
-    /// Port matching `nat_addr`, network byte order.
+    /// Port matching `nat_addr`, host byte order.
     pub nat_port: u16,
     /// TCP flags seen on this flow so far (`ct_flags`).
     pub tcp_flags_seen: u8,

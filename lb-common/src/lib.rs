@@ -6,8 +6,9 @@
 //! `bpftool map dump` prints every field by name from BTF.
 //!
 //! Addresses are 16 bytes in every key: IPv4 is stored IPv4-mapped
-//! (`::ffff:a.b.c.d`), so IPv6 needs no second set of maps. Addresses and ports
-//! are kept in network byte order, exactly as they appear in the packet.
+//! (`::ffff:a.b.c.d`), so IPv6 needs no second set of maps. Addresses are the
+//! packet's bytes; ports are in host byte order, so `bpftool map dump` shows
+//! `"port": 8080`.
 #![no_std]
 
 pub mod addr;

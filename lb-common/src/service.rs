@@ -14,9 +14,9 @@ pub enum ServiceScope {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    /// Service VIP (network order, IPv4-mapped for IPv4).
+    /// Service VIP (IPv4-mapped for IPv4).
     pub addr: RawAddr,
-    /// Service port, network byte order.
+    /// Service port, host byte order.
     pub port: u16,
     /// IP protocol (`proto::TCP`, `proto::UDP`).
     pub proto: u8,

@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    CtEntry, CtKey, CtKind, proto,
+    CtEntry, CtKey, CtKind, RawAddr, proto,
     addr::from_v4_word,
     conntrack::{ct_flags, ct_timeouts},
 };
@@ -31,7 +31,7 @@ pub fn key(pkt: &Packet, kind: CtKind) -> CtKey {
 
 /// The key the backend's replies carry for a flow DNATed to `backend`.
 #[inline(always)]
-pub fn reply_key(pkt: &Packet, backend_addr: [u32; 4], backend_port: u16) -> CtKey {
+pub fn reply_key(pkt: &Packet, backend_addr: RawAddr, backend_port: u16) -> CtKey {
     CtKey {
         src_addr: backend_addr,
         dst_addr: from_v4_word(pkt.src),
@@ -84,7 +84,7 @@ pub fn touch(entry: *mut CtEntry, pkt: &Packet, now: u32) {
 }
 
 #[inline(always)]
-pub fn new_entry(pkt: &Packet, nat_addr: [u32; 4], nat_port: u16, backend_id: u32, service_id: u32, now: u32) -> CtEntry {
+pub fn new_entry(pkt: &Packet, nat_addr: RawAddr, nat_port: u16, backend_id: u32, service_id: u32, now: u32) -> CtEntry {
     CtEntry {
         nat_addr,
         nat_port,

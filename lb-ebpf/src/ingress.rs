@@ -3,7 +3,7 @@
 //! translated back so the client only ever sees VIP:port.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use lb_common::{CtKind, DropReason, ServiceValue, addr::{from_v4_word, v4_word}};
+use lb_common::{CtKind, DropReason, RawAddr, ServiceValue, addr::{from_v4_word, v4_word}};
 
 use crate::{
     conntrack,
@@ -65,7 +65,7 @@ fn dnat(
     pkt: &Packet,
     service_id: u32,
     backend_id: u32,
-    addr: &[u32; 4],
+    addr: &RawAddr,
     port: u16,
 ) -> Result<i32, DropReason> {
     // An IPv6 backend behind an IPv4 VIP would need NAT46: never programmed.

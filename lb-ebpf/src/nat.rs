@@ -15,7 +15,8 @@ pub enum Side {
     Source,
 }
 
-/// Rewrites one side's IPv4 address and L4 port and fixes both checksums.
+/// Rewrites one side's IPv4 address (as read from the packet) and L4 port
+/// (host order) and fixes both checksums.
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -44,6 +45,7 @@ pub fn rewrite(
         ctx.store(addr_off, &new_addr, 0).map_err(|_| DropReason::Rewrite)?;
     }
     if old_port != new_port {
+        let (old_port, new_port) = (old_port.to_be(), new_port.to_be());
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
             .map_err(|_| DropReason::Rewrite)?;
         ctx.store(port_off, &new_port, 0).map_err(|_| DropReason::Rewrite)?;

@@ -46,7 +46,8 @@ pub enum Fragment {
     Later,
 }
 
-/// What the balancer needs from a packet; addresses and ports in network order.
+/// What the balancer needs from a packet: addresses as read (network
+/// order), ports converted to host order like the map keys.
 pub struct Packet {
     pub l4_off: usize,
     pub proto: u8,
@@ -147,8 +148,8 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
     // SAFETY: bounds checked by ptr_at.
     let (sport, dport) = unsafe {
         (
-            core::ptr::addr_of!((*ports).source).read_unaligned(),
-            core::ptr::addr_of!((*ports).dest).read_unaligned(),
+            u16::from_be(core::ptr::addr_of!((*ports).source).read_unaligned()),
+            u16::from_be(core::ptr::addr_of!((*ports).dest).read_unaligned()),
         )
     };
     Ok(Some(Packet {

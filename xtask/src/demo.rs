@@ -1,0 +1,87 @@
+//! `cargo xtask demo`: the seed's example balanced by eBPF in a sandbox.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use lb_tests::client::{http_get, udp_query};
+use lb_tests::manifests::{NGINX_VIP, UDP_VIP, example_pods};
+use lb_tests::{Agent, Sandbox, cleanup, netns};
+
+use crate::step;
+
+const REQUESTS: usize = 300;
+const UDP_QUERIES: usize = 60;
+
+pub fn run() -> anyhow::Result<()> {
+    crate::setup::require_root("the demo loads eBPF programs and creates network namespaces")?;
+    cleanup::on_interrupt();
+    cleanup::sweep_stale("lbdemo-");
+
+    let pods = example_pods();
+    let names: Vec<&str> = pods.iter().map(|(n, _)| n.as_str()).collect();
+    step("creating the sandbox: namespaces node-1, 3 nginx pods, 1 client (198.18.0.0/15 only)");
+    let sandbox = Sandbox::new("lbdemo-", &names)?;
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/net-test.yaml"))
+        .context("reading deploy/examples/net-test.yaml")?;
+    sandbox.write_manifest("net-test.yaml", &example)?;
+
+    step("starting lb-agent in the node namespace on deploy/examples/net-test.yaml");
+    let agent = Agent::start(&sandbox, false)?;
+
+    let http = SocketAddr::from((NGINX_VIP, 8080));
+    step(&format!("client 198.18.2.10: {REQUESTS} HTTP requests to ClusterIP {http} (nginx-service)"));
+    let tcp_counts = sandbox.client().run(move || -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..REQUESTS {
+            *counts.entry(http_get(http)?).or_insert(0) += 1;
+        }
+        Ok(counts)
+    })??;
+
+    let udp = SocketAddr::from((UDP_VIP, 53));
+    step(&format!("client 198.18.2.10: {UDP_QUERIES} UDP queries to ClusterIP {udp} (udp-echo)"));
+    let udp_counts = sandbox.client().run(move || -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..UDP_QUERIES {
+            *counts.entry(udp_query(udp)?).or_insert(0) += 1;
+        }
+        Ok(counts)
+    })??;
+
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "pod",
+        "pod IP",
+        &format!("HTTP via {http}"),
+        "share",
+        &format!("UDP via {udp}"),
+    ]);
+    for (name, ip) in &pods {
+        let n = tcp_counts.get(name).copied().unwrap_or(0);
+        table.add_row(vec![
+            name.clone(),
+            ip.to_string(),
+            n.to_string(),
+            format!("{:.1}%", 100.0 * n as f64 / REQUESTS as f64),
+            udp_counts.get(name).copied().unwrap_or(0).to_string(),
+        ]);
+    }
+    println!("\n{table}\n");
+
+    let rules = sandbox.nat_rules()?;
+    println!(
+        "iptables/nft NAT rules in the node namespace: {}",
+        if rules.is_empty() { "none (all translation done by eBPF)".to_string() } else { rules }
+    );
+    let services = netns::run(std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(sandbox.bpf_root.join("SERVICES")));
+    if let Ok(out) = services {
+        println!("\nbpftool map dump pinned {}/SERVICES:\n{}", sandbox.bpf_root.display(), String::from_utf8_lossy(&out.stdout));
+    }
+
+    step("stopping the agent and removing the sandbox");
+    agent.stop()?;
+    drop(sandbox);
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Idempotent installation of everything the build and the tests need on a
+//! fresh machine of this kind (Debian, root, rustup): apt packages, the
+//! nightly toolchain's rust-src, bpf-linker for LLVM 22, and bpffs.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+use crate::{cmd, step};
+
+/// Debian packages: LLVM 22 to build bpf-linker; iproute2/util-linux/procps
+/// for the sandbox; nftables + iptables to assert no NAT rule exists (and for
+/// the kube-proxy comparison); bpftool to inspect maps.
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "iproute2", "util-linux", "procps", "nftables", "iptables", "bpftool"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root: {why} (try `sudo -E cargo xtask …`)");
+    }
+    Ok(())
+}
+
+fn quiet_ok(program: &str, args: &[&str]) -> bool {
+    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing = missing_packages();
+    if missing.is_empty() {
+        step("apt packages: all present");
+        return Ok(());
+    }
+    require_root("installing apt packages")?;
+    step(&format!("apt packages: installing {}", missing.join(" ")));
+    cmd("apt-get", &["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {} failed: check the package names with apt-cache policy", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("running rustup (is rustup installed?)")?;
+    let list = String::from_utf8_lossy(&installed.stdout);
+    if installed.status.success() && list.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly toolchain with rust-src: present");
+        return Ok(());
+    }
+    step("nightly toolchain: adding rust-src (the eBPF crate builds core with -Z build-std)");
+    if !installed.status.success() {
+        cmd("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"])
+    } else {
+        cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])
+    }
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!("bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (a few minutes)"));
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "--locked",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .status()
+        .context("running cargo install")?;
+    if !status.success() {
+        bail!("installing bpf-linker failed: is llvm-22-dev installed (apt-get install llvm-22-dev)?");
+    }
+    Ok(())
+}
+
+fn bpffs() -> anyhow::Result<()> {
+    if quiet_ok("mountpoint", &["-q", "/sys/fs/bpf"]) {
+        step("bpffs: mounted on /sys/fs/bpf");
+        return Ok(());
+    }
+    require_root("mounting bpffs")?;
+    step("bpffs: mounting on /sys/fs/bpf");
+    cmd("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])
+}
+
+pub fn run() -> anyhow::Result<()> {
+    step("setup: checking build and test prerequisites");
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    bpffs()
+}
