@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "lb-agent", version, about = "eBPF/XDP Kubernetes service load balancer (kube-proxy replacement)")]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF/XDP Kubernetes service load balancer (kube-proxy replacement)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -40,8 +44,12 @@ pub struct RunArgs {
 }
 
 fn humantime_ms(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "ms"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a duration like 50ms or 1s"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "ms"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 50ms or 1s"))?;
     match unit {
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "s" => Ok(std::time::Duration::from_secs(n)),

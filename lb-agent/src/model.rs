@@ -64,7 +64,10 @@ pub struct FieldError {
 }
 
 fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError { field: field.into(), message: message.into() }
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,11 +123,20 @@ impl ServiceSpec {
     /// Validates a Service and applies the API server's defaults (type
     /// ClusterIP, protocol TCP, targetPort = port).
     pub fn from_k8s(svc: &Service) -> Result<Self, FieldError> {
-        let name = svc.metadata.name.clone().ok_or_else(|| field_err("metadata.name", "missing"))?;
+        let name = svc
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| field_err("metadata.name", "missing"))?;
         let namespace = namespace_of(&svc.metadata.namespace);
         let spec = svc.spec.clone().unwrap_or_default();
         let mut skip = None;
-        if let Some(proxy) = svc.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
+        if let Some(proxy) = svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+        {
             skip = Some(Skip::OtherProxy(proxy.clone()));
         }
         if spec.type_.as_deref() == Some("ExternalName") {
@@ -179,12 +191,23 @@ impl ServiceSpec {
             if ports.iter().any(|q: &ServicePortSpec| q.name == name) {
                 return Err(field_err(field("name"), format!("duplicate port name {name:?}")));
             }
-            ports.push(ServicePortSpec { name, port, protocol, target_port });
+            ports.push(ServicePortSpec {
+                name,
+                port,
+                protocol,
+                target_port,
+            });
         }
         if ports.is_empty() && skip.is_none() {
             return Err(field_err("spec.ports", "a service needs at least one port"));
         }
-        Ok(ServiceSpec { namespace, name, cluster_ips, ports, skip })
+        Ok(ServiceSpec {
+            namespace,
+            name,
+            cluster_ips,
+            ports,
+            skip,
+        })
     }
 }
 
@@ -219,9 +242,18 @@ impl SliceSpec {
     /// Validates an EndpointSlice. `Ok(None)`: a slice kube-proxy ignores
     /// (FQDN address type, or no service-name label).
     pub fn from_k8s(slice: &EndpointSlice) -> Result<Option<Self>, FieldError> {
-        let name = slice.metadata.name.clone().ok_or_else(|| field_err("metadata.name", "missing"))?;
+        let name = slice
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| field_err("metadata.name", "missing"))?;
         let namespace = namespace_of(&slice.metadata.namespace);
-        let Some(service_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned()
+        let Some(service_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .cloned()
         else {
             return Ok(None);
         };
@@ -268,7 +300,13 @@ impl SliceSpec {
                 node_name: e.node_name.clone(),
             });
         }
-        Ok(Some(SliceSpec { namespace, name, service_name, ports, endpoints }))
+        Ok(Some(SliceSpec {
+            namespace,
+            name,
+            service_name,
+            ports,
+            endpoints,
+        }))
     }
 }
 
@@ -280,9 +318,18 @@ pub struct NodeSpec {
 
 impl NodeSpec {
     pub fn from_k8s(node: &Node) -> Result<Self, FieldError> {
-        let name = node.metadata.name.clone().ok_or_else(|| field_err("metadata.name", "missing"))?;
+        let name = node
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| field_err("metadata.name", "missing"))?;
         let mut addresses = Vec::new();
-        for (i, a) in node.status.iter().flat_map(|s| s.addresses.iter().flatten()).enumerate() {
+        for (i, a) in node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .enumerate()
+        {
             if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
                 addresses.push(parse_ip(&format!("status.addresses[{i}].address"), &a.address)?);
             }
@@ -375,15 +422,23 @@ impl Model {
             for sp in &svc.ports {
                 let name = format!("{}/{}:{}", svc.namespace, svc.name, sp.name);
                 if sp.protocol == Protocol::Sctp {
-                    warnings.push(ModelWarning(format!("{name}: SCTP is not supported by the datapath yet; port skipped")));
+                    warnings.push(ModelWarning(format!(
+                        "{name}: SCTP is not supported by the datapath yet; port skipped"
+                    )));
                     continue;
                 }
                 for &ip in &svc.cluster_ips {
                     if ip.is_ipv6() {
-                        warnings.push(ModelWarning(format!("{name}: IPv6 cluster IP {ip} is not supported yet; skipped")));
+                        warnings.push(ModelWarning(format!(
+                            "{name}: IPv6 cluster IP {ip} is not supported yet; skipped"
+                        )));
                         continue;
                     }
-                    let frontend = Frontend { ip, port: sp.port, protocol: sp.protocol };
+                    let frontend = Frontend {
+                        ip,
+                        port: sp.port,
+                        protocol: sp.protocol,
+                    };
                     let endpoints = endpoints_for(sp, ip.is_ipv4(), &slices);
                     if let Some(existing) = model.services.get(&frontend) {
                         warnings.push(ModelWarning(format!(
@@ -392,7 +447,14 @@ impl Model {
                         )));
                         continue;
                     }
-                    model.services.insert(frontend, ServicePort { name: name.clone(), frontend, endpoints });
+                    model.services.insert(
+                        frontend,
+                        ServicePort {
+                            name: name.clone(),
+                            frontend,
+                            endpoints,
+                        },
+                    );
                 }
             }
         }
@@ -404,7 +466,11 @@ fn endpoints_for(sp: &ServicePortSpec, want_v4: bool, slices: &[&SliceSpec]) -> 
     let mut ready = BTreeSet::new();
     let mut fallback = BTreeSet::new();
     for slice in slices {
-        let Some(slice_port) = slice.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol) else {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+        else {
             continue;
         };
         let port = match (slice_port.port, &sp.target_port) {
@@ -442,23 +508,48 @@ mod tests {
     }
 
     fn port(name: &str, port: u16, protocol: Protocol, target: u16) -> ServicePortSpec {
-        ServicePortSpec { name: name.into(), port, protocol, target_port: TargetPort::Number(target) }
+        ServicePortSpec {
+            name: name.into(),
+            port,
+            protocol,
+            target_port: TargetPort::Number(target),
+        }
     }
 
     fn ep(ip: &str, ready: bool, serving: bool, terminating: bool) -> EndpointSpec {
-        EndpointSpec { address: ip.parse().unwrap(), ready, serving, terminating, node_name: None }
+        EndpointSpec {
+            address: ip.parse().unwrap(),
+            ready,
+            serving,
+            terminating,
+            node_name: None,
+        }
     }
 
     fn slice(name: &str, svc: &str, ports: Vec<SlicePort>, endpoints: Vec<EndpointSpec>) -> SliceSpec {
-        SliceSpec { namespace: "net-test".into(), name: name.into(), service_name: svc.into(), ports, endpoints }
+        SliceSpec {
+            namespace: "net-test".into(),
+            name: name.into(),
+            service_name: svc.into(),
+            ports,
+            endpoints,
+        }
     }
 
     fn sport(name: &str, port: Option<u16>, protocol: Protocol) -> SlicePort {
-        SlicePort { name: name.into(), port, protocol }
+        SlicePort {
+            name: name.into(),
+            port,
+            protocol,
+        }
     }
 
     fn endpoints(model: &Model, fe: &str, port: u16, protocol: Protocol) -> Vec<String> {
-        let f = Frontend { ip: fe.parse().unwrap(), port, protocol };
+        let f = Frontend {
+            ip: fe.parse().unwrap(),
+            port,
+            protocol,
+        };
         model.services[&f].endpoints.iter().map(|e| e.to_string()).collect()
     }
 
@@ -468,22 +559,39 @@ mod tests {
             services: vec![svc(
                 "web",
                 "198.19.0.10",
-                vec![port("http", 8080, Protocol::Tcp, 80), port("dns", 53, Protocol::Udp, 5353)],
+                vec![
+                    port("http", 8080, Protocol::Tcp, 80),
+                    port("dns", 53, Protocol::Udp, 5353),
+                ],
             )],
             slices: vec![
                 slice(
                     "web-a",
                     "web",
-                    vec![sport("http", Some(80), Protocol::Tcp), sport("dns", Some(5353), Protocol::Udp)],
-                    vec![ep("198.18.1.11", true, true, false), ep("198.18.1.12", true, true, false)],
+                    vec![
+                        sport("http", Some(80), Protocol::Tcp),
+                        sport("dns", Some(5353), Protocol::Udp),
+                    ],
+                    vec![
+                        ep("198.18.1.11", true, true, false),
+                        ep("198.18.1.12", true, true, false),
+                    ],
                 ),
                 slice(
                     "web-b",
                     "web",
                     vec![sport("http", Some(80), Protocol::Tcp)],
-                    vec![ep("198.18.1.12", true, true, false), ep("198.18.1.13", true, true, false)],
+                    vec![
+                        ep("198.18.1.12", true, true, false),
+                        ep("198.18.1.13", true, true, false),
+                    ],
                 ),
-                slice("other", "other", vec![sport("http", Some(81), Protocol::Tcp)], vec![ep("198.18.9.9", true, true, false)]),
+                slice(
+                    "other",
+                    "other",
+                    vec![sport("http", Some(81), Protocol::Tcp)],
+                    vec![ep("198.18.9.9", true, true, false)],
+                ),
             ],
             nodes: vec![],
         };
@@ -493,7 +601,10 @@ mod tests {
             endpoints(&model, "198.19.0.10", 8080, Protocol::Tcp),
             ["198.18.1.11:80", "198.18.1.12:80", "198.18.1.13:80"]
         );
-        assert_eq!(endpoints(&model, "198.19.0.10", 53, Protocol::Udp), ["198.18.1.11:5353", "198.18.1.12:5353"]);
+        assert_eq!(
+            endpoints(&model, "198.19.0.10", 53, Protocol::Udp),
+            ["198.18.1.11:5353", "198.18.1.12:5353"]
+        );
     }
 
     #[test]
@@ -509,7 +620,10 @@ mod tests {
             ep("198.18.1.13", false, true, true),
         ]));
         assert_eq!(endpoints(&m, "198.19.0.10", 80, Protocol::Tcp), ["198.18.1.11:80"]);
-        let (m, _) = Model::build(&mk(vec![ep("198.18.1.12", false, false, false), ep("198.18.1.13", false, true, true)]));
+        let (m, _) = Model::build(&mk(vec![
+            ep("198.18.1.12", false, false, false),
+            ep("198.18.1.13", false, true, true),
+        ]));
         assert_eq!(endpoints(&m, "198.19.0.10", 80, Protocol::Tcp), ["198.18.1.13:80"]);
     }
 
@@ -518,7 +632,10 @@ mod tests {
         let mut headless = svc("h", "198.19.0.1", vec![port("", 80, Protocol::Tcp, 80)]);
         headless.skip = Some(Skip::Headless);
         let sctp = svc("s", "198.19.0.2", vec![port("", 80, Protocol::Sctp, 80)]);
-        let (m, w) = Model::build(&Snapshot { services: vec![headless, sctp], ..Default::default() });
+        let (m, w) = Model::build(&Snapshot {
+            services: vec![headless, sctp],
+            ..Default::default()
+        });
         assert!(m.services.is_empty());
         assert_eq!(w.len(), 1, "{w:?}");
     }
@@ -539,8 +656,10 @@ mod tests {
         let err = ServiceSpec::from_k8s(&bad).unwrap_err();
         assert_eq!(err.field, "spec.ports[0].protocol");
 
-        let no_ip: Service =
-            serde_norway::from_str("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n").unwrap();
+        let no_ip: Service = serde_norway::from_str(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n",
+        )
+        .unwrap();
         assert_eq!(ServiceSpec::from_k8s(&no_ip).unwrap_err().field, "spec.clusterIP");
     }
 }

@@ -18,7 +18,10 @@ use crate::sync::Syncer;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(&LoadOptions { bpf_root: Some(args.bpf_root.clone()), conntrack_max: args.conntrack_max })?;
+    let mut datapath = Datapath::load(&LoadOptions {
+        bpf_root: Some(args.bpf_root.clone()),
+        conntrack_max: args.conntrack_max,
+    })?;
     let result = serve(&args, &mut datapath).await;
     datapath.unpin();
     result
@@ -26,12 +29,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     let mut source = ManifestSource::new(&args.manifests);
-    let (_watcher, mut changes) = source.watch().with_context(|| format!("watching {}", args.manifests.display()))?;
+    let (_watcher, mut changes) = source
+        .watch()
+        .with_context(|| format!("watching {}", args.manifests.display()))?;
     let mut syncer = Syncer::new();
 
     // First full sync, before anything is attached.
     let mut model = load_model(&mut source, &args.node_name);
-    syncer.sync(&mut datapath.maps, &model).context("first sync of the datapath maps")?;
+    syncer
+        .sync(&mut datapath.maps, &model)
+        .context("first sync of the datapath maps")?;
     info!(service_ports = model.services.len(), "first sync done");
 
     let mut links = attach::watch_interfaces()?;

@@ -37,7 +37,11 @@ pub enum SyncError {
     #[error(transparent)]
     Map(#[from] MapOpError),
     #[error("{what} exhausted: all {limit} ids are in use ({hint})")]
-    IdsExhausted { what: &'static str, limit: u32, hint: &'static str },
+    IdsExhausted {
+        what: &'static str,
+        limit: u32,
+        hint: &'static str,
+    },
     #[error("{service}: {count} endpoints exceed the limit of {limit} per service port")]
     TooManyEndpoints { service: String, count: usize, limit: u32 },
 }
@@ -89,12 +93,22 @@ struct IdAllocator {
 
 impl IdAllocator {
     fn new(limit: u32, what: &'static str, hint: &'static str) -> Self {
-        IdAllocator { limit, next: 1, used: BTreeSet::new(), what, hint }
+        IdAllocator {
+            limit,
+            next: 1,
+            used: BTreeSet::new(),
+            what,
+            hint,
+        }
     }
 
     fn alloc(&mut self) -> Result<u32, SyncError> {
         if self.used.len() as u32 >= self.limit - 1 {
-            return Err(SyncError::IdsExhausted { what: self.what, limit: self.limit - 1, hint: self.hint });
+            return Err(SyncError::IdsExhausted {
+                what: self.what,
+                limit: self.limit - 1,
+                hint: self.hint,
+            });
         }
         loop {
             let id = self.next;
@@ -155,7 +169,11 @@ impl Syncer {
     /// failure, is a full resync.
     pub fn sync(&mut self, maps: &mut impl DatapathMaps, model: &Model) -> Result<SyncReport, SyncError> {
         let full = self.needs_full_resync;
-        let result = if full { self.full_resync(maps, model) } else { self.apply(maps, tracker::changes(&self.applied, model)) };
+        let result = if full {
+            self.full_resync(maps, model)
+        } else {
+            self.apply(maps, tracker::changes(&self.applied, model))
+        };
         match result {
             Ok(mut report) => {
                 self.applied = model.clone();
@@ -192,8 +210,16 @@ impl Syncer {
 
     fn full_resync(&mut self, maps: &mut impl DatapathMaps, model: &Model) -> Result<SyncReport, SyncError> {
         info!(services = model.services.len(), "full resync");
-        let stale: Vec<Frontend> = self.programmed.keys().filter(|f| !model.services.contains_key(f)).copied().collect();
-        let changes = ChangeSet { removed: stale, upserted: model.services.values().cloned().collect() };
+        let stale: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|f| !model.services.contains_key(f))
+            .copied()
+            .collect();
+        let changes = ChangeSet {
+            removed: stale,
+            upserted: model.services.values().cloned().collect(),
+        };
         let report = self.apply(maps, changes)?;
         self.sweep(maps)?;
         Ok(report)
@@ -208,14 +234,24 @@ impl Syncer {
                 maps.delete_service(&k)?;
             }
         }
-        let live: BTreeMap<u32, (u32, u32)> =
-            self.programmed.values().map(|p| (p.service_id, (p.revision, p.slot_count))).collect();
+        let live: BTreeMap<u32, (u32, u32)> = self
+            .programmed
+            .values()
+            .map(|p| (p.service_id, (p.revision, p.slot_count)))
+            .collect();
         for k in maps.slot_keys()? {
-            if live.get(&k.service_id).is_none_or(|&(rev, n)| k.revision != rev || k.slot >= n) {
+            if live
+                .get(&k.service_id)
+                .is_none_or(|&(rev, n)| k.revision != rev || k.slot >= n)
+            {
                 maps.delete_slot(&k)?;
             }
         }
-        let backends: BTreeSet<BackendId> = self.programmed.values().flat_map(|p| p.backends.values().copied()).collect();
+        let backends: BTreeSet<BackendId> = self
+            .programmed
+            .values()
+            .flat_map(|p| p.backends.values().copied())
+            .collect();
         for id in maps.backend_ids()? {
             if !backends.contains(&id) {
                 maps.delete_backend(id)?;
@@ -230,7 +266,11 @@ impl Syncer {
         };
         maps.delete_service(&service_key(f))?;
         for slot in 0..p.slot_count {
-            maps.delete_slot(&BackendSlotKey { service_id: p.service_id, revision: p.revision, slot })?;
+            maps.delete_slot(&BackendSlotKey {
+                service_id: p.service_id,
+                revision: p.revision,
+                slot,
+            })?;
         }
         for &id in p.backends.values() {
             maps.delete_backend(id)?;
@@ -261,7 +301,11 @@ impl Syncer {
             }
             Err(e) => {
                 for (is_service, id) in fresh_ids {
-                    if is_service { self.service_ids.free(id) } else { self.backend_ids.free(id) }
+                    if is_service {
+                        self.service_ids.free(id)
+                    } else {
+                        self.backend_ids.free(id)
+                    }
                 }
                 Err(e)
             }
@@ -295,7 +339,13 @@ impl Syncer {
                     maps.reset_backend_stats(id)?;
                     maps.put_backend(
                         id,
-                        &Backend { addr: raw_addr(ep.ip), port: ep.port, proto, _pad: 0, service_id },
+                        &Backend {
+                            addr: raw_addr(ep.ip),
+                            port: ep.port,
+                            proto,
+                            _pad: 0,
+                            service_id,
+                        },
                     )?;
                     id
                 }
@@ -308,22 +358,44 @@ impl Syncer {
                 if backends.contains_key(ep) {
                     maps.put_backend(
                         id,
-                        &Backend { addr: raw_addr(ep.ip), port: ep.port, proto, _pad: 0, service_id },
+                        &Backend {
+                            addr: raw_addr(ep.ip),
+                            port: ep.port,
+                            proto,
+                            _pad: 0,
+                            service_id,
+                        },
                     )?;
                 }
             }
         }
         let revision = old.map_or(1, |p| p.revision.wrapping_add(1).max(1));
         for (slot, &id) in backends.values().enumerate() {
-            maps.put_slot(&BackendSlotKey { service_id, revision, slot: slot as u32 }, id)?;
+            maps.put_slot(
+                &BackendSlotKey {
+                    service_id,
+                    revision,
+                    slot: slot as u32,
+                },
+                id,
+            )?;
         }
-        let value = ServiceValue { service_id, revision, backend_count: backends.len() as u32, flags: 0 };
+        let value = ServiceValue {
+            service_id,
+            revision,
+            backend_count: backends.len() as u32,
+            flags: 0,
+        };
         maps.put_service(&service_key(&sp.frontend), &value)?;
 
         // The new list is live: retire the old one.
         if let Some(p) = old {
             for slot in 0..p.slot_count {
-                maps.delete_slot(&BackendSlotKey { service_id, revision: p.revision, slot })?;
+                maps.delete_slot(&BackendSlotKey {
+                    service_id,
+                    revision: p.revision,
+                    slot,
+                })?;
             }
             for (ep, &id) in &p.backends {
                 if !backends.contains_key(ep) {
@@ -333,7 +405,12 @@ impl Syncer {
             }
         }
         debug!(service = %sp.name, frontend = %sp.frontend, backends = backends.len(), revision, "service port programmed");
-        Ok(Programmed { service_id, revision, slot_count: backends.len() as u32, backends })
+        Ok(Programmed {
+            service_id,
+            revision,
+            slot_count: backends.len() as u32,
+            backends,
+        })
     }
 }
 
@@ -358,7 +435,11 @@ mod tests {
         fn check_consistent(&self) {
             for (k, v) in &self.services {
                 for slot in 0..v.backend_count {
-                    let id = self.slots.get(&BackendSlotKey { service_id: v.service_id, revision: v.revision, slot });
+                    let id = self.slots.get(&BackendSlotKey {
+                        service_id: v.service_id,
+                        revision: v.revision,
+                        slot,
+                    });
                     let id = id.unwrap_or_else(|| panic!("service {k:?} slot {slot} missing"));
                     let b = self.backends.get(id).unwrap_or_else(|| panic!("backend {id} missing"));
                     assert_eq!(b.service_id, v.service_id);
@@ -368,13 +449,22 @@ mod tests {
 
         /// Endpoints a packet to this frontend could reach.
         fn resolve(&self, f: &Frontend) -> BTreeSet<Endpoint> {
-            let Some(v) = self.services.get(&service_key(f)) else { return BTreeSet::new() };
+            let Some(v) = self.services.get(&service_key(f)) else {
+                return BTreeSet::new();
+            };
             (0..v.backend_count)
                 .map(|slot| {
-                    let id = self.slots[&BackendSlotKey { service_id: v.service_id, revision: v.revision, slot }];
+                    let id = self.slots[&BackendSlotKey {
+                        service_id: v.service_id,
+                        revision: v.revision,
+                        slot,
+                    }];
                     let b = self.backends[&id];
                     let o = b.addr;
-                    Endpoint { ip: IpAddr::from([o[12], o[13], o[14], o[15]]), port: b.port }
+                    Endpoint {
+                        ip: IpAddr::from([o[12], o[13], o[14], o[15]]),
+                        port: b.port,
+                    }
                 })
                 .collect()
         }
@@ -409,7 +499,11 @@ mod tests {
         fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), MapOpError> {
             if let Some(n) = self.fail_backend_put_after.as_mut() {
                 if *n == 0 {
-                    return Err(MapOpError { map: "BACKENDS", op: "insert", message: "map is full".into() });
+                    return Err(MapOpError {
+                        map: "BACKENDS",
+                        op: "insert",
+                        message: "map is full".into(),
+                    });
                 }
                 *n -= 1;
             }
@@ -440,18 +534,36 @@ mod tests {
     }
 
     fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend { ip: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
+        Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
     }
 
     fn eps(ips: &[&str]) -> BTreeSet<Endpoint> {
-        ips.iter().map(|ip| Endpoint { ip: ip.parse().unwrap(), port: 80 }).collect()
+        ips.iter()
+            .map(|ip| Endpoint {
+                ip: ip.parse().unwrap(),
+                port: 80,
+            })
+            .collect()
     }
 
     fn model(services: &[(Frontend, &[&str])]) -> Model {
         Model {
             services: services
                 .iter()
-                .map(|(f, ips)| (*f, ServicePort { name: f.to_string(), frontend: *f, endpoints: eps(ips) }))
+                .map(|(f, ips)| {
+                    (
+                        *f,
+                        ServicePort {
+                            name: f.to_string(),
+                            frontend: *f,
+                            endpoints: eps(ips),
+                        },
+                    )
+                })
                 .collect(),
         }
     }
@@ -461,16 +573,38 @@ mod tests {
         let (a, b) = (frontend("198.19.0.10", 8080), frontend("198.19.0.10", 9090));
         let mut maps = FakeMaps::default();
         let mut syncer = Syncer::new();
-        let r = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1", "198.18.1.2", "198.18.1.3"]), (b, &["198.18.1.4"])])).unwrap();
+        let r = syncer
+            .sync(
+                &mut maps,
+                &model(&[(a, &["198.18.1.1", "198.18.1.2", "198.18.1.3"]), (b, &["198.18.1.4"])]),
+            )
+            .unwrap();
         assert!(r.full);
         assert_eq!(maps.resolve(&a), eps(&["198.18.1.1", "198.18.1.2", "198.18.1.3"]));
         assert_eq!(maps.resolve(&b), eps(&["198.18.1.4"]));
         let kept_id = syncer.programmed[&a].backends[&eps(&["198.18.1.1"]).into_iter().next().unwrap()];
 
-        let r = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1", "198.18.1.3", "198.18.1.5"]), (b, &["198.18.1.4"])])).unwrap();
-        assert_eq!(r, SyncReport { upserted: 1, removed: 0, full: false }, "only the changed port is written");
+        let r = syncer
+            .sync(
+                &mut maps,
+                &model(&[(a, &["198.18.1.1", "198.18.1.3", "198.18.1.5"]), (b, &["198.18.1.4"])]),
+            )
+            .unwrap();
+        assert_eq!(
+            r,
+            SyncReport {
+                upserted: 1,
+                removed: 0,
+                full: false
+            },
+            "only the changed port is written"
+        );
         assert_eq!(maps.resolve(&a), eps(&["198.18.1.1", "198.18.1.3", "198.18.1.5"]));
-        assert_eq!(syncer.programmed[&a].backends[&eps(&["198.18.1.1"]).into_iter().next().unwrap()], kept_id, "surviving backend keeps its id");
+        assert_eq!(
+            syncer.programmed[&a].backends[&eps(&["198.18.1.1"]).into_iter().next().unwrap()],
+            kept_id,
+            "surviving backend keeps its id"
+        );
         assert_eq!(maps.backends.len(), 4, "the removed backend is deleted");
         assert_eq!(maps.slots.len(), 4, "old revision slots are deleted");
 
@@ -486,13 +620,27 @@ mod tests {
         let mut syncer = Syncer::new();
         syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"])])).unwrap();
         maps.fail_backend_put_after = Some(1);
-        let err = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"]), (b, &["198.18.1.2", "198.18.1.3"])])).unwrap_err();
+        let err = syncer
+            .sync(
+                &mut maps,
+                &model(&[(a, &["198.18.1.1"]), (b, &["198.18.1.2", "198.18.1.3"])]),
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("BACKENDS"), "{err}");
-        assert_eq!(maps.resolve(&a), eps(&["198.18.1.1"]), "untouched service keeps working");
+        assert_eq!(
+            maps.resolve(&a),
+            eps(&["198.18.1.1"]),
+            "untouched service keeps working"
+        );
         assert!(maps.resolve(&b).is_empty());
 
         maps.fail_backend_put_after = None;
-        let r = syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"]), (b, &["198.18.1.2", "198.18.1.3"])])).unwrap();
+        let r = syncer
+            .sync(
+                &mut maps,
+                &model(&[(a, &["198.18.1.1"]), (b, &["198.18.1.2", "198.18.1.3"])]),
+            )
+            .unwrap();
         assert!(r.full, "a failed sync is followed by a full resync");
         assert_eq!(maps.resolve(&b), eps(&["198.18.1.2", "198.18.1.3"]));
         assert_eq!(maps.backends.len(), 3, "the half-written backend was swept or reused");
@@ -503,8 +651,23 @@ mod tests {
         let a = frontend("198.19.0.10", 80);
         let mut maps = FakeMaps::default();
         let stray = service_key(&frontend("198.19.9.9", 1));
-        maps.services.insert(stray, ServiceValue { service_id: 999, revision: 1, backend_count: 0, flags: 0 });
-        maps.slots.insert(BackendSlotKey { service_id: 999, revision: 1, slot: 0 }, 999);
+        maps.services.insert(
+            stray,
+            ServiceValue {
+                service_id: 999,
+                revision: 1,
+                backend_count: 0,
+                flags: 0,
+            },
+        );
+        maps.slots.insert(
+            BackendSlotKey {
+                service_id: 999,
+                revision: 1,
+                slot: 0,
+            },
+            999,
+        );
         let mut syncer = Syncer::new();
         syncer.sync(&mut maps, &model(&[(a, &["198.18.1.1"])])).unwrap();
         assert!(!maps.services.contains_key(&stray));

@@ -18,7 +18,12 @@ impl ChangeSet {
 }
 
 pub fn changes(old: &Model, new: &Model) -> ChangeSet {
-    let removed = old.services.keys().filter(|f| !new.services.contains_key(f)).copied().collect();
+    let removed = old
+        .services
+        .keys()
+        .filter(|f| !new.services.contains_key(f))
+        .copied()
+        .collect();
     let upserted = new
         .services
         .iter()
@@ -34,16 +39,28 @@ mod tests {
     use crate::model::{Endpoint, Protocol};
 
     fn sp(ip: &str, port: u16, eps: &[&str]) -> ServicePort {
-        let frontend = Frontend { ip: ip.parse().unwrap(), port, protocol: Protocol::Tcp };
+        let frontend = Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        };
         ServicePort {
             name: format!("ns/{ip}:{port}"),
             frontend,
-            endpoints: eps.iter().map(|e| Endpoint { ip: e.parse().unwrap(), port: 80 }).collect(),
+            endpoints: eps
+                .iter()
+                .map(|e| Endpoint {
+                    ip: e.parse().unwrap(),
+                    port: 80,
+                })
+                .collect(),
         }
     }
 
     fn model(sps: Vec<ServicePort>) -> Model {
-        Model { services: sps.into_iter().map(|s| (s.frontend, s)).collect() }
+        Model {
+            services: sps.into_iter().map(|s| (s.frontend, s)).collect(),
+        }
     }
 
     #[test]
@@ -53,7 +70,10 @@ mod tests {
         let c = sp("198.19.0.3", 80, &["198.18.1.3"]);
         let b2 = sp("198.19.0.2", 80, &["198.18.1.2", "198.18.1.4"]);
         let d = sp("198.19.0.4", 80, &[]);
-        let set = changes(&model(vec![a.clone(), b, c.clone()]), &model(vec![a, b2.clone(), d.clone()]));
+        let set = changes(
+            &model(vec![a.clone(), b, c.clone()]),
+            &model(vec![a, b2.clone(), d.clone()]),
+        );
         assert_eq!(set.removed, vec![c.frontend]);
         assert_eq!(set.upserted, vec![b2, d]);
         assert!(changes(&Model::default(), &Model::default()).is_empty());

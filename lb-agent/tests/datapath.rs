@@ -41,7 +41,13 @@ struct Ip {
 }
 
 fn ip(src: [u8; 4], dst: [u8; 4]) -> Ip {
-    Ip { src, dst, options: &[], more_fragments: false, fragment_offset: 0 }
+    Ip {
+        src,
+        dst,
+        options: &[],
+        more_fragments: false,
+        fragment_offset: 0,
+    }
 }
 
 fn ip_header(ip: &Ip) -> IpHeaders {
@@ -54,7 +60,9 @@ fn ip_header(ip: &Ip) -> IpHeaders {
 }
 
 fn tcp(ip: Ip, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip_header(&ip)).tcp(sport, dport, 1000, 64240);
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(ip_header(&ip))
+        .tcp(sport, dport, 1000, 64240);
     let b = match flags {
         Tcp::Syn => b.syn(),
         Tcp::SynAck => b.syn().ack(1001),
@@ -67,7 +75,9 @@ fn tcp(ip: Ip, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
 }
 
 fn udp(ip: Ip, sport: u16, dport: u16) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip_header(&ip)).udp(sport, dport);
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(ip_header(&ip))
+        .udp(sport, dport);
     let payload = b"query";
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).unwrap();
@@ -89,16 +99,25 @@ fn v4(a: [u8; 4]) -> std::net::IpAddr {
 }
 
 fn service_port(vip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4], u16)]) -> ServicePort {
-    let frontend = Frontend { ip: v4(vip), port, protocol };
+    let frontend = Frontend {
+        ip: v4(vip),
+        port,
+        protocol,
+    };
     ServicePort {
         name: format!("net-test/{frontend}"),
         frontend,
-        endpoints: backends.iter().map(|&(ip, port)| Endpoint { ip: v4(ip), port }).collect(),
+        endpoints: backends
+            .iter()
+            .map(|&(ip, port)| Endpoint { ip: v4(ip), port })
+            .collect(),
     }
 }
 
 fn model(ports: Vec<ServicePort>) -> Model {
-    Model { services: ports.into_iter().map(|sp| (sp.frontend, sp)).collect() }
+    Model {
+        services: ports.into_iter().map(|sp| (sp.frontend, sp)).collect(),
+    }
 }
 
 fn default_model() -> Model {
@@ -117,9 +136,15 @@ struct Harness {
 
 impl Harness {
     fn new(model: &Model) -> Self {
-        let datapath = Datapath::load(&LoadOptions { bpf_root: None, conntrack_max: 4096 })
-            .expect("loading the datapath (run as root)");
-        let mut h = Harness { datapath, syncer: Syncer::new() };
+        let datapath = Datapath::load(&LoadOptions {
+            bpf_root: None,
+            conntrack_max: 4096,
+        })
+        .expect("loading the datapath (run as root)");
+        let mut h = Harness {
+            datapath,
+            syncer: Syncer::new(),
+        };
         h.sync(model);
         h
     }
@@ -132,7 +157,11 @@ impl Harness {
         let mut out = vec![0u8; pkt.len() + 256];
         let prog = self.datapath.ingress_program().unwrap();
         let r = prog
-            .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
@@ -293,21 +322,51 @@ fn malformed_and_unusual_packets() {
     let mut arp = syn.clone();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
 
-    let with_options = |src, dst| Ip { src, dst, options: &[1, 1, 1, 0], more_fragments: false, fragment_offset: 0 };
-    let first_fragment = Ip { src: CLIENT, dst: UDP_VIP, options: &[], more_fragments: true, fragment_offset: 0 };
-    let later_fragment = Ip { src: CLIENT, dst: UDP_VIP, options: &[], more_fragments: false, fragment_offset: 100 };
+    let with_options = |src, dst| Ip {
+        src,
+        dst,
+        options: &[1, 1, 1, 0],
+        more_fragments: false,
+        fragment_offset: 0,
+    };
+    let first_fragment = Ip {
+        src: CLIENT,
+        dst: UDP_VIP,
+        options: &[],
+        more_fragments: true,
+        fragment_offset: 0,
+    };
+    let later_fragment = Ip {
+        src: CLIENT,
+        dst: UDP_VIP,
+        options: &[],
+        more_fragments: false,
+        fragment_offset: 100,
+    };
 
     run_table(
         &mut h,
         vec![
-            Case { name: "IHL below 5", input: bad_ihl, expect: Expect::Dropped(DropReason::BadIpHeader) },
-            Case { name: "truncated TCP header", input: truncated_l4, expect: Expect::Dropped(DropReason::Truncated) },
+            Case {
+                name: "IHL below 5",
+                input: bad_ihl,
+                expect: Expect::Dropped(DropReason::BadIpHeader),
+            },
+            Case {
+                name: "truncated TCP header",
+                input: truncated_l4,
+                expect: Expect::Dropped(DropReason::Truncated),
+            },
             Case {
                 name: "IP options running past the packet end",
                 input: options_beyond_end,
                 expect: Expect::Dropped(DropReason::Truncated),
             },
-            Case { name: "non-IP (ARP) passes untouched", input: arp, expect: Expect::Untouched },
+            Case {
+                name: "non-IP (ARP) passes untouched",
+                input: arp,
+                expect: Expect::Untouched,
+            },
             Case {
                 name: "IP options: L4 found from IHL, DNAT keeps the options",
                 input: tcp(with_options(CLIENT, VIP), 40010, 8080, Tcp::Syn),
@@ -349,7 +408,12 @@ fn established_flow_stays_on_its_backend_until_that_backend_is_removed() {
     let others: Vec<_> = [11, 12, 13].into_iter().filter(|&l| l != first[3]).collect();
 
     // The list changes (a backend added, another removed): the flow stays.
-    let changed = model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(first[3]), b(others[0]), b(20)])]);
+    let changed = model(vec![service_port(
+        VIP,
+        8080,
+        Protocol::Tcp,
+        &[b(first[3]), b(others[0]), b(20)],
+    )]);
     h.sync(&changed);
     for _ in 0..20 {
         assert_eq!(backend_of(&mut h, 45000, Tcp::Ack), first, "established flow moved");
@@ -359,13 +423,21 @@ fn established_flow_stays_on_its_backend_until_that_backend_is_removed() {
     let without = model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(others[0]), b(20)])]);
     h.sync(&without);
     let moved = backend_of(&mut h, 45000, Tcp::Ack);
-    assert!(moved == [198, 18, 1, others[0]] || moved == [198, 18, 1, 20], "moved to {moved:?}");
+    assert!(
+        moved == [198, 18, 1, others[0]] || moved == [198, 18, 1, 20],
+        "moved to {moved:?}"
+    );
 }
 
 #[test]
 fn new_flows_spread_over_all_backends() {
     let b = |last| ([198, 18, 1, last], 80);
-    let mut h = Harness::new(&model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(11), b(12), b(13)])]));
+    let mut h = Harness::new(&model(vec![service_port(
+        VIP,
+        8080,
+        Protocol::Tcp,
+        &[b(11), b(12), b(13)],
+    )]));
     let mut counts = std::collections::BTreeMap::new();
     for sport in 20000..20300 {
         *counts.entry(backend_of(&mut h, sport, Tcp::Syn)[3]).or_insert(0u32) += 1;
@@ -376,7 +448,9 @@ fn new_flows_spread_over_all_backends() {
         assert!(*n >= 45, "backend .{backend} got {n} of 300 new flows: {counts:?}");
     }
     // Per-service and per-backend counters saw every packet.
-    let total: u64 = (1..4).map(|id| h.datapath.maps.backend_counter(id).unwrap().packets).sum();
+    let total: u64 = (1..4)
+        .map(|id| h.datapath.maps.backend_counter(id).unwrap().packets)
+        .sum();
     assert_eq!(total, 300);
     assert_eq!(h.datapath.maps.service_counter(1).unwrap().packets, 300);
 }

@@ -3,9 +3,10 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    CtEntry, CtKey, CtKind, RawAddr, proto,
+    CtEntry, CtKey, CtKind, RawAddr,
     addr::from_v4_word,
     conntrack::{ct_flags, ct_timeouts},
+    proto,
 };
 
 use crate::{maps::CONNTRACK, parse::Packet};
@@ -84,7 +85,14 @@ pub fn touch(entry: *mut CtEntry, pkt: &Packet, now: u32) {
 }
 
 #[inline(always)]
-pub fn new_entry(pkt: &Packet, nat_addr: RawAddr, nat_port: u16, backend_id: u32, service_id: u32, now: u32) -> CtEntry {
+pub fn new_entry(
+    pkt: &Packet,
+    nat_addr: RawAddr,
+    nat_port: u16,
+    backend_id: u32,
+    service_id: u32,
+    now: u32,
+) -> CtEntry {
     CtEntry {
         nat_addr,
         nat_port,

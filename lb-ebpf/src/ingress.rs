@@ -3,7 +3,10 @@
 //! translated back so the client only ever sees VIP:port.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use lb_common::{CtKind, DropReason, RawAddr, ServiceValue, addr::{from_v4_word, v4_word}};
+use lb_common::{
+    CtKind, DropReason, RawAddr, ServiceValue,
+    addr::{from_v4_word, v4_word},
+};
 
 use crate::{
     conntrack,

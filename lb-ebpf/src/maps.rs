@@ -9,21 +9,17 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendId, BackendSlotKey, CtEntry, CtKey, ServiceKey, ServiceValue, TrafficCounter,
-    limits::{
-        DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_SERVICES,
-    },
+    limits::{DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_SERVICES},
 };
 
 /// (VIP, port, protocol, scope) → service port entry: KUBE-SERVICES.
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
-    HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
 /// (service id, revision, slot) → backend id: the KUBE-SVC-* random pick
 /// table, one complete list per revision.
 #[btf_map]
-pub static BACKEND_SLOTS: HashMap<BackendSlotKey, BackendId, { MAX_BACKEND_SLOTS as usize }> =
-    HashMap::new();
+pub static BACKEND_SLOTS: HashMap<BackendSlotKey, BackendId, { MAX_BACKEND_SLOTS as usize }> = HashMap::new();
 
 /// Backend id → endpoint address and port: the KUBE-SEP-* DNAT targets.
 #[btf_map]
@@ -32,18 +28,15 @@ pub static BACKENDS: HashMap<BackendId, Backend, { MAX_BACKENDS as usize }> = Ha
 /// Flow → NAT state, forward and reply entries; LRU so a full table evicts
 /// the oldest flow instead of refusing new ones.
 #[btf_map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> = LruHashMap::new();
 
 /// Service id → packets/bytes balanced (per CPU).
 #[btf_map]
-pub static SERVICE_STATS: PerCpuArray<TrafficCounter, { MAX_SERVICES as usize }> =
-    PerCpuArray::new();
+pub static SERVICE_STATS: PerCpuArray<TrafficCounter, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
 /// Backend id → packets/bytes sent to it (per CPU).
 #[btf_map]
-pub static BACKEND_STATS: PerCpuArray<TrafficCounter, { MAX_BACKENDS as usize }> =
-    PerCpuArray::new();
+pub static BACKEND_STATS: PerCpuArray<TrafficCounter, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
 /// DropReason → packets dropped for it (per CPU).
 #[btf_map]

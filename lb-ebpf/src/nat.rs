@@ -1,7 +1,10 @@
 //! Address/port rewrites with incremental checksum updates through the skb
 //! helpers, which also handle CHECKSUM_PARTIAL packets from local sockets.
 
-use aya_ebpf::{bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR}, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use lb_common::{DropReason, proto};
 
 use crate::parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet};
@@ -18,19 +21,17 @@ pub enum Side {
 /// Rewrites one side's IPv4 address (as read from the packet) and L4 port
 /// (host order) and fixes both checksums.
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    pkt: &Packet,
-    side: Side,
-    new_addr: u32,
-    new_port: u16,
-) -> Result<(), DropReason> {
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: u32, new_port: u16) -> Result<(), DropReason> {
     let (old_addr, old_port, addr_off, port_off) = match side {
         Side::Destination => (pkt.dst, pkt.dport, IP_DST_OFF, pkt.l4_off + 2),
         Side::Source => (pkt.src, pkt.sport, IP_SRC_OFF, pkt.l4_off),
     };
     // UDP checksum 0 means "none": keep it 0 (and never produce 0).
-    let mangled = if pkt.proto == proto::UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled = if pkt.proto == proto::UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let csum_off = pkt.l4_csum_off();
     if old_addr != new_addr {
         ctx.l4_csum_replace(

@@ -90,7 +90,11 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
     // Headers of a GSO/non-linear skb may sit outside the linear area; make
     // them directly readable. Failure just leaves the packet as it is.
     let linear = (ctx.data_end() - ctx.data()) as u32;
-    let want = if ctx.len() < MAX_HDR_LEN { ctx.len() } else { MAX_HDR_LEN };
+    let want = if ctx.len() < MAX_HDR_LEN {
+        ctx.len()
+    } else {
+        MAX_HDR_LEN
+    };
     if linear < want {
         let _ = ctx.pull_data(want);
     }

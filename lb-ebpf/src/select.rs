@@ -2,11 +2,13 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, DropReason, ServiceKey, ServiceScope, ServiceValue,
-    addr::from_v4_word,
+    Backend, BackendId, BackendSlotKey, DropReason, ServiceKey, ServiceScope, ServiceValue, addr::from_v4_word,
 };
 
-use crate::{maps::{BACKEND_SLOTS, BACKENDS, SERVICES}, parse::Packet};
+use crate::{
+    maps::{BACKEND_SLOTS, BACKENDS, SERVICES},
+    parse::Packet,
+};
 
 #[inline(always)]
 pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
@@ -29,7 +31,11 @@ pub fn pick_backend(svc: &ServiceValue) -> Result<(BackendId, Backend), DropReas
     }
     // SAFETY: plain helper call.
     let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-    let key = BackendSlotKey { service_id: svc.service_id, revision: svc.revision, slot };
+    let key = BackendSlotKey {
+        service_id: svc.service_id,
+        revision: svc.revision,
+        slot,
+    };
     // SAFETY: values are copied out at once.
     let id = unsafe { BACKEND_SLOTS.get(&key).copied() }.ok_or(DropReason::BackendSlotMissing)?;
     let backend = lookup_backend(id).ok_or(DropReason::BackendSlotMissing)?;

@@ -14,9 +14,9 @@ use crate::sandbox::{NODE_NAME, Sandbox};
 
 /// Where the agent binary is: $LB_AGENT_BIN, else the workspace's debug build.
 pub fn agent_bin() -> PathBuf {
-    std::env::var_os("LB_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent")
-    })
+    std::env::var_os("LB_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent"))
 }
 
 type Log = Arc<(Mutex<Vec<String>>, Condvar)>;
@@ -32,7 +32,10 @@ impl Agent {
     pub fn start(sandbox: &Sandbox, echo: bool) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.exists() {
-            bail!("{} not found: build it first (cargo build -p lb-agent) or set LB_AGENT_BIN", bin.display());
+            bail!(
+                "{} not found: build it first (cargo build -p lb-agent) or set LB_AGENT_BIN",
+                bin.display()
+            );
         }
         let mut child = sandbox
             .node
@@ -66,7 +69,9 @@ impl Agent {
             cond.notify_all();
         });
         let agent = Agent { child, log };
-        agent.wait_for_log(0, " ready", Duration::from_secs(30)).context("waiting for lb-agent to become ready")?;
+        agent
+            .wait_for_log(0, " ready", Duration::from_secs(30))
+            .context("waiting for lb-agent to become ready")?;
         Ok(agent)
     }
 
@@ -89,7 +94,10 @@ impl Agent {
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!("no log line containing {needle:?} within {timeout:?}; log:\n{}", guard.join("\n"));
+                bail!(
+                    "no log line containing {needle:?} within {timeout:?}; log:\n{}",
+                    guard.join("\n")
+                );
             }
             guard = cond.wait_timeout(guard, deadline - now).unwrap().0;
         }

@@ -11,7 +11,11 @@ struct Registry {
     dirs: Vec<PathBuf>,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry { namespaces: Vec::new(), pids: Vec::new(), dirs: Vec::new() });
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    namespaces: Vec::new(),
+    pids: Vec::new(),
+    dirs: Vec::new(),
+});
 
 fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     f(&mut REGISTRY.lock().unwrap_or_else(|e| e.into_inner()))
@@ -39,8 +43,13 @@ pub fn untrack_dir(dir: &PathBuf) {
 /// Removes everything still registered: agents first (SIGTERM lets them
 /// detach and unpin), then namespaces and directories.
 pub fn run_now() {
-    let (pids, namespaces, dirs) =
-        with(|r| (std::mem::take(&mut r.pids), std::mem::take(&mut r.namespaces), std::mem::take(&mut r.dirs)));
+    let (pids, namespaces, dirs) = with(|r| {
+        (
+            std::mem::take(&mut r.pids),
+            std::mem::take(&mut r.namespaces),
+            std::mem::take(&mut r.dirs),
+        )
+    });
     for pid in &pids {
         // SAFETY: plain kill(2) on a child we started.
         unsafe { libc::kill(*pid, libc::SIGTERM) };

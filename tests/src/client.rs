@@ -16,7 +16,8 @@ pub fn http_get(addr: SocketAddr) -> anyhow::Result<String> {
     conn.set_read_timeout(Some(TIMEOUT))?;
     conn.write_all(b"GET / HTTP/1.0\r\nHost: service\r\n\r\n")?;
     let mut response = String::new();
-    conn.read_to_string(&mut response).with_context(|| format!("reading from {addr}"))?;
+    conn.read_to_string(&mut response)
+        .with_context(|| format!("reading from {addr}"))?;
     body(&response)
 }
 
@@ -40,7 +41,10 @@ impl KeepAlive {
     pub fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
         let conn = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
         conn.set_read_timeout(Some(TIMEOUT))?;
-        Ok(KeepAlive { reader: BufReader::new(conn.try_clone()?), writer: conn })
+        Ok(KeepAlive {
+            reader: BufReader::new(conn.try_clone()?),
+            writer: conn,
+        })
     }
 
     pub fn get(&mut self) -> anyhow::Result<String> {
@@ -73,6 +77,8 @@ pub fn udp_query(addr: SocketAddr) -> anyhow::Result<String> {
     socket.connect(addr)?;
     socket.send(b"who are you")?;
     let mut buf = [0u8; 1500];
-    let n = socket.recv(&mut buf).with_context(|| format!("waiting for a UDP answer from {addr}"))?;
+    let n = socket
+        .recv(&mut buf)
+        .with_context(|| format!("waiting for a UDP answer from {addr}"))?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
 }

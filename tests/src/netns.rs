@@ -74,7 +74,9 @@ impl Netns {
 
     /// Runs `f` inside the namespace and waits for it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
 }
 

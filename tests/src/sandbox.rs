@@ -57,7 +57,11 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 impl Sandbox {
     /// A node with the given pods (servers started) and one client.
     pub fn new(prefix: &str, pod_names: &[&str]) -> anyhow::Result<Self> {
-        let id = format!("{prefix}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{prefix}{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let manifests_dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&manifests_dir)?;
         cleanup::track_dir(manifests_dir.clone());
@@ -67,8 +71,15 @@ impl Sandbox {
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        let mut sandbox =
-            Sandbox { id, pods: Vec::new(), clients: Vec::new(), manifests_dir, bpf_root, links: 0, node };
+        let mut sandbox = Sandbox {
+            id,
+            pods: Vec::new(),
+            clients: Vec::new(),
+            manifests_dir,
+            bpf_root,
+            links: 0,
+            node,
+        };
         for name in pod_names {
             sandbox.add_pod(name)?;
         }
@@ -81,12 +92,15 @@ impl Sandbox {
         let ns = Netns::create(&format!("{}-{name}", self.id))?;
         let host_if = format!("veth{}", self.links);
         self.links += 1;
-        self.node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
         let gw = NODE_GATEWAY.to_string();
         let ip_s = ip.to_string();
         self.node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
         self.node.ip(&["link", "set", &host_if, "up"])?;
-        self.node.ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if])?;
+        self.node
+            .ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if])?;
         self.node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
         ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
@@ -99,14 +113,23 @@ impl Sandbox {
         let ip = Ipv4Addr::new(198, 18, 1, 11 + self.pods.len() as u8);
         let ns = self.plug(name, ip)?;
         let servers = Servers::start(&ns, name, HTTP_PORT, UDP_PORT).with_context(|| format!("servers of {name}"))?;
-        self.pods.push(Pod { name: name.to_string(), ip, servers: Some(servers), ns });
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip,
+            servers: Some(servers),
+            ns,
+        });
         Ok(self.pods.last().unwrap())
     }
 
     pub fn add_client(&mut self, name: &str) -> anyhow::Result<&Client> {
         let ip = Ipv4Addr::new(198, 18, 2, 10 + self.clients.len() as u8);
         let ns = self.plug(name, ip)?;
-        self.clients.push(Client { name: name.to_string(), ip, ns });
+        self.clients.push(Client {
+            name: name.to_string(),
+            ip,
+            ns,
+        });
         Ok(self.clients.last().unwrap())
     }
 
@@ -115,7 +138,10 @@ impl Sandbox {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// Writes a manifest file the agent watches.

@@ -56,7 +56,12 @@ impl Servers {
             }
             Ok(())
         });
-        Ok(Servers { tcp, udp, stop, threads: vec![http, udp_thread] })
+        Ok(Servers {
+            tcp,
+            udp,
+            stop,
+            threads: vec![http, udp_thread],
+        })
     }
 }
 

@@ -43,7 +43,9 @@ fn apply(sandbox: &Sandbox, agent: &Agent, file: &str, yaml: &str) -> Duration {
     let from = agent.log_position();
     let started = Instant::now();
     sandbox.write_manifest(file, yaml).unwrap();
-    agent.wait_for_log(from, "synced", Duration::from_secs(5)).expect("agent sync");
+    agent
+        .wait_for_log(from, "synced", Duration::from_secs(5))
+        .expect("agent sync");
     started.elapsed()
 }
 
@@ -55,8 +57,13 @@ fn clusterip_balances_300_requests_over_all_pods_without_nat_rules() {
     for (pod, n) in &counts {
         assert!(*n >= 45, "{pod} answered {n} of 300 (< 15%): {counts:?}");
     }
-    let rules = sandbox.nat_rules().expect("listing nat rules (is nftables/iptables installed? run cargo xtask setup)");
-    assert!(rules.is_empty(), "the node has NAT rules; only eBPF may translate:\n{rules}");
+    let rules = sandbox
+        .nat_rules()
+        .expect("listing nat rules (is nftables/iptables installed? run cargo xtask setup)");
+    assert!(
+        rules.is_empty(),
+        "the node has NAT rules; only eBPF may translate:\n{rules}"
+    );
 }
 
 #[test]
@@ -64,7 +71,11 @@ fn long_lived_connection_stays_on_one_pod_while_endpoints_change() {
     let (sandbox, agent) = example_sandbox();
     // A socket belongs to the namespace it was opened in; it can then be
     // used from any thread.
-    let mut conn = sandbox.client().run(|| KeepAlive::connect(addr(NGINX_VIP, 8080))).unwrap().unwrap();
+    let mut conn = sandbox
+        .client()
+        .run(|| KeepAlive::connect(addr(NGINX_VIP, 8080)))
+        .unwrap()
+        .unwrap();
     let mut ask = |_: &Sandbox| conn.get().expect("request on the long-lived connection");
     let first = ask(&sandbox);
     for _ in 0..20 {
@@ -74,7 +85,15 @@ fn long_lived_connection_stays_on_one_pod_while_endpoints_change() {
     let pods = example_pods();
     let leaving = pods.iter().find(|(name, _)| name != &first).unwrap().0.clone();
     let kept: Vec<_> = pods.iter().filter(|(name, _)| name != &leaving).cloned().collect();
-    apply(&sandbox, &agent, "net-test.yaml", &manifests::join(&[manifests::service(&nginx_service(&kept)), manifests::service(&udp_service(&pods))]));
+    apply(
+        &sandbox,
+        &agent,
+        "net-test.yaml",
+        &manifests::join(&[
+            manifests::service(&nginx_service(&kept)),
+            manifests::service(&udp_service(&pods)),
+        ]),
+    );
     for _ in 0..20 {
         assert_eq!(ask(&sandbox), first, "an established connection moved to another pod");
     }
@@ -89,20 +108,37 @@ fn removed_endpoint_gets_no_new_connections_within_one_second() {
         &sandbox,
         &agent,
         "net-test.yaml",
-        &manifests::join(&[manifests::service(&nginx_service(&remaining)), manifests::service(&udp_service(&pods))]),
+        &manifests::join(&[
+            manifests::service(&nginx_service(&remaining)),
+            manifests::service(&udp_service(&pods)),
+        ]),
     );
     assert!(took < Duration::from_secs(1), "sync took {took:?}");
     let counts = spread(&sandbox, addr(NGINX_VIP, 8080), 60);
-    assert!(!counts.contains_key("nginx-b"), "removed pod still got new connections: {counts:?}");
+    assert!(
+        !counts.contains_key("nginx-b"),
+        "removed pod still got new connections: {counts:?}"
+    );
     assert_eq!(counts.len(), 2, "the others still answer: {counts:?}");
 }
 
 #[test]
 fn deleted_service_stops_answering_on_its_vip() {
     let (sandbox, agent) = example_sandbox();
-    assert!(sandbox.client().run(|| http_get(addr(NGINX_VIP, 8080))).unwrap().is_ok());
+    assert!(
+        sandbox
+            .client()
+            .run(|| http_get(addr(NGINX_VIP, 8080)))
+            .unwrap()
+            .is_ok()
+    );
     let pods = example_pods();
-    apply(&sandbox, &agent, "net-test.yaml", &manifests::service(&udp_service(&pods)));
+    apply(
+        &sandbox,
+        &agent,
+        "net-test.yaml",
+        &manifests::service(&udp_service(&pods)),
+    );
     let result = sandbox.client().run(|| http_get(addr(NGINX_VIP, 8080))).unwrap();
     assert!(result.is_err(), "the deleted service still answered: {result:?}");
     // The other service is untouched.
@@ -114,10 +150,18 @@ fn udp_service_round_trips_to_every_pod() {
     let (sandbox, _agent) = example_sandbox();
     let answers = sandbox
         .client()
-        .run(|| (0..60).map(|_| udp_query(addr(UDP_VIP, 53)).expect("UDP answer")).collect::<Vec<_>>())
+        .run(|| {
+            (0..60)
+                .map(|_| udp_query(addr(UDP_VIP, 53)).expect("UDP answer"))
+                .collect::<Vec<_>>()
+        })
         .unwrap();
     let distinct: std::collections::BTreeSet<_> = answers.iter().cloned().collect();
-    assert_eq!(distinct.into_iter().collect::<Vec<_>>(), PODS, "answers came from the pods, as the VIP");
+    assert_eq!(
+        distinct.into_iter().collect::<Vec<_>>(),
+        PODS,
+        "answers came from the pods, as the VIP"
+    );
 }
 
 #[test]
@@ -128,14 +172,24 @@ fn same_vip_different_ports_route_independently() {
     let web = ServiceDef {
         name: "web",
         cluster_ip: vip,
-        ports: vec![PortDef { name: "", protocol: "TCP", port: 8080, target_port: 80 }],
+        ports: vec![PortDef {
+            name: "",
+            protocol: "TCP",
+            port: 8080,
+            target_port: 80,
+        }],
         endpoints: pods[..1].to_vec(),
     };
     let mut api = web.clone();
     api.name = "api";
     api.ports[0].port = 9090;
     api.endpoints = pods[1..].to_vec();
-    sandbox.write_manifest("svc.yaml", &manifests::join(&[manifests::service(&web), manifests::service(&api)])).unwrap();
+    sandbox
+        .write_manifest(
+            "svc.yaml",
+            &manifests::join(&[manifests::service(&web), manifests::service(&api)]),
+        )
+        .unwrap();
     let _agent = Agent::start(&sandbox, true).unwrap();
     let web_counts = spread(&sandbox, addr(vip, 8080), 30);
     let api_counts = spread(&sandbox, addr(vip, 9090), 30);
@@ -148,7 +202,9 @@ fn interface_created_after_start_is_attached() {
     let (mut sandbox, agent) = example_sandbox();
     let from = agent.log_position();
     sandbox.add_client("late-client").unwrap();
-    let host_if = agent.wait_for_log(from, "attached TC ingress", Duration::from_secs(5)).unwrap();
+    let host_if = agent
+        .wait_for_log(from, "attached TC ingress", Duration::from_secs(5))
+        .unwrap();
     assert!(host_if.contains("veth"), "{host_if}");
     let late = &sandbox.clients[1].ns;
     let counts = late
@@ -173,8 +229,13 @@ fn invalid_manifest_is_reported_and_other_services_keep_working() {
             "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: net-test}\nspec:\n  clusterIP: 198.19.0.30\n  ports: [{port: seventy}]\n",
         )
         .unwrap();
-    let line = agent.wait_for_log(from, "invalid manifest", Duration::from_secs(5)).unwrap();
-    assert!(line.contains("broken.yaml") && line.contains("document 1") && line.contains("spec.ports[0].port"), "{line}");
+    let line = agent
+        .wait_for_log(from, "invalid manifest", Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        line.contains("broken.yaml") && line.contains("document 1") && line.contains("spec.ports[0].port"),
+        "{line}"
+    );
     let counts = spread(&sandbox, addr(NGINX_VIP, 8080), 30);
     assert_eq!(counts.values().sum::<usize>(), 30);
 }

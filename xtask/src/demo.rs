@@ -31,24 +31,32 @@ pub fn run() -> anyhow::Result<()> {
     let agent = Agent::start(&sandbox, false)?;
 
     let http = SocketAddr::from((NGINX_VIP, 8080));
-    step(&format!("client 198.18.2.10: {REQUESTS} HTTP requests to ClusterIP {http} (nginx-service)"));
-    let tcp_counts = sandbox.client().run(move || -> anyhow::Result<BTreeMap<String, usize>> {
-        let mut counts = BTreeMap::new();
-        for _ in 0..REQUESTS {
-            *counts.entry(http_get(http)?).or_insert(0) += 1;
-        }
-        Ok(counts)
-    })??;
+    step(&format!(
+        "client 198.18.2.10: {REQUESTS} HTTP requests to ClusterIP {http} (nginx-service)"
+    ));
+    let tcp_counts = sandbox
+        .client()
+        .run(move || -> anyhow::Result<BTreeMap<String, usize>> {
+            let mut counts = BTreeMap::new();
+            for _ in 0..REQUESTS {
+                *counts.entry(http_get(http)?).or_insert(0) += 1;
+            }
+            Ok(counts)
+        })??;
 
     let udp = SocketAddr::from((UDP_VIP, 53));
-    step(&format!("client 198.18.2.10: {UDP_QUERIES} UDP queries to ClusterIP {udp} (udp-echo)"));
-    let udp_counts = sandbox.client().run(move || -> anyhow::Result<BTreeMap<String, usize>> {
-        let mut counts = BTreeMap::new();
-        for _ in 0..UDP_QUERIES {
-            *counts.entry(udp_query(udp)?).or_insert(0) += 1;
-        }
-        Ok(counts)
-    })??;
+    step(&format!(
+        "client 198.18.2.10: {UDP_QUERIES} UDP queries to ClusterIP {udp} (udp-echo)"
+    ));
+    let udp_counts = sandbox
+        .client()
+        .run(move || -> anyhow::Result<BTreeMap<String, usize>> {
+            let mut counts = BTreeMap::new();
+            for _ in 0..UDP_QUERIES {
+                *counts.entry(udp_query(udp)?).or_insert(0) += 1;
+            }
+            Ok(counts)
+        })??;
 
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
@@ -73,11 +81,23 @@ pub fn run() -> anyhow::Result<()> {
     let rules = sandbox.nat_rules()?;
     println!(
         "iptables/nft NAT rules in the node namespace: {}",
-        if rules.is_empty() { "none (all translation done by eBPF)".to_string() } else { rules }
+        if rules.is_empty() {
+            "none (all translation done by eBPF)".to_string()
+        } else {
+            rules
+        }
     );
-    let services = netns::run(std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(sandbox.bpf_root.join("SERVICES")));
+    let services = netns::run(
+        std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(sandbox.bpf_root.join("SERVICES")),
+    );
     if let Ok(out) = services {
-        println!("\nbpftool map dump pinned {}/SERVICES:\n{}", sandbox.bpf_root.display(), String::from_utf8_lossy(&out.stdout));
+        println!(
+            "\nbpftool map dump pinned {}/SERVICES:\n{}",
+            sandbox.bpf_root.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 
     step("stopping the agent and removing the sandbox");

@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
 
 /// Runs a command, streaming its output; fails with what to do next.
 pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(program).args(args).status().with_context(|| format!("running {program}"))?;
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
     if !status.success() {
         bail!("`{program} {}` failed ({status})", args.join(" "));
     }

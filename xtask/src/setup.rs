@@ -11,8 +11,15 @@ use crate::{cmd, step};
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2/util-linux/procps
 /// for the sandbox; nftables + iptables to assert no NAT rule exists (and for
 /// the kube-proxy comparison); bpftool to inspect maps.
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "iproute2", "util-linux", "procps", "nftables", "iptables", "bpftool"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "util-linux",
+    "procps",
+    "nftables",
+    "iptables",
+    "bpftool",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn require_root(why: &str) -> anyhow::Result<()> {
@@ -24,7 +31,12 @@ pub fn require_root(why: &str) -> anyhow::Result<()> {
 }
 
 fn quiet_ok(program: &str, args: &[&str]) -> bool {
-    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn missing_packages() -> Vec<&'static str> {
@@ -55,7 +67,10 @@ fn apt_packages() -> anyhow::Result<()> {
         .status()
         .context("running apt-get")?;
     if !status.success() {
-        bail!("apt-get install {} failed: check the package names with apt-cache policy", missing.join(" "));
+        bail!(
+            "apt-get install {} failed: check the package names with apt-cache policy",
+            missing.join(" ")
+        );
     }
     Ok(())
 }
@@ -72,7 +87,18 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     }
     step("nightly toolchain: adding rust-src (the eBPF crate builds core with -Z build-std)");
     if !installed.status.success() {
-        cmd("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"])
+        cmd(
+            "rustup",
+            &[
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ],
+        )
     } else {
         cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])
     }
@@ -84,7 +110,9 @@ fn bpf_linker() -> anyhow::Result<()> {
         step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
         return Ok(());
     }
-    step(&format!("bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (a few minutes)"));
+    step(&format!(
+        "bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (a few minutes)"
+    ));
     let status = Command::new("cargo")
         .args([
             "install",

@@ -67,7 +67,9 @@ pub fn watch_interfaces() -> anyhow::Result<mpsc::UnboundedReceiver<LinkEvent>> 
         while let Some((msg, _)) = messages.next().await {
             let event = match msg.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => interface(&l).map(LinkEvent::Added),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => Some(LinkEvent::Removed(l.header.index)),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    Some(LinkEvent::Removed(l.header.index))
+                }
                 _ => None,
             };
             if let Some(e) = event
@@ -89,7 +91,10 @@ pub struct Attacher {
 impl Attacher {
     /// `only`: attach to these names; None: every non-loopback interface.
     pub fn new(only: Option<Vec<String>>) -> Self {
-        Attacher { only, links: BTreeMap::new() }
+        Attacher {
+            only,
+            links: BTreeMap::new(),
+        }
     }
 
     fn wanted(&self, iface: &Interface) -> bool {

@@ -68,16 +68,27 @@ impl Datapath {
         program.load().context("verifying lb_ingress")?;
         if let Some(root) = &opts.bpf_root {
             for name in map_names::ALL {
-                let map = ebpf.map(name).with_context(|| format!("map {name} missing from the object"))?;
-                map.pin(root.join(name)).with_context(|| format!("pinning {name} under {}", root.display()))?;
+                let map = ebpf
+                    .map(name)
+                    .with_context(|| format!("map {name} missing from the object"))?;
+                map.pin(root.join(name))
+                    .with_context(|| format!("pinning {name} under {}", root.display()))?;
             }
         }
         let maps = BpfMaps::take(&mut ebpf)?;
-        Ok(Datapath { ebpf, maps, pinned: opts.bpf_root.clone() })
+        Ok(Datapath {
+            ebpf,
+            maps,
+            pinned: opts.bpf_root.clone(),
+        })
     }
 
     pub fn ingress_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(self.ebpf.program_mut(INGRESS_PROGRAM).context("program lb_ingress missing")?.try_into()?)
+        Ok(self
+            .ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .context("program lb_ingress missing")?
+            .try_into()?)
     }
 
     /// Removes the pins (the maps live on only while something holds them).

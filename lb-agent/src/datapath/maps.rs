@@ -8,8 +8,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, ServiceKey, ServiceValue,
-    TrafficCounter, map_names,
+    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, ServiceKey, ServiceValue, TrafficCounter, map_names,
 };
 
 use crate::sync::{DatapathMaps, MapOpError};
@@ -25,13 +24,18 @@ pub struct BpfMaps {
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
-    ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))
 }
 
 fn from_pin(root: &Path, name: &str) -> anyhow::Result<Map> {
     let path = root.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {} (is an agent running with this --bpf-root?)", path.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is an agent running with this --bpf-root?)",
+            path.display()
+        )
+    })?;
     Ok(Map::from_map_data(data)?)
 }
 
@@ -101,41 +105,57 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 fn zeroed_per_cpu<T: aya::Pod + Default>(map: &'static str) -> Result<PerCpuValues<T>, MapOpError> {
-    let err = |message: String| MapOpError { map, op: "reset", message };
+    let err = |message: String| MapOpError {
+        map,
+        op: "reset",
+        message,
+    };
     let n = aya::util::nr_cpus().map_err(|(what, e)| err(format!("{what}: {e}")))?;
     PerCpuValues::try_from(vec![T::default(); n]).map_err(|e| err(e.to_string()))
 }
 
 fn keys<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<Vec<K>, MapOpError> {
-    map.keys().collect::<Result<Vec<_>, _>>().map_err(op_err(name, "iterate"))
+    map.keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(op_err(name, "iterate"))
 }
 
 impl DatapathMaps for BpfMaps {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapOpError> {
-        self.services.insert(key, value, 0).map_err(op_err(map_names::SERVICES, "insert"))
+        self.services
+            .insert(key, value, 0)
+            .map_err(op_err(map_names::SERVICES, "insert"))
     }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapOpError> {
         ignore_missing(self.services.remove(key)).map_err(op_err(map_names::SERVICES, "delete"))
     }
     fn put_slot(&mut self, key: &BackendSlotKey, id: BackendId) -> Result<(), MapOpError> {
-        self.slots.insert(key, id, 0).map_err(op_err(map_names::BACKEND_SLOTS, "insert"))
+        self.slots
+            .insert(key, id, 0)
+            .map_err(op_err(map_names::BACKEND_SLOTS, "insert"))
     }
     fn delete_slot(&mut self, key: &BackendSlotKey) -> Result<(), MapOpError> {
         ignore_missing(self.slots.remove(key)).map_err(op_err(map_names::BACKEND_SLOTS, "delete"))
     }
     fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapOpError> {
-        self.backends.insert(id, backend, 0).map_err(op_err(map_names::BACKENDS, "insert"))
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(op_err(map_names::BACKENDS, "insert"))
     }
     fn delete_backend(&mut self, id: BackendId) -> Result<(), MapOpError> {
         ignore_missing(self.backends.remove(&id)).map_err(op_err(map_names::BACKENDS, "delete"))
     }
     fn reset_service_stats(&mut self, id: u32) -> Result<(), MapOpError> {
         let zero = zeroed_per_cpu(map_names::SERVICE_STATS)?;
-        self.service_stats.set(id, zero, 0).map_err(op_err(map_names::SERVICE_STATS, "reset"))
+        self.service_stats
+            .set(id, zero, 0)
+            .map_err(op_err(map_names::SERVICE_STATS, "reset"))
     }
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), MapOpError> {
         let zero = zeroed_per_cpu(map_names::BACKEND_STATS)?;
-        self.backend_stats.set(id, zero, 0).map_err(op_err(map_names::BACKEND_STATS, "reset"))
+        self.backend_stats
+            .set(id, zero, 0)
+            .map_err(op_err(map_names::BACKEND_STATS, "reset"))
     }
     fn service_keys(&self) -> Result<Vec<ServiceKey>, MapOpError> {
         keys(&self.services, map_names::SERVICES)

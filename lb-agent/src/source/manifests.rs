@@ -72,7 +72,10 @@ pub struct ManifestSource {
 
 impl ManifestSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        ManifestSource { path: path.into(), last_good: BTreeMap::new() }
+        ManifestSource {
+            path: path.into(),
+            last_good: BTreeMap::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -121,7 +124,11 @@ impl ManifestSource {
                 if let Some(first) = seen.insert(r.clone(), file.clone()) {
                     tracing::warn!(
                         "{} {}/{} is defined in {} and again in {}; using both may give surprising results",
-                        r.kind, r.namespace, r.name, first.display(), file.display()
+                        r.kind,
+                        r.namespace,
+                        r.name,
+                        first.display(),
+                        file.display()
                     );
                 }
                 match obj.clone() {
@@ -148,7 +155,10 @@ impl ManifestSource {
         let dir = if self.path.is_dir() {
             self.path.clone()
         } else {
-            self.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+            self.path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
         };
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
         Ok((watcher, rx))
@@ -174,7 +184,13 @@ fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn file_error(file: &Path, message: String) -> ManifestError {
-    ManifestError { file: file.to_path_buf(), document: 0, object: None, field: None, message }
+    ManifestError {
+        file: file.to_path_buf(),
+        document: 0,
+        object: None,
+        field: None,
+        message,
+    }
 }
 
 fn parse_file(
@@ -213,7 +229,13 @@ fn parse_file(
                 Ok(None) => {}
                 Err((r, field, message)) => {
                     let object = r.as_ref().map(|r| format!("{} {}/{}", r.kind, r.namespace, r.name));
-                    errors.push(ManifestError { file: file.to_path_buf(), document, object, field, message });
+                    errors.push(ManifestError {
+                        file: file.to_path_buf(),
+                        document,
+                        object,
+                        field,
+                        message,
+                    });
                     // Like an API server refusing an update: the old object stays.
                     if let Some(r) = r
                         && let Some(old) = previous.get(&r)
@@ -248,7 +270,11 @@ fn object_ref(doc: &Value, kind: &str) -> Option<ObjectRef> {
     let meta = doc.get("metadata")?;
     Some(ObjectRef {
         kind: kind.to_string(),
-        namespace: meta.get("namespace").and_then(Value::as_str).unwrap_or("default").to_string(),
+        namespace: meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string(),
         name: meta.get("name")?.as_str()?.to_string(),
     })
 }
@@ -269,16 +295,25 @@ fn parse_object(doc: &Value) -> Result<Option<(ObjectRef, Object)>, ObjectError>
     let kind = doc.get("kind").and_then(Value::as_str);
     let api_version = doc.get("apiVersion").and_then(Value::as_str);
     let (Some(kind), Some(api_version)) = (kind, api_version) else {
-        return Err((None, None, "not a Kubernetes object: apiVersion and kind are required".into()));
+        return Err((
+            None,
+            None,
+            "not a Kubernetes object: apiVersion and kind are required".into(),
+        ));
     };
     let r = object_ref(doc, kind);
     let obj = match (api_version, kind) {
-        ("v1", "Service") => Object::Service(ServiceSpec::from_k8s(&typed::<Service>(doc, &r)?).map_err(|e| spec_err(&r, e))?),
+        ("v1", "Service") => {
+            Object::Service(ServiceSpec::from_k8s(&typed::<Service>(doc, &r)?).map_err(|e| spec_err(&r, e))?)
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match SliceSpec::from_k8s(&typed::<EndpointSlice>(doc, &r)?).map_err(|e| spec_err(&r, e))? {
                 Some(s) => Object::Slice(s),
                 None => {
-                    debug!(?r, "EndpointSlice without service-name label or with FQDN addresses ignored");
+                    debug!(
+                        ?r,
+                        "EndpointSlice without service-name label or with FQDN addresses ignored"
+                    );
                     return Ok(None);
                 }
             }
@@ -328,7 +363,11 @@ endpoints:
     }
 
     fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("lb-manifests-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let d = std::env::temp_dir().join(format!(
+            "lb-manifests-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -352,7 +391,11 @@ endpoints:
         let mut src = ManifestSource::new(&file);
         assert!(src.load().1.is_empty());
 
-        write(&dir, "a.yaml", &GOOD.replace("[{port: 8080, targetPort: 80}]", "[{port: eighty}]"));
+        write(
+            &dir,
+            "a.yaml",
+            &GOOD.replace("[{port: 8080, targetPort: 80}]", "[{port: eighty}]"),
+        );
         let (snap, errors) = src.load();
         assert_eq!(errors.len(), 1, "{errors:?}");
         let e = &errors[0];
@@ -360,7 +403,10 @@ endpoints:
         assert_eq!(e.field.as_deref(), Some("spec.ports[0].port"));
         assert_eq!(e.object.as_deref(), Some("Service net-test/web"));
         let text = e.to_string();
-        assert!(text.contains("a.yaml: document 2 (Service net-test/web): field spec.ports[0].port"), "{text}");
+        assert!(
+            text.contains("a.yaml: document 2 (Service net-test/web): field spec.ports[0].port"),
+            "{text}"
+        );
         // The previous version of the service still stands.
         assert_eq!(snap.services.len(), 1);
         assert_eq!(snap.services[0].ports[0].port, 8080);
@@ -369,7 +415,11 @@ endpoints:
     #[test]
     fn semantic_error_is_reported_with_field() {
         let dir = tempdir();
-        write(&dir, "a.yaml", &GOOD.replace("addresses: [198.18.1.11]", "addresses: [not-an-ip]"));
+        write(
+            &dir,
+            "a.yaml",
+            &GOOD.replace("addresses: [198.18.1.11]", "addresses: [not-an-ip]"),
+        );
         let (snap, errors) = ManifestSource::new(&dir).load();
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].field.as_deref(), Some("endpoints[0].addresses[0]"));
