@@ -4,7 +4,8 @@
 mod demo;
 mod setup;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -70,9 +71,61 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     step("removing sandboxes left by interrupted runs");
     lb_tests::cleanup::sweep_stale("lbt-");
     step("running all tests (unit, kernel program via BPF_PROG_TEST_RUN, netns end-to-end)");
-    let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf"];
+    let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    cmd("cargo", &args)
+    let mut child = Command::new("cargo")
+        .args(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut totals = TestTotals::default();
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run (cargo prints one per test binary).
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() || totals.failed > 0 {
+        bail!("tests failed: see the failures above (rerun one with `cargo xtask test NAME`)");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Sums cargo's `test result: ok. N passed; M failed; K ignored; …` lines.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 pub fn step(what: &str) {
