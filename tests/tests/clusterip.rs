@@ -64,6 +64,52 @@ fn clusterip_balances_300_requests_over_all_pods_without_nat_rules() {
         rules.is_empty(),
         "the node has NAT rules; only eBPF may translate:\n{rules}"
     );
+
+    // BTF makes bpftool print the maps by field name.
+    let dump = lb_tests::netns::run(
+        std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(sandbox.bpf_root.join("SERVICES")),
+    )
+    .expect("bpftool map dump");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    for field in ["\"service_id\"", "\"backend_count\"", "\"port\": 8080"] {
+        assert!(dump.contains(field), "bpftool output lacks {field}:\n{dump}");
+    }
+}
+
+#[test]
+fn stopped_agent_detaches_its_programs_and_removes_its_pins() {
+    let (sandbox, agent) = example_sandbox();
+    assert!(
+        sandbox
+            .client()
+            .run(|| http_get(addr(NGINX_VIP, 8080)))
+            .unwrap()
+            .is_ok()
+    );
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "agent exit status {status}");
+    assert!(
+        !sandbox.bpf_root.exists(),
+        "pins left under {}",
+        sandbox.bpf_root.display()
+    );
+    // Still-attached programs would keep translating from their maps.
+    let via_vip = sandbox.client().run(|| http_get(addr(NGINX_VIP, 8080))).unwrap();
+    assert!(
+        via_vip.is_err(),
+        "the VIP still answers after the agent stopped: {via_vip:?}"
+    );
+    let pod_a = sandbox.pod("nginx-a").ip;
+    assert_eq!(
+        sandbox
+            .client()
+            .run(move || http_get(addr(pod_a, 80)))
+            .unwrap()
+            .unwrap(),
+        "nginx-a"
+    );
 }
 
 #[test]
