@@ -172,7 +172,7 @@ impl Syncer {
         let result = if full {
             self.full_resync(maps, model)
         } else {
-            self.apply(maps, tracker::changes(&self.applied, model))
+            self.apply(maps, tracker::changes(&self.applied, model), false)
         };
         match result {
             Ok(mut report) => {
@@ -188,7 +188,13 @@ impl Syncer {
         }
     }
 
-    fn apply(&mut self, maps: &mut impl DatapathMaps, changes: ChangeSet) -> Result<SyncReport, SyncError> {
+    /// `rewrite_all`: write every backend of the upserted ports, not only new ones.
+    fn apply(
+        &mut self,
+        maps: &mut impl DatapathMaps,
+        changes: ChangeSet,
+        rewrite_all: bool,
+    ) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
         let mut first_error = None;
         for f in &changes.removed {
@@ -197,7 +203,7 @@ impl Syncer {
         }
         // One bad service port must not stop the others from being programmed.
         for sp in &changes.upserted {
-            match self.upsert(maps, sp) {
+            match self.upsert(maps, sp, rewrite_all) {
                 Ok(()) => report.upserted += 1,
                 Err(e) => {
                     tracing::error!(service = %sp.name, frontend = %sp.frontend, "programming failed: {e}");
@@ -220,7 +226,7 @@ impl Syncer {
             removed: stale,
             upserted: model.services.values().cloned().collect(),
         };
-        let report = self.apply(maps, changes)?;
+        let report = self.apply(maps, changes, true)?;
         self.sweep(maps)?;
         Ok(report)
     }
@@ -282,7 +288,7 @@ impl Syncer {
         Ok(())
     }
 
-    fn upsert(&mut self, maps: &mut impl DatapathMaps, sp: &ServicePort) -> Result<(), SyncError> {
+    fn upsert(&mut self, maps: &mut impl DatapathMaps, sp: &ServicePort, rewrite_all: bool) -> Result<(), SyncError> {
         if sp.endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
             return Err(SyncError::TooManyEndpoints {
                 service: sp.name.clone(),
@@ -293,7 +299,7 @@ impl Syncer {
         let old = self.programmed.get(&sp.frontend).cloned();
         // Ids taken in this attempt go back if it fails.
         let mut fresh_ids = Vec::new();
-        let result = self.write_service(maps, sp, old.as_ref(), &mut fresh_ids);
+        let result = self.write_service(maps, sp, old.as_ref(), rewrite_all, &mut fresh_ids);
         match result {
             Ok(new) => {
                 self.programmed.insert(sp.frontend, new);
@@ -317,6 +323,7 @@ impl Syncer {
         maps: &mut impl DatapathMaps,
         sp: &ServicePort,
         old: Option<&Programmed>,
+        rewrite_all: bool,
         fresh_ids: &mut Vec<(bool, u32)>,
     ) -> Result<Programmed, SyncError> {
         let service_id = match old {
@@ -331,43 +338,27 @@ impl Syncer {
         let proto = sp.frontend.protocol.ip_proto();
         let mut backends = BTreeMap::new();
         for ep in &sp.endpoints {
-            let id = match old.and_then(|p| p.backends.get(ep)) {
-                Some(&id) => id,
+            let (id, is_new) = match old.and_then(|p| p.backends.get(ep)) {
+                Some(&id) => (id, false),
                 None => {
                     let id = self.backend_ids.alloc()?;
                     fresh_ids.push((false, id));
                     maps.reset_backend_stats(id)?;
-                    maps.put_backend(
-                        id,
-                        &Backend {
-                            addr: raw_addr(ep.ip),
-                            port: ep.port,
-                            proto,
-                            _pad: 0,
-                            service_id,
-                        },
-                    )?;
-                    id
+                    (id, true)
                 }
             };
-            backends.insert(*ep, id);
-        }
-        // A full resync rewrites surviving backends too (they may be missing).
-        if let Some(p) = old {
-            for (ep, &id) in &p.backends {
-                if backends.contains_key(ep) {
-                    maps.put_backend(
-                        id,
-                        &Backend {
-                            addr: raw_addr(ep.ip),
-                            port: ep.port,
-                            proto,
-                            _pad: 0,
-                            service_id,
-                        },
-                    )?;
-                }
+            // A full resync rewrites surviving backends too (they may be missing).
+            if is_new || rewrite_all {
+                let backend = Backend {
+                    addr: raw_addr(ep.ip),
+                    port: ep.port,
+                    proto,
+                    _pad: 0,
+                    service_id,
+                };
+                maps.put_backend(id, &backend)?;
             }
+            backends.insert(*ep, id);
         }
         let revision = old.map_or(1, |p| p.revision.wrapping_add(1).max(1));
         for (slot, &id) in backends.values().enumerate() {

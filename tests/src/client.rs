@@ -2,11 +2,14 @@
 //! keep-alive connection) and UDP queries. Call these inside a client
 //! namespace (`Netns::run`).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+use crate::netns::Netns;
 
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -81,4 +84,22 @@ pub fn udp_query(addr: SocketAddr) -> anyhow::Result<String> {
         .recv(&mut buf)
         .with_context(|| format!("waiting for a UDP answer from {addr}"))?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// Sends `n` queries from inside `client` (each on a new connection or
+/// socket) and counts the answers: pod name → how many.
+pub fn tally(
+    client: &Netns,
+    n: usize,
+    target: SocketAddr,
+    query: fn(SocketAddr) -> anyhow::Result<String>,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    client.run(move || {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let pod = query(target).with_context(|| format!("query {i} of {n} to {target}"))?;
+            *counts.entry(pod).or_insert(0) += 1;
+        }
+        Ok(counts)
+    })?
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use lb_tests::client::{KeepAlive, http_get, udp_query};
+use lb_tests::client::{KeepAlive, http_get, tally, udp_query};
 use lb_tests::manifests::{self, NGINX_VIP, PortDef, ServiceDef, UDP_VIP, example_pods, nginx_service, udp_service};
 use lb_tests::{Agent, Sandbox};
 
@@ -25,17 +25,12 @@ fn example_sandbox() -> (Sandbox, Agent) {
 
 /// `n` requests on fresh connections from the client; pod name → count.
 fn spread(sandbox: &Sandbox, target: SocketAddr, n: usize) -> BTreeMap<String, usize> {
-    sandbox
-        .client()
-        .run(move || {
-            let mut counts = BTreeMap::new();
-            for i in 0..n {
-                let pod = http_get(target).unwrap_or_else(|e| panic!("request {i} to {target}: {e:#}"));
-                *counts.entry(pod).or_insert(0) += 1;
-            }
-            counts
-        })
-        .unwrap()
+    tally(sandbox.client(), n, target, http_get).expect("requests through the service")
+}
+
+/// One request from the client.
+fn get(sandbox: &Sandbox, target: SocketAddr) -> anyhow::Result<String> {
+    sandbox.client().run(move || http_get(target)).unwrap()
 }
 
 /// Rewrites the manifests and waits for the agent's sync of them.
@@ -81,13 +76,7 @@ fn clusterip_balances_300_requests_over_all_pods_without_nat_rules() {
 #[test]
 fn stopped_agent_detaches_its_programs_and_removes_its_pins() {
     let (sandbox, agent) = example_sandbox();
-    assert!(
-        sandbox
-            .client()
-            .run(|| http_get(addr(NGINX_VIP, 8080)))
-            .unwrap()
-            .is_ok()
-    );
+    assert!(get(&sandbox, addr(NGINX_VIP, 8080)).is_ok());
     let status = agent.stop().unwrap();
     assert!(status.success(), "agent exit status {status}");
     assert!(
@@ -96,20 +85,13 @@ fn stopped_agent_detaches_its_programs_and_removes_its_pins() {
         sandbox.bpf_root.display()
     );
     // Still-attached programs would keep translating from their maps.
-    let via_vip = sandbox.client().run(|| http_get(addr(NGINX_VIP, 8080))).unwrap();
+    let via_vip = get(&sandbox, addr(NGINX_VIP, 8080));
     assert!(
         via_vip.is_err(),
         "the VIP still answers after the agent stopped: {via_vip:?}"
     );
     let pod_a = sandbox.pod("nginx-a").ip;
-    assert_eq!(
-        sandbox
-            .client()
-            .run(move || http_get(addr(pod_a, 80)))
-            .unwrap()
-            .unwrap(),
-        "nginx-a"
-    );
+    assert_eq!(get(&sandbox, addr(pod_a, 80)).unwrap(), "nginx-a");
 }
 
 #[test]
@@ -171,13 +153,7 @@ fn removed_endpoint_gets_no_new_connections_within_one_second() {
 #[test]
 fn deleted_service_stops_answering_on_its_vip() {
     let (sandbox, agent) = example_sandbox();
-    assert!(
-        sandbox
-            .client()
-            .run(|| http_get(addr(NGINX_VIP, 8080)))
-            .unwrap()
-            .is_ok()
-    );
+    assert!(get(&sandbox, addr(NGINX_VIP, 8080)).is_ok());
     let pods = example_pods();
     apply(
         &sandbox,
@@ -185,7 +161,7 @@ fn deleted_service_stops_answering_on_its_vip() {
         "net-test.yaml",
         &manifests::service(&udp_service(&pods)),
     );
-    let result = sandbox.client().run(|| http_get(addr(NGINX_VIP, 8080))).unwrap();
+    let result = get(&sandbox, addr(NGINX_VIP, 8080));
     assert!(result.is_err(), "the deleted service still answered: {result:?}");
     // The other service is untouched.
     assert!(sandbox.client().run(|| udp_query(addr(UDP_VIP, 53))).unwrap().is_ok());

@@ -1,11 +1,10 @@
 //! `cargo xtask demo`: the seed's example balanced by eBPF in a sandbox.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
-use lb_tests::client::{http_get, udp_query};
+use lb_tests::client::{http_get, tally, udp_query};
 use lb_tests::manifests::{NGINX_VIP, UDP_VIP, example_pods};
 use lb_tests::{Agent, Sandbox, cleanup, netns};
 
@@ -34,29 +33,13 @@ pub fn run() -> anyhow::Result<()> {
     step(&format!(
         "client 198.18.2.10: {REQUESTS} HTTP requests to ClusterIP {http} (nginx-service)"
     ));
-    let tcp_counts = sandbox
-        .client()
-        .run(move || -> anyhow::Result<BTreeMap<String, usize>> {
-            let mut counts = BTreeMap::new();
-            for _ in 0..REQUESTS {
-                *counts.entry(http_get(http)?).or_insert(0) += 1;
-            }
-            Ok(counts)
-        })??;
+    let tcp_counts = tally(sandbox.client(), REQUESTS, http, http_get)?;
 
     let udp = SocketAddr::from((UDP_VIP, 53));
     step(&format!(
         "client 198.18.2.10: {UDP_QUERIES} UDP queries to ClusterIP {udp} (udp-echo)"
     ));
-    let udp_counts = sandbox
-        .client()
-        .run(move || -> anyhow::Result<BTreeMap<String, usize>> {
-            let mut counts = BTreeMap::new();
-            for _ in 0..UDP_QUERIES {
-                *counts.entry(udp_query(udp)?).or_insert(0) += 1;
-            }
-            Ok(counts)
-        })??;
+    let udp_counts = tally(sandbox.client(), UDP_QUERIES, udp, udp_query)?;
 
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
