@@ -1,5 +1,6 @@
-//! Command line.
+//! Command line. Flags are named like kube-proxy's where they mean the same.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -7,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "lb-agent",
     version,
-    about = "eBPF/XDP Kubernetes service load balancer (kube-proxy replacement)"
+    about = "eBPF Kubernetes service load balancer (kube-proxy replacement)"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -18,16 +19,31 @@ pub struct Cli {
 pub enum Command {
     /// Program the datapath from a source and keep it in sync.
     Run(RunArgs),
+    /// Show the service ports programmed in the pinned maps of a running agent.
+    Services(InspectArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// The running agent's --bpf-root.
+    #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
+    pub bpf_root: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// This node's name (as in the Node object and endpoints' nodeName).
+    /// This node's name (the Node object, endpoints' nodeName); default: the hostname.
+    #[arg(long, alias = "hostname-override")]
+    pub node_name: Option<String>,
+    /// Read objects from this file or directory of Kubernetes YAML instead of an API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; default: in-cluster config, then $KUBECONFIG.
     #[arg(long)]
-    pub node_name: String,
-    /// File or directory of Kubernetes YAML (Services, EndpointSlices, Nodes).
-    #[arg(long)]
-    pub manifests: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     /// Directory on a bpffs where the maps are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
     pub bpf_root: PathBuf,
@@ -38,21 +54,65 @@ pub struct RunArgs {
     /// Conntrack table capacity (forward + reply entries).
     #[arg(long, default_value_t = lb_common::limits::DEFAULT_CONNTRACK_ENTRIES)]
     pub conntrack_max: u32,
-    /// Quiet period after a manifest change before the sync runs.
-    #[arg(long, default_value = "50ms", value_parser = humantime_ms)]
-    pub sync_debounce: std::time::Duration,
+    /// Minimum interval between syncs (two may run back to back, as in
+    /// kube-proxy); 0 syncs on every change.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+    /// Interval of full resyncs, which repair any map entry that differs from the model.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: Duration,
+    /// Quiet period after a manifest file change before it is read.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub manifests_debounce: Duration,
 }
 
-fn humantime_ms(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "ms"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 50ms or 1s"))?;
-    match unit {
-        "ms" => Ok(std::time::Duration::from_millis(n)),
-        "s" => Ok(std::time::Duration::from_secs(n)),
-        _ => Err(format!("{s:?}: unit must be ms or s")),
+impl RunArgs {
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// Go-style durations as kube-proxy takes them: `0`, `250ms`, `1s`, `2m`, `1h`, `1m30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a duration like 250ms, 1s or 2m"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h)")),
+        };
+        total += unit;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kube_proxy_flags() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("1d").is_err());
     }
 }

@@ -14,5 +14,6 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => lb_agent::run::run(args).await,
+        Command::Services(args) => lb_agent::inspect::print_services(&args.bpf_root, &args.output),
     }
 }

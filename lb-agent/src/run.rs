@@ -1,17 +1,18 @@
 //! `lb-agent run`: source → model → change tracker → sync → maps, and the
 //! TC attachments. Nothing is attached before the first full sync.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::{Duration, sleep};
+use tokio::time::{Duration, sleep_until};
 use tracing::{error, info, warn};
 
 use crate::cli::RunArgs;
 use crate::datapath::{Datapath, LoadOptions, attach};
-use crate::model::Model;
-use crate::source::manifests::ManifestSource;
+use crate::model::{Model, Snapshot};
+use crate::source::{self, SourceState};
 use crate::sync::Syncer;
 
 /// How soon a failed sync is retried (as a full resync).
@@ -27,15 +28,96 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
-    let mut source = ManifestSource::new(&args.manifests);
-    let (_watcher, mut changes) = source
-        .watch()
-        .with_context(|| format!("watching {}", args.manifests.display()))?;
-    let mut syncer = Syncer::new();
+/// kube-proxy's BoundedFrequencyRunner: at most one sync per
+/// `min_interval` on average, with a burst of two so a change after a quiet
+/// period is applied at once.
+pub struct SyncLimiter {
+    min_interval: Duration,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
 
-    // First full sync, before anything is attached.
-    let mut model = load_model(&mut source, &args.node_name);
+const BURST_SYNCS: f64 = 2.0;
+
+impl SyncLimiter {
+    pub fn new(min_interval: Duration) -> Self {
+        SyncLimiter {
+            min_interval,
+            tokens: BURST_SYNCS,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: tokio::time::Instant) {
+        if self.min_interval.is_zero() {
+            self.tokens = BURST_SYNCS;
+        } else {
+            let gained = now.duration_since(self.last).as_secs_f64() / self.min_interval.as_secs_f64();
+            self.tokens = (self.tokens + gained).min(BURST_SYNCS);
+        }
+        self.last = now;
+    }
+
+    /// When the next sync may run.
+    pub fn next_allowed(&mut self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            now
+        } else {
+            now + self.min_interval.mul_f64(1.0 - self.tokens)
+        }
+    }
+
+    pub fn take(&mut self) {
+        self.refill(tokio::time::Instant::now());
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+}
+
+fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) -> anyhow::Result<()> {
+    match &args.manifests {
+        Some(path) => {
+            info!(path = %path.display(), "source: manifests");
+            let manifests = source::manifests::ManifestSource::new(path);
+            tokio::spawn(source::manifests::run(manifests, state, args.manifests_debounce));
+        }
+        None => {
+            let kubeconfig = args.kubeconfig.clone();
+            let node_name = node_name.to_string();
+            info!(kubeconfig = ?kubeconfig, "source: Kubernetes API");
+            tokio::spawn(async move {
+                match source::kube::client(kubeconfig.as_deref()).await {
+                    Ok(client) => source::kube::run(client, node_name, state).await,
+                    Err(e) => error!("cannot reach the Kubernetes API: {e:#}"),
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
+    let node_name = args.node_name();
+    let state = Arc::new(SourceState::default());
+    start_source(args, &node_name, state.clone())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+
+    // Nothing is programmed before the source has listed everything once.
+    let snapshot = loop {
+        if let Some(s) = state.snapshot() {
+            break s;
+        }
+        tokio::select! {
+            () = state.changed() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+    };
+    let mut syncer = Syncer::new();
+    let mut limiter = SyncLimiter::new(args.min_sync_period);
+    limiter.take();
+    let model = build_model(&snapshot, &node_name);
     syncer
         .sync(&mut datapath.maps, &model)
         .context("first sync of the datapath maps")?;
@@ -51,19 +133,30 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     }
     info!(interfaces = ?attacher.attached().collect::<Vec<_>>(), "ready");
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut retry_pending = false;
+    let mut pending = false;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut next_full = tokio::time::Instant::now() + args.sync_period;
     let result = loop {
+        let sync_at = if pending {
+            Some(retry_at.unwrap_or_else(|| limiter.next_allowed()))
+        } else {
+            None
+        };
         tokio::select! {
-            Some(()) = changes.recv() => {
-                // Debounce: let a burst of writes finish, then read once.
-                sleep(args.sync_debounce).await;
-                while changes.try_recv().is_ok() {}
-                model = load_model(&mut source, &args.node_name);
-                retry_pending = !sync_once(&mut syncer, datapath, &model);
+            () = state.changed() => pending = true,
+            () = sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)), if sync_at.is_some() => {
+                limiter.take();
+                let ok = match state.snapshot() {
+                    Some(snapshot) => sync_once(&mut syncer, datapath, &build_model(&snapshot, &node_name)),
+                    None => true,
+                };
+                pending = !ok;
+                retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
             }
-            () = sleep(RETRY_AFTER), if retry_pending => {
-                retry_pending = !sync_once(&mut syncer, datapath, &model);
+            () = sleep_until(next_full) => {
+                syncer.request_full_resync();
+                pending = true;
+                next_full = tokio::time::Instant::now() + args.sync_period;
             }
             Some(event) = links.recv() => {
                 let prog = datapath.ingress_program()?;
@@ -85,15 +178,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     result
 }
 
-fn load_model(source: &mut ManifestSource, node_name: &str) -> Model {
-    let (snapshot, errors) = source.load();
-    for e in &errors {
-        error!("invalid manifest: {e}");
-    }
+fn build_model(snapshot: &Snapshot, node_name: &str) -> Model {
     if !snapshot.nodes.is_empty() && !snapshot.nodes.iter().any(|n| n.name == node_name) {
-        warn!(node_name, "no Node object with this name in the manifests");
+        warn!(node_name, "no Node object with this name");
     }
-    let (model, warnings) = Model::build(&snapshot);
+    let (model, warnings) = Model::build(snapshot);
     for w in warnings {
         warn!("{w}");
     }
@@ -109,6 +198,7 @@ fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model) -> boo
                 upserted = report.upserted,
                 removed = report.removed,
                 full = report.full,
+                service_ports = model.services.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "synced"
             );

@@ -10,7 +10,7 @@
 //! If anything fails, the next sync is a full resync: every service port is
 //! written again and map entries nobody owns are swept.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use lb_common::{
@@ -59,9 +59,26 @@ pub trait DatapathMaps {
     fn reset_service_stats(&mut self, id: u32) -> Result<(), MapOpError>;
     /// Zeroes the counters of a newly allocated backend id.
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), MapOpError>;
-    fn service_keys(&self) -> Result<Vec<ServiceKey>, MapOpError>;
-    fn slot_keys(&self) -> Result<Vec<BackendSlotKey>, MapOpError>;
-    fn backend_ids(&self) -> Result<Vec<BackendId>, MapOpError>;
+    fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError>;
+    fn dump_slots(&self) -> Result<Vec<(BackendSlotKey, BackendId)>, MapOpError>;
+    fn dump_backends(&self) -> Result<Vec<(BackendId, Backend)>, MapOpError>;
+}
+
+/// What the maps hold, read once for a full resync.
+struct MapContents {
+    services: HashMap<ServiceKey, ServiceValue>,
+    slots: HashMap<BackendSlotKey, BackendId>,
+    backends: HashMap<BackendId, Backend>,
+}
+
+impl MapContents {
+    fn read(maps: &impl DatapathMaps) -> Result<Self, MapOpError> {
+        Ok(MapContents {
+            services: maps.dump_services()?.into_iter().collect(),
+            slots: maps.dump_slots()?.into_iter().collect(),
+            backends: maps.dump_backends()?.into_iter().collect(),
+        })
+    }
 }
 
 pub fn raw_addr(ip: IpAddr) -> RawAddr {
@@ -87,6 +104,9 @@ struct IdAllocator {
     limit: u32,
     next: u32,
     used: BTreeSet<u32>,
+    /// Highest id ever handed out: ids above it were never used, so their
+    /// counters are still zero.
+    high_water: u32,
     what: &'static str,
     hint: &'static str,
 }
@@ -97,12 +117,14 @@ impl IdAllocator {
             limit,
             next: 1,
             used: BTreeSet::new(),
+            high_water: 0,
             what,
             hint,
         }
     }
 
-    fn alloc(&mut self) -> Result<u32, SyncError> {
+    /// A free id, and whether it was used before (its counters need zeroing).
+    fn alloc(&mut self) -> Result<(u32, bool), SyncError> {
         if self.used.len() as u32 >= self.limit - 1 {
             return Err(SyncError::IdsExhausted {
                 what: self.what,
@@ -114,7 +136,9 @@ impl IdAllocator {
             let id = self.next;
             self.next = if self.next + 1 >= self.limit { 1 } else { self.next + 1 };
             if self.used.insert(id) {
-                return Ok(id);
+                let reused = id <= self.high_water;
+                self.high_water = self.high_water.max(id);
+                return Ok((id, reused));
             }
         }
     }
@@ -131,6 +155,43 @@ struct Programmed {
     revision: u32,
     slot_count: u32,
     backends: BTreeMap<Endpoint, BackendId>,
+}
+
+fn backend_value(ep: &Endpoint, proto: u8, service_id: u32) -> Backend {
+    Backend {
+        addr: raw_addr(ep.ip),
+        port: ep.port,
+        proto,
+        _pad: 0,
+        service_id,
+    }
+}
+
+impl Programmed {
+    fn value(&self) -> ServiceValue {
+        ServiceValue {
+            service_id: self.service_id,
+            revision: self.revision,
+            backend_count: self.slot_count,
+            flags: 0,
+        }
+    }
+
+    /// Do the maps hold exactly this service port as `sp` wants it?
+    fn is_in(&self, actual: &MapContents, sp: &ServicePort) -> bool {
+        let proto = sp.frontend.protocol.ip_proto();
+        self.backends.len() == sp.endpoints.len()
+            && actual.services.get(&service_key(&sp.frontend)) == Some(&self.value())
+            && self.backends.iter().enumerate().all(|(slot, (ep, id))| {
+                sp.endpoints.contains(ep)
+                    && actual.slots.get(&BackendSlotKey {
+                        service_id: self.service_id,
+                        revision: self.revision,
+                        slot: slot as u32,
+                    }) == Some(id)
+                    && actual.backends.get(id) == Some(&backend_value(ep, proto, self.service_id))
+            })
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -214,43 +275,58 @@ impl Syncer {
         first_error.map_or(Ok(report), Err)
     }
 
+    /// Compares the maps with the model: service ports whose entries all
+    /// match are left alone, the others are rewritten, and entries nobody
+    /// owns (left by a failed sync, or written by someone else) are deleted.
     fn full_resync(&mut self, maps: &mut impl DatapathMaps, model: &Model) -> Result<SyncReport, SyncError> {
-        info!(services = model.services.len(), "full resync");
+        let actual = MapContents::read(maps)?;
         let stale: Vec<Frontend> = self
             .programmed
             .keys()
             .filter(|f| !model.services.contains_key(f))
             .copied()
             .collect();
-        let changes = ChangeSet {
-            removed: stale,
-            upserted: model.services.values().cloned().collect(),
-        };
-        let report = self.apply(maps, changes, true)?;
-        self.sweep(maps)?;
+        let upserted = model
+            .services
+            .values()
+            .filter(|sp| self.programmed.get(&sp.frontend).is_none_or(|p| !p.is_in(&actual, sp)))
+            .cloned()
+            .collect::<Vec<_>>();
+        info!(
+            service_ports = model.services.len(),
+            rewrite = upserted.len(),
+            remove = stale.len(),
+            "full resync"
+        );
+        let report = self.apply(
+            maps,
+            ChangeSet {
+                removed: stale,
+                upserted,
+            },
+            true,
+        )?;
+        self.sweep(maps, &actual)?;
         Ok(report)
     }
 
-    /// Deletes map entries that no programmed service port owns (left by a
-    /// failed sync).
-    fn sweep(&mut self, maps: &mut impl DatapathMaps) -> Result<(), SyncError> {
+    /// Deletes the entries of `actual` that no programmed service port owns.
+    fn sweep(&mut self, maps: &mut impl DatapathMaps, actual: &MapContents) -> Result<(), SyncError> {
         let keys: BTreeSet<ServiceKey> = self.programmed.keys().map(service_key).collect();
-        for k in maps.service_keys()? {
-            if !keys.contains(&k) {
-                maps.delete_service(&k)?;
-            }
+        for k in actual.services.keys().filter(|k| !keys.contains(k)) {
+            maps.delete_service(k)?;
         }
         let live: BTreeMap<u32, (u32, u32)> = self
             .programmed
             .values()
             .map(|p| (p.service_id, (p.revision, p.slot_count)))
             .collect();
-        for k in maps.slot_keys()? {
+        for k in actual.slots.keys() {
             if live
                 .get(&k.service_id)
                 .is_none_or(|&(rev, n)| k.revision != rev || k.slot >= n)
             {
-                maps.delete_slot(&k)?;
+                maps.delete_slot(k)?;
             }
         }
         let backends: BTreeSet<BackendId> = self
@@ -258,12 +334,15 @@ impl Syncer {
             .values()
             .flat_map(|p| p.backends.values().copied())
             .collect();
-        for id in maps.backend_ids()? {
-            if !backends.contains(&id) {
-                maps.delete_backend(id)?;
-            }
+        for &id in actual.backends.keys().filter(|id| !backends.contains(id)) {
+            maps.delete_backend(id)?;
         }
         Ok(())
+    }
+
+    /// The next sync compares everything with the maps (the periodic resync).
+    pub fn request_full_resync(&mut self) {
+        self.needs_full_resync = true;
     }
 
     fn remove(&mut self, maps: &mut impl DatapathMaps, f: &Frontend) -> Result<(), SyncError> {
@@ -329,9 +408,11 @@ impl Syncer {
         let service_id = match old {
             Some(p) => p.service_id,
             None => {
-                let id = self.service_ids.alloc()?;
+                let (id, reused) = self.service_ids.alloc()?;
                 fresh_ids.push((true, id));
-                maps.reset_service_stats(id)?;
+                if reused {
+                    maps.reset_service_stats(id)?;
+                }
                 id
             }
         };
@@ -341,9 +422,11 @@ impl Syncer {
             let (id, is_new) = match old.and_then(|p| p.backends.get(ep)) {
                 Some(&id) => (id, false),
                 None => {
-                    let id = self.backend_ids.alloc()?;
+                    let (id, reused) = self.backend_ids.alloc()?;
                     fresh_ids.push((false, id));
-                    maps.reset_backend_stats(id)?;
+                    if reused {
+                        maps.reset_backend_stats(id)?;
+                    }
                     (id, true)
                 }
             };
@@ -371,13 +454,13 @@ impl Syncer {
                 id,
             )?;
         }
-        let value = ServiceValue {
+        let programmed = Programmed {
             service_id,
             revision,
-            backend_count: backends.len() as u32,
-            flags: 0,
+            slot_count: backends.len() as u32,
+            backends,
         };
-        maps.put_service(&service_key(&sp.frontend), &value)?;
+        maps.put_service(&service_key(&sp.frontend), &programmed.value())?;
 
         // The new list is live: retire the old one.
         if let Some(p) = old {
@@ -389,19 +472,14 @@ impl Syncer {
                 })?;
             }
             for (ep, &id) in &p.backends {
-                if !backends.contains_key(ep) {
+                if !programmed.backends.contains_key(ep) {
                     maps.delete_backend(id)?;
                     self.backend_ids.free(id);
                 }
             }
         }
-        debug!(service = %sp.name, frontend = %sp.frontend, backends = backends.len(), revision, "service port programmed");
-        Ok(Programmed {
-            service_id,
-            revision,
-            slot_count: backends.len() as u32,
-            backends,
-        })
+        debug!(service = %sp.name, frontend = %sp.frontend, backends = programmed.slot_count, revision, "service port programmed");
+        Ok(programmed)
     }
 }
 
@@ -513,14 +591,14 @@ mod tests {
         fn reset_backend_stats(&mut self, _: BackendId) -> Result<(), MapOpError> {
             Ok(())
         }
-        fn service_keys(&self) -> Result<Vec<ServiceKey>, MapOpError> {
-            Ok(self.services.keys().copied().collect())
+        fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError> {
+            Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
         }
-        fn slot_keys(&self) -> Result<Vec<BackendSlotKey>, MapOpError> {
-            Ok(self.slots.keys().copied().collect())
+        fn dump_slots(&self) -> Result<Vec<(BackendSlotKey, BackendId)>, MapOpError> {
+            Ok(self.slots.iter().map(|(k, v)| (*k, *v)).collect())
         }
-        fn backend_ids(&self) -> Result<Vec<BackendId>, MapOpError> {
-            Ok(self.backends.keys().copied().collect())
+        fn dump_backends(&self) -> Result<Vec<(BackendId, Backend)>, MapOpError> {
+            Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
         }
     }
 
@@ -638,6 +716,41 @@ mod tests {
     }
 
     #[test]
+    fn periodic_full_resync_repairs_only_what_differs() {
+        let (a, b) = (frontend("198.19.0.10", 80), frontend("198.19.0.11", 80));
+        let m = model(&[(a, &["198.18.1.1", "198.18.1.2"]), (b, &["198.18.1.3"])]);
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut maps, &m).unwrap();
+        let r = syncer.sync(&mut maps, &m).unwrap();
+        assert_eq!(
+            r,
+            SyncReport {
+                upserted: 0,
+                removed: 0,
+                full: false
+            }
+        );
+
+        // Someone changes a backend of b behind the agent's back.
+        let id = syncer.programmed[&b].backends.values().next().copied().unwrap();
+        maps.backends.get_mut(&id).unwrap().port = 9999;
+        syncer.request_full_resync();
+        let r = syncer.sync(&mut maps, &m).unwrap();
+        assert_eq!(
+            r,
+            SyncReport {
+                upserted: 1,
+                removed: 0,
+                full: true
+            },
+            "only b is rewritten"
+        );
+        assert_eq!(maps.resolve(&b), eps(&["198.18.1.3"]));
+        assert_eq!(maps.resolve(&a), eps(&["198.18.1.1", "198.18.1.2"]));
+    }
+
+    #[test]
     fn full_resync_sweeps_entries_nobody_owns() {
         let a = frontend("198.19.0.10", 80);
         let mut maps = FakeMaps::default();
@@ -668,10 +781,14 @@ mod tests {
     #[test]
     fn id_allocator_reports_exhaustion_and_reuses_late() {
         let mut ids = IdAllocator::new(4, "test ids", "hint");
-        assert_eq!((ids.alloc().unwrap(), ids.alloc().unwrap()), (1, 2));
+        assert_eq!((ids.alloc().unwrap(), ids.alloc().unwrap()), ((1, false), (2, false)));
         ids.free(1);
-        assert_eq!(ids.alloc().unwrap(), 3, "next-fit: the freed id waits");
-        assert_eq!(ids.alloc().unwrap(), 1);
+        assert_eq!(ids.alloc().unwrap(), (3, false), "next-fit: the freed id waits");
+        assert_eq!(
+            ids.alloc().unwrap(),
+            (1, true),
+            "a reused id is reported for counter reset"
+        );
         assert!(matches!(ids.alloc(), Err(SyncError::IdsExhausted { limit: 3, .. })));
     }
 }

@@ -114,10 +114,20 @@ fn zeroed_per_cpu<T: aya::Pod + Default>(map: &'static str) -> Result<PerCpuValu
     PerCpuValues::try_from(vec![T::default(); n]).map_err(|e| err(e.to_string()))
 }
 
-fn keys<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<Vec<K>, MapOpError> {
-    map.keys()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(op_err(name, "iterate"))
+/// Every entry. An entry deleted between listing and reading is skipped.
+pub fn dump<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapOpError> {
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok(kv) => out.push(kv),
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(op_err(name, "iterate")(e)),
+        }
+    }
+    Ok(out)
 }
 
 impl DatapathMaps for BpfMaps {
@@ -157,13 +167,13 @@ impl DatapathMaps for BpfMaps {
             .set(id, zero, 0)
             .map_err(op_err(map_names::BACKEND_STATS, "reset"))
     }
-    fn service_keys(&self) -> Result<Vec<ServiceKey>, MapOpError> {
-        keys(&self.services, map_names::SERVICES)
+    fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError> {
+        dump(&self.services, map_names::SERVICES)
     }
-    fn slot_keys(&self) -> Result<Vec<BackendSlotKey>, MapOpError> {
-        keys(&self.slots, map_names::BACKEND_SLOTS)
+    fn dump_slots(&self) -> Result<Vec<(BackendSlotKey, BackendId)>, MapOpError> {
+        dump(&self.slots, map_names::BACKEND_SLOTS)
     }
-    fn backend_ids(&self) -> Result<Vec<BackendId>, MapOpError> {
-        keys(&self.backends, map_names::BACKENDS)
+    fn dump_backends(&self) -> Result<Vec<(BackendId, Backend)>, MapOpError> {
+        dump(&self.backends, map_names::BACKENDS)
     }
 }

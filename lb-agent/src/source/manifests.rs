@@ -328,6 +328,36 @@ fn parse_object(doc: &Value) -> Result<Option<(ObjectRef, Object)>, ObjectError>
     Ok(Some((r, obj)))
 }
 
+/// Reads the manifests now and after every change under the path, and
+/// keeps `state` equal to what they say. Errors are logged per document.
+pub async fn run(mut source: ManifestSource, state: std::sync::Arc<super::SourceState>, debounce: std::time::Duration) {
+    let watch = source.watch();
+    let publish = |source: &mut ManifestSource| {
+        let (snapshot, errors) = source.load();
+        for e in &errors {
+            tracing::error!("invalid manifest: {e}");
+        }
+        state.replace_all(snapshot);
+    };
+    publish(&mut source);
+    let (_watcher, mut changes) = match watch {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(
+                "cannot watch {}: {e:#}; changes will not be seen",
+                source.path().display()
+            );
+            return;
+        }
+    };
+    while changes.recv().await.is_some() {
+        // Let a burst of writes finish, then read once.
+        tokio::time::sleep(debounce).await;
+        while changes.try_recv().is_ok() {}
+        publish(&mut source);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

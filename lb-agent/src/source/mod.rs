@@ -1,2 +1,130 @@
-//! Where objects come from. Every source produces a `model::Snapshot`.
+//! Where objects come from. A source task keeps a `SourceState` current —
+//! the manifests source by replacing everything after each read, the
+//! Kubernetes source object by object from its watches — and signals a
+//! change; sync takes a `Snapshot` from it when it runs (kube-proxy's
+//! change trackers + BoundedFrequencyRunner, in that order).
+
+pub mod kube;
 pub mod manifests;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use crate::model::{NodeSpec, ServiceSpec, SliceSpec, Snapshot};
+
+/// namespace/name of an object.
+pub type ObjectKey = (String, String);
+
+#[derive(Default)]
+struct Stores {
+    synced: bool,
+    services: BTreeMap<ObjectKey, ServiceSpec>,
+    slices: BTreeMap<ObjectKey, SliceSpec>,
+    nodes: BTreeMap<String, NodeSpec>,
+}
+
+/// The objects a source has seen, shared with the sync loop.
+#[derive(Default)]
+pub struct SourceState {
+    stores: Mutex<Stores>,
+    changed: Notify,
+}
+
+/// One object added/changed or removed.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Service(ObjectKey, Option<ServiceSpec>),
+    Slice(ObjectKey, Option<SliceSpec>),
+    Node(String, Option<NodeSpec>),
+}
+
+fn set<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(v) => map.insert(key, v),
+        None => map.remove(&key),
+    };
+}
+
+impl SourceState {
+    fn stores(&self) -> std::sync::MutexGuard<'_, Stores> {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces every object (a complete read) and marks the state synced.
+    pub fn replace_all(&self, snapshot: Snapshot) {
+        {
+            let mut s = self.stores();
+            s.services = snapshot
+                .services
+                .into_iter()
+                .map(|x| ((x.namespace.clone(), x.name.clone()), x))
+                .collect();
+            s.slices = snapshot
+                .slices
+                .into_iter()
+                .map(|x| ((x.namespace.clone(), x.name.clone()), x))
+                .collect();
+            s.nodes = snapshot.nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+            s.synced = true;
+        }
+        self.changed.notify_one();
+    }
+
+    /// Applies changes; they count once the state is synced.
+    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) {
+        {
+            let mut s = self.stores();
+            for change in changes {
+                match change {
+                    Change::Service(k, v) => set(&mut s.services, k, v),
+                    Change::Slice(k, v) => set(&mut s.slices, k, v),
+                    Change::Node(k, v) => set(&mut s.nodes, k, v),
+                }
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    /// Replaces all objects of one kind (a relist) in one step, so a
+    /// relist never shows a half-empty state to sync.
+    pub fn replace_kind(&self, kind: Kind, changes: Vec<Change>) {
+        {
+            let mut s = self.stores();
+            match kind {
+                Kind::Service => s.services.clear(),
+                Kind::Slice => s.slices.clear(),
+                Kind::Node => s.nodes.clear(),
+            }
+        }
+        self.apply(changes);
+    }
+
+    pub fn mark_synced(&self) {
+        self.stores().synced = true;
+        self.changed.notify_one();
+    }
+
+    /// The current objects, or None before the first complete list.
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        let s = self.stores();
+        s.synced.then(|| Snapshot {
+            services: s.services.values().cloned().collect(),
+            slices: s.slices.values().cloned().collect(),
+            nodes: s.nodes.values().cloned().collect(),
+        })
+    }
+
+    /// Completes after a change (changes made before the call count too).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Service,
+    Slice,
+    Node,
+}
