@@ -5,7 +5,7 @@
 //! Kubernetes objects (API defaults applied); every source produces them, so
 //! the manifests source and the Kubernetes source share the semantics here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -100,7 +100,16 @@ pub struct ServiceSpec {
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortSpec>,
     pub skip: Option<Skip>,
+    /// `internalTrafficPolicy: Local`: cluster-internal traffic only to this node's endpoints.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` (used by NodePort/LoadBalancer).
+    pub external_local: bool,
+    /// `sessionAffinity: ClientIP` timeout in seconds (0: no affinity).
+    pub affinity_timeout: u32,
 }
+
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 fn port_number(field: &str, value: i32) -> Result<u16, FieldError> {
     u16::try_from(value)
@@ -201,12 +210,46 @@ impl ServiceSpec {
         if ports.is_empty() && skip.is_none() {
             return Err(field_err("spec.ports", "a service needs at least one port"));
         }
+        let affinity_timeout = match spec.session_affinity.as_deref() {
+            None | Some("None") => 0,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
+                u32::try_from(timeout)
+                    .ok()
+                    .filter(|t| (1..=86_400).contains(t))
+                    .ok_or_else(|| {
+                        field_err(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!("{timeout} is outside 1-86400"),
+                        )
+                    })?
+            }
+            Some(other) => {
+                return Err(field_err(
+                    "spec.sessionAffinity",
+                    format!("unknown value {other:?} (None or ClientIP)"),
+                ));
+            }
+        };
+        let policy = |field: &str, value: &Option<String>| match value.as_deref() {
+            None | Some("Cluster") => Ok(false),
+            Some("Local") => Ok(true),
+            Some(other) => Err(field_err(field, format!("unknown policy {other:?} (Cluster or Local)"))),
+        };
         Ok(ServiceSpec {
             namespace,
             name,
             cluster_ips,
             ports,
             skip,
+            internal_local: policy("spec.internalTrafficPolicy", &spec.internal_traffic_policy)?,
+            external_local: policy("spec.externalTrafficPolicy", &spec.external_traffic_policy)?,
+            affinity_timeout,
         })
     }
 }
@@ -227,6 +270,9 @@ pub struct EndpointSpec {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// Topology hints: zones / nodes this endpoint should serve.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -288,16 +334,18 @@ impl SliceSpec {
                     format!("{address} does not match addressType {}", slice.address_type),
                 ));
             }
-            // API semantics: unset `ready` means ready; unset `serving`
-            // follows `ready`; unset `terminating` means not terminating.
+            // As kube-proxy reads them: unset `ready` and `serving` mean
+            // true, unset `terminating` means false.
             let cond = e.conditions.clone().unwrap_or_default();
-            let ready = cond.ready.unwrap_or(true);
+            let hints = e.hints.clone().unwrap_or_default();
             endpoints.push(EndpointSpec {
                 address,
-                ready,
-                serving: cond.serving.unwrap_or(ready),
+                ready: cond.ready.unwrap_or(true),
+                serving: cond.serving.unwrap_or(true),
                 terminating: cond.terminating.unwrap_or(false),
                 node_name: e.node_name.clone(),
+                zone_hints: hints.for_zones.into_iter().flatten().map(|z| z.name).collect(),
+                node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
             });
         }
         Ok(Some(SliceSpec {
@@ -314,7 +362,11 @@ impl SliceSpec {
 pub struct NodeSpec {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
 }
+
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 impl NodeSpec {
     pub fn from_k8s(node: &Node) -> Result<Self, FieldError> {
@@ -334,7 +386,8 @@ impl NodeSpec {
                 addresses.push(parse_ip(&format!("status.addresses[{i}].address"), &a.address)?);
             }
         }
-        Ok(NodeSpec { name, addresses })
+        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
+        Ok(NodeSpec { name, addresses, zone })
     }
 }
 
@@ -385,6 +438,8 @@ pub struct ServicePort {
     pub name: String,
     pub frontend: Frontend,
     pub endpoints: BTreeSet<Endpoint>,
+    /// ClientIP session affinity timeout in seconds (0: none).
+    pub affinity_timeout: u32,
 }
 
 /// Why an object contributed nothing; logged, not fatal.
@@ -402,23 +457,58 @@ pub struct Model {
     pub services: BTreeMap<Frontend, ServicePort>,
 }
 
+/// Where the model is built: the node's name and zone decide which
+/// endpoints are local and which topology hints apply.
+#[derive(Clone, Debug, Default)]
+pub struct NodeContext {
+    pub name: String,
+    pub zone: Option<String>,
+}
+
+impl NodeContext {
+    /// The node named `name`, with its zone from the snapshot's Node object.
+    pub fn from_snapshot(name: &str, snapshot: &Snapshot) -> Self {
+        let zone = snapshot
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .and_then(|n| n.zone.clone());
+        NodeContext {
+            name: name.to_string(),
+            zone,
+        }
+    }
+}
+
 impl Model {
-    /// Builds the model with kube-proxy's endpoint rules: slices merged and
-    /// de-duplicated, slice ports matched to service ports by name and
-    /// protocol, ready endpoints used, and serving+terminating ones only when
-    /// no endpoint is ready (KEP-1669).
-    pub fn build(snapshot: &Snapshot) -> (Model, Vec<ModelWarning>) {
+    /// Builds the model with kube-proxy's endpoint rules (pkg/proxy
+    /// endpointslicecache + topology.go): slices merged and de-duplicated,
+    /// slice ports matched to service ports by name and protocol, ready
+    /// endpoints used and serving+terminating ones only when none is ready
+    /// (KEP-1669), topology hints when every ready endpoint has them, and
+    /// `internalTrafficPolicy: Local` limited to this node's endpoints.
+    pub fn build(snapshot: &Snapshot, node: &NodeContext) -> (Model, Vec<ModelWarning>) {
         let mut model = Model::default();
         let mut warnings = Vec::new();
+        let mut slices_of: HashMap<(&str, &str), Vec<&SliceSpec>> = HashMap::new();
+        for slice in &snapshot.slices {
+            slices_of
+                .entry((&slice.namespace, &slice.service_name))
+                .or_default()
+                .push(slice);
+        }
+        for slices in slices_of.values_mut() {
+            // kube-proxy reads a service's slices in name order; the first
+            // mention of an endpoint wins (a local one is preferred).
+            slices.sort_by(|a, b| a.name.cmp(&b.name));
+        }
         for svc in &snapshot.services {
             if svc.skip.is_some() {
                 continue;
             }
-            let slices: Vec<&SliceSpec> = snapshot
-                .slices
-                .iter()
-                .filter(|s| s.namespace == svc.namespace && s.service_name == svc.name)
-                .collect();
+            let slices = slices_of
+                .get(&(svc.namespace.as_str(), svc.name.as_str()))
+                .map_or(&[][..], Vec::as_slice);
             for sp in &svc.ports {
                 let name = format!("{}/{}:{}", svc.namespace, svc.name, sp.name);
                 if sp.protocol == Protocol::Sctp {
@@ -439,7 +529,6 @@ impl Model {
                         port: sp.port,
                         protocol: sp.protocol,
                     };
-                    let endpoints = endpoints_for(sp, ip.is_ipv4(), &slices);
                     if let Some(existing) = model.services.get(&frontend) {
                         warnings.push(ModelWarning(format!(
                             "{name}: frontend {frontend} is already used by {}; ignored",
@@ -447,12 +536,19 @@ impl Model {
                         )));
                         continue;
                     }
+                    let candidates = merged_endpoints(sp, ip.is_ipv4(), slices, &node.name);
+                    let endpoints = if svc.internal_local {
+                        local_endpoints(&candidates)
+                    } else {
+                        cluster_endpoints(&candidates, node)
+                    };
                     model.services.insert(
                         frontend,
                         ServicePort {
                             name: name.clone(),
                             frontend,
                             endpoints,
+                            affinity_timeout: svc.affinity_timeout,
                         },
                     );
                 }
@@ -462,9 +558,21 @@ impl Model {
     }
 }
 
-fn endpoints_for(sp: &ServicePortSpec, want_v4: bool, slices: &[&SliceSpec]) -> BTreeSet<Endpoint> {
-    let mut ready = BTreeSet::new();
-    let mut fallback = BTreeSet::new();
+/// One endpoint of a service port after merging its slices.
+#[derive(Clone, Debug)]
+struct Candidate<'a> {
+    endpoint: Endpoint,
+    spec: &'a EndpointSpec,
+    local: bool,
+}
+
+fn merged_endpoints<'a>(
+    sp: &ServicePortSpec,
+    want_v4: bool,
+    slices: &[&'a SliceSpec],
+    node_name: &str,
+) -> Vec<Candidate<'a>> {
+    let mut merged: BTreeMap<Endpoint, Candidate<'a>> = BTreeMap::new();
     for slice in slices {
         let Some(slice_port) = slice
             .ports
@@ -482,57 +590,160 @@ fn endpoints_for(sp: &ServicePortSpec, want_v4: bool, slices: &[&SliceSpec]) -> 
             if e.address.is_ipv4() != want_v4 {
                 continue;
             }
-            let ep = Endpoint { ip: e.address, port };
-            if e.ready {
-                ready.insert(ep);
-            } else if e.serving && e.terminating {
-                fallback.insert(ep);
+            let endpoint = Endpoint { ip: e.address, port };
+            let local = e.node_name.as_deref() == Some(node_name);
+            if local || !merged.contains_key(&endpoint) {
+                merged.insert(
+                    endpoint,
+                    Candidate {
+                        endpoint,
+                        spec: e,
+                        local,
+                    },
+                );
             }
         }
     }
-    if ready.is_empty() { fallback } else { ready }
+    merged.into_values().collect()
+}
+
+fn select(candidates: &[Candidate<'_>], keep: impl Fn(&Candidate<'_>) -> bool) -> BTreeSet<Endpoint> {
+    candidates.iter().filter(|c| keep(c)).map(|c| c.endpoint).collect()
+}
+
+/// Ready endpoints (within the topology, if hints apply), else
+/// serving+terminating ones.
+fn cluster_endpoints(candidates: &[Candidate<'_>], node: &NodeContext) -> BTreeSet<Endpoint> {
+    let topology = topology_mode(candidates, node);
+    let ready = select(candidates, |c| c.spec.ready && topology.admits(c.spec, node));
+    if !ready.is_empty() {
+        return ready;
+    }
+    select(candidates, |c| c.spec.serving && c.spec.terminating)
+}
+
+/// This node's ready endpoints, else its serving+terminating ones.
+fn local_endpoints(candidates: &[Candidate<'_>]) -> BTreeSet<Endpoint> {
+    let ready = select(candidates, |c| c.local && c.spec.ready);
+    if !ready.is_empty() {
+        return ready;
+    }
+    select(candidates, |c| c.local && c.spec.serving && c.spec.terminating)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    fn admits(self, e: &EndpointSpec, node: &NodeContext) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => e.node_hints.contains(&node.name),
+            Topology::SameZone => node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+        }
+    }
+}
+
+/// kube-proxy's topologyModeFromHints: hints count only when every ready
+/// endpoint carries them and at least one names this node (or its zone).
+fn topology_mode(candidates: &[Candidate<'_>], node: &NodeContext) -> Topology {
+    let ready: Vec<&EndpointSpec> = candidates.iter().filter(|c| c.spec.ready).map(|c| c.spec).collect();
+    if ready.is_empty() {
+        return Topology::Any;
+    }
+    if ready.iter().all(|e| !e.node_hints.is_empty()) && ready.iter().any(|e| e.node_hints.contains(&node.name)) {
+        return Topology::SameNode;
+    }
+    if let Some(zone) = &node.zone
+        && ready.iter().all(|e| !e.zone_hints.is_empty())
+        && ready.iter().any(|e| e.zone_hints.contains(zone))
+    {
+        return Topology::SameZone;
+    }
+    Topology::Any
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn svc(name: &str, ip: &str, ports: Vec<ServicePortSpec>) -> ServiceSpec {
+    const VIP: &str = "198.19.0.10";
+    const NODE: &str = "node-1";
+
+    fn svc(ports: Vec<ServicePortSpec>) -> ServiceSpec {
         ServiceSpec {
             namespace: "net-test".into(),
-            name: name.into(),
-            cluster_ips: vec![ip.parse().unwrap()],
+            name: "web".into(),
+            cluster_ips: vec![VIP.parse().unwrap()],
             ports,
             skip: None,
+            internal_local: false,
+            external_local: false,
+            affinity_timeout: 0,
         }
     }
 
-    fn port(name: &str, port: u16, protocol: Protocol, target: u16) -> ServicePortSpec {
+    fn port(name: &str, port: u16, protocol: Protocol, target: TargetPort) -> ServicePortSpec {
         ServicePortSpec {
             name: name.into(),
             port,
             protocol,
-            target_port: TargetPort::Number(target),
+            target_port: target,
         }
     }
 
-    fn ep(ip: &str, ready: bool, serving: bool, terminating: bool) -> EndpointSpec {
-        EndpointSpec {
-            address: ip.parse().unwrap(),
-            ready,
-            serving,
-            terminating,
-            node_name: None,
+    fn http() -> ServicePortSpec {
+        port("http", 8080, Protocol::Tcp, TargetPort::Number(80))
+    }
+
+    /// An endpoint: ready unless told otherwise, on `node`.
+    #[derive(Clone)]
+    struct Ep(EndpointSpec);
+
+    impl Ep {
+        fn new(ip: &str, node: &str) -> Self {
+            Ep(EndpointSpec {
+                address: ip.parse().unwrap(),
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: Some(node.into()),
+                zone_hints: vec![],
+                node_hints: vec![],
+            })
+        }
+        fn not_ready(mut self) -> Self {
+            self.0.ready = false;
+            self.0.serving = false;
+            self
+        }
+        fn terminating(mut self, serving: bool) -> Self {
+            self.0.ready = false;
+            self.0.serving = serving;
+            self.0.terminating = true;
+            self
+        }
+        fn zones(mut self, zones: &[&str]) -> Self {
+            self.0.zone_hints = zones.iter().map(|z| z.to_string()).collect();
+            self
+        }
+        fn nodes(mut self, nodes: &[&str]) -> Self {
+            self.0.node_hints = nodes.iter().map(|z| z.to_string()).collect();
+            self
         }
     }
 
-    fn slice(name: &str, svc: &str, ports: Vec<SlicePort>, endpoints: Vec<EndpointSpec>) -> SliceSpec {
+    fn slice(name: &str, ports: Vec<SlicePort>, eps: Vec<Ep>) -> SliceSpec {
         SliceSpec {
             namespace: "net-test".into(),
             name: name.into(),
-            service_name: svc.into(),
+            service_name: "web".into(),
             ports,
-            endpoints,
+            endpoints: eps.into_iter().map(|e| e.0).collect(),
         }
     }
 
@@ -544,122 +755,404 @@ mod tests {
         }
     }
 
-    fn endpoints(model: &Model, fe: &str, port: u16, protocol: Protocol) -> Vec<String> {
-        let f = Frontend {
-            ip: fe.parse().unwrap(),
-            port,
-            protocol,
-        };
-        model.services[&f].endpoints.iter().map(|e| e.to_string()).collect()
+    fn http_slice(name: &str, eps: Vec<Ep>) -> SliceSpec {
+        slice(name, vec![sport("http", Some(80), Protocol::Tcp)], eps)
+    }
+
+    struct Case {
+        name: &'static str,
+        service: ServiceSpec,
+        slices: Vec<SliceSpec>,
+        zone: Option<&'static str>,
+        /// Frontend port and protocol looked at.
+        frontend: (u16, Protocol),
+        /// Endpoints programmed for it; None: no frontend at all.
+        want: Option<Vec<&'static str>>,
+    }
+
+    fn case(name: &'static str, slices: Vec<SliceSpec>, want: &[&'static str]) -> Case {
+        Case {
+            name,
+            service: svc(vec![http()]),
+            slices,
+            zone: None,
+            frontend: (8080, Protocol::Tcp),
+            want: Some(want.to_vec()),
+        }
     }
 
     #[test]
-    fn merges_slices_dedups_and_matches_ports_by_name() {
-        let snap = Snapshot {
-            services: vec![svc(
-                "web",
-                "198.19.0.10",
+    fn endpoint_selection_follows_kube_proxy() {
+        let local_svc = ServiceSpec {
+            internal_local: true,
+            ..svc(vec![http()])
+        };
+        let mut cases = vec![
+            case(
+                "ready endpoints of all slices, de-duplicated",
                 vec![
-                    port("http", 8080, Protocol::Tcp, 80),
-                    port("dns", 53, Protocol::Udp, 5353),
+                    http_slice(
+                        "web-a",
+                        vec![Ep::new("198.18.1.1", NODE), Ep::new("198.18.1.2", "node-2")],
+                    ),
+                    http_slice(
+                        "web-b",
+                        vec![Ep::new("198.18.1.2", "node-2"), Ep::new("198.18.1.3", "node-2")],
+                    ),
                 ],
+                &["198.18.1.1:80", "198.18.1.2:80", "198.18.1.3:80"],
+            ),
+            case(
+                "not-ready endpoints are left out",
+                vec![http_slice(
+                    "s",
+                    vec![Ep::new("198.18.1.1", NODE), Ep::new("198.18.1.2", NODE).not_ready()],
+                )],
+                &["198.18.1.1:80"],
+            ),
+            case(
+                "terminating endpoints are not used while one is ready",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE),
+                        Ep::new("198.18.1.2", NODE).terminating(true),
+                    ],
+                )],
+                &["198.18.1.1:80"],
+            ),
+            case(
+                "none ready: serving+terminating ones are used (KEP-1669)",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE).not_ready(),
+                        Ep::new("198.18.1.2", NODE).terminating(true),
+                        Ep::new("198.18.1.3", NODE).terminating(false),
+                    ],
+                )],
+                &["198.18.1.2:80"],
+            ),
+            case("no endpoints at all: the frontend exists with none", vec![], &[]),
+            case(
+                "slice ports are matched by name, the number comes from the slice",
+                vec![slice(
+                    "s",
+                    vec![
+                        sport("metrics", Some(9100), Protocol::Tcp),
+                        sport("http", Some(8000), Protocol::Tcp),
+                    ],
+                    vec![Ep::new("198.18.1.1", NODE)],
+                )],
+                &["198.18.1.1:8000"],
+            ),
+            case(
+                "a slice port of another protocol does not match",
+                vec![slice(
+                    "s",
+                    vec![sport("http", Some(80), Protocol::Udp)],
+                    vec![Ep::new("198.18.1.1", NODE)],
+                )],
+                &[],
+            ),
+            case(
+                "IPv6 endpoints do not serve an IPv4 frontend",
+                vec![http_slice(
+                    "s",
+                    vec![Ep::new("fd00::1", NODE), Ep::new("198.18.1.1", NODE)],
+                )],
+                &["198.18.1.1:80"],
+            ),
+        ];
+        cases.push(Case {
+            name: "slice port without number: the service's numeric targetPort",
+            slices: vec![slice(
+                "s",
+                vec![sport("http", None, Protocol::Tcp)],
+                vec![Ep::new("198.18.1.1", NODE)],
             )],
-            slices: vec![
-                slice(
-                    "web-a",
-                    "web",
-                    vec![
-                        sport("http", Some(80), Protocol::Tcp),
-                        sport("dns", Some(5353), Protocol::Udp),
-                    ],
-                    vec![
-                        ep("198.18.1.11", true, true, false),
-                        ep("198.18.1.12", true, true, false),
-                    ],
-                ),
-                slice(
-                    "web-b",
-                    "web",
-                    vec![sport("http", Some(80), Protocol::Tcp)],
-                    vec![
-                        ep("198.18.1.12", true, true, false),
-                        ep("198.18.1.13", true, true, false),
-                    ],
-                ),
-                slice(
-                    "other",
-                    "other",
-                    vec![sport("http", Some(81), Protocol::Tcp)],
-                    vec![ep("198.18.9.9", true, true, false)],
-                ),
-            ],
-            nodes: vec![],
-        };
-        let (model, warnings) = Model::build(&snap);
-        assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(
-            endpoints(&model, "198.19.0.10", 8080, Protocol::Tcp),
-            ["198.18.1.11:80", "198.18.1.12:80", "198.18.1.13:80"]
-        );
-        assert_eq!(
-            endpoints(&model, "198.19.0.10", 53, Protocol::Udp),
-            ["198.18.1.11:5353", "198.18.1.12:5353"]
-        );
-    }
-
-    #[test]
-    fn not_ready_endpoints_are_left_out_and_terminating_serve_only_as_fallback() {
-        let mk = |eps| Snapshot {
-            services: vec![svc("web", "198.19.0.10", vec![port("", 80, Protocol::Tcp, 80)])],
-            slices: vec![slice("s", "web", vec![sport("", None, Protocol::Tcp)], eps)],
-            nodes: vec![],
-        };
-        let (m, _) = Model::build(&mk(vec![
-            ep("198.18.1.11", true, true, false),
-            ep("198.18.1.12", false, false, false),
-            ep("198.18.1.13", false, true, true),
-        ]));
-        assert_eq!(endpoints(&m, "198.19.0.10", 80, Protocol::Tcp), ["198.18.1.11:80"]);
-        let (m, _) = Model::build(&mk(vec![
-            ep("198.18.1.12", false, false, false),
-            ep("198.18.1.13", false, true, true),
-        ]));
-        assert_eq!(endpoints(&m, "198.19.0.10", 80, Protocol::Tcp), ["198.18.1.13:80"]);
-    }
-
-    #[test]
-    fn skipped_and_unsupported_services_produce_no_frontend() {
-        let mut headless = svc("h", "198.19.0.1", vec![port("", 80, Protocol::Tcp, 80)]);
-        headless.skip = Some(Skip::Headless);
-        let sctp = svc("s", "198.19.0.2", vec![port("", 80, Protocol::Sctp, 80)]);
-        let (m, w) = Model::build(&Snapshot {
-            services: vec![headless, sctp],
-            ..Default::default()
+            service: svc(vec![port("http", 8080, Protocol::Tcp, TargetPort::Number(8081))]),
+            ..case("", vec![], &["198.18.1.1:8081"])
         });
-        assert!(m.services.is_empty());
-        assert_eq!(w.len(), 1, "{w:?}");
+        cases.push(Case {
+            name: "slice port without number and a named targetPort: unresolvable",
+            slices: vec![slice(
+                "s",
+                vec![sport("http", None, Protocol::Tcp)],
+                vec![Ep::new("198.18.1.1", NODE)],
+            )],
+            service: svc(vec![port("http", 8080, Protocol::Tcp, TargetPort::Name("web".into()))]),
+            ..case("", vec![], &[])
+        });
+        cases.push(Case {
+            name: "internalTrafficPolicy Local: only this node's endpoints",
+            service: local_svc.clone(),
+            ..case(
+                "",
+                vec![http_slice(
+                    "s",
+                    vec![Ep::new("198.18.1.1", NODE), Ep::new("198.18.1.2", "node-2")],
+                )],
+                &["198.18.1.1:80"],
+            )
+        });
+        cases.push(Case {
+            name: "internalTrafficPolicy Local without a local endpoint: none (drop)",
+            service: local_svc.clone(),
+            ..case("", vec![http_slice("s", vec![Ep::new("198.18.1.2", "node-2")])], &[])
+        });
+        cases.push(Case {
+            name: "internalTrafficPolicy Local falls back to local serving+terminating",
+            service: local_svc,
+            ..case(
+                "",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE).terminating(true),
+                        Ep::new("198.18.1.2", "node-2"),
+                    ],
+                )],
+                &["198.18.1.1:80"],
+            )
+        });
+        cases.push(Case {
+            name: "zone hints on every ready endpoint: this zone's endpoints",
+            zone: Some("zone-a"),
+            ..case(
+                "",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE).zones(&["zone-a"]),
+                        Ep::new("198.18.1.2", "node-2").zones(&["zone-b"]),
+                    ],
+                )],
+                &["198.18.1.1:80"],
+            )
+        });
+        cases.push(Case {
+            name: "an endpoint without hints: hints are ignored",
+            zone: Some("zone-a"),
+            ..case(
+                "",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE).zones(&["zone-a"]),
+                        Ep::new("198.18.1.2", "node-2"),
+                    ],
+                )],
+                &["198.18.1.1:80", "198.18.1.2:80"],
+            )
+        });
+        cases.push(Case {
+            name: "no endpoint hinted for this zone: hints are ignored",
+            zone: Some("zone-c"),
+            ..case(
+                "",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE).zones(&["zone-a"]),
+                        Ep::new("198.18.1.2", "node-2").zones(&["zone-b"]),
+                    ],
+                )],
+                &["198.18.1.1:80", "198.18.1.2:80"],
+            )
+        });
+        cases.push(Case {
+            name: "node without a zone label: zone hints are ignored",
+            ..case(
+                "",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE).zones(&["zone-a"]),
+                        Ep::new("198.18.1.2", "node-2").zones(&["zone-b"]),
+                    ],
+                )],
+                &["198.18.1.1:80", "198.18.1.2:80"],
+            )
+        });
+        cases.push(Case {
+            name: "node hints (PreferSameNode) win over zone hints",
+            zone: Some("zone-a"),
+            ..case(
+                "",
+                vec![http_slice(
+                    "s",
+                    vec![
+                        Ep::new("198.18.1.1", NODE).zones(&["zone-a"]).nodes(&[NODE]),
+                        Ep::new("198.18.1.2", "node-2").zones(&["zone-a"]).nodes(&["node-2"]),
+                    ],
+                )],
+                &["198.18.1.1:80"],
+            )
+        });
+        for skip in [Skip::Headless, Skip::ExternalName, Skip::OtherProxy("other".into())] {
+            cases.push(Case {
+                name: "skipped services program nothing",
+                service: ServiceSpec {
+                    skip: Some(skip),
+                    ..svc(vec![http()])
+                },
+                want: None,
+                ..case("", vec![http_slice("s", vec![Ep::new("198.18.1.1", NODE)])], &[])
+            });
+        }
+        cases.push(Case {
+            name: "SCTP ports are skipped (datapath lacks SCTP)",
+            service: svc(vec![port("sctp", 9000, Protocol::Sctp, TargetPort::Number(9000))]),
+            frontend: (9000, Protocol::Sctp),
+            want: None,
+            ..case("", vec![], &[])
+        });
+
+        for c in cases {
+            let snapshot = Snapshot {
+                services: vec![c.service.clone()],
+                slices: c.slices.clone(),
+                nodes: vec![],
+            };
+            let node = NodeContext {
+                name: NODE.into(),
+                zone: c.zone.map(String::from),
+            };
+            let (model, _) = Model::build(&snapshot, &node);
+            let frontend = Frontend {
+                ip: VIP.parse().unwrap(),
+                port: c.frontend.0,
+                protocol: c.frontend.1,
+            };
+            let got = model
+                .services
+                .get(&frontend)
+                .map(|sp| sp.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>());
+            let want = c.want.map(|w| w.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+            assert_eq!(got, want, "case: {}", c.name);
+        }
+    }
+
+    #[test]
+    fn multi_port_service_gets_one_frontend_per_port() {
+        let snapshot = Snapshot {
+            services: vec![svc(vec![
+                http(),
+                port("dns", 53, Protocol::Udp, TargetPort::Number(5353)),
+            ])],
+            slices: vec![slice(
+                "s",
+                vec![
+                    sport("http", Some(80), Protocol::Tcp),
+                    sport("dns", Some(5353), Protocol::Udp),
+                ],
+                vec![Ep::new("198.18.1.1", NODE)],
+            )],
+            nodes: vec![],
+        };
+        let (model, warnings) = Model::build(
+            &snapshot,
+            &NodeContext {
+                name: NODE.into(),
+                zone: None,
+            },
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let names: Vec<String> = model.services.keys().map(|f| f.to_string()).collect();
+        assert_eq!(names, ["198.19.0.10:53/UDP", "198.19.0.10:8080/TCP"]);
+    }
+
+    #[test]
+    fn duplicate_frontend_is_reported_and_first_kept() {
+        let a = svc(vec![http()]);
+        let b = ServiceSpec {
+            name: "other".into(),
+            ..svc(vec![http()])
+        };
+        let (model, warnings) = Model::build(
+            &Snapshot {
+                services: vec![a, b],
+                ..Default::default()
+            },
+            &NodeContext::default(),
+        );
+        assert_eq!(model.services.len(), 1);
+        assert!(
+            warnings[0].0.contains("already used by net-test/web:http"),
+            "{warnings:?}"
+        );
+    }
+
+    fn parse_service(yaml: &str) -> Result<ServiceSpec, FieldError> {
+        ServiceSpec::from_k8s(&serde_norway::from_str::<Service>(yaml).unwrap())
     }
 
     #[test]
     fn service_defaults_and_field_errors() {
-        let parsed: Service = serde_norway::from_str(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: net-test}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{port: 8080}]\n",
-        )
-        .unwrap();
-        let spec = ServiceSpec::from_k8s(&parsed).unwrap();
-        assert_eq!(spec.ports, vec![port("", 8080, Protocol::Tcp, 8080)]);
+        let base = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: net-test}\nspec:\n  clusterIP: 198.19.0.10\n";
+        let spec = parse_service(&format!("{base}  ports: [{{port: 8080}}]\n")).unwrap();
+        assert_eq!(
+            spec.ports,
+            vec![port("", 8080, Protocol::Tcp, TargetPort::Number(8080))]
+        );
+        assert_eq!((spec.internal_local, spec.affinity_timeout), (false, 0));
 
-        let bad: Service = serde_norway::from_str(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{port: 8080, protocol: XTP}]\n",
-        )
+        let spec = parse_service(&format!(
+            "{base}  ports: [{{port: 80, targetPort: web}}]\n  sessionAffinity: ClientIP\n  internalTrafficPolicy: Local\n"
+        ))
         .unwrap();
-        let err = ServiceSpec::from_k8s(&bad).unwrap_err();
-        assert_eq!(err.field, "spec.ports[0].protocol");
+        assert_eq!(spec.ports[0].target_port, TargetPort::Name("web".into()));
+        assert_eq!(
+            (spec.internal_local, spec.affinity_timeout),
+            (true, DEFAULT_AFFINITY_TIMEOUT)
+        );
 
-        let no_ip: Service = serde_norway::from_str(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n",
+        let bad = [
+            ("  ports: [{port: 8080, protocol: XTP}]\n", "spec.ports[0].protocol"),
+            ("  ports: [{port: 70000}]\n", "spec.ports[0].port"),
+            (
+                "  ports: [{port: 80, name: a}, {port: 81, name: a}]\n",
+                "spec.ports[1].name",
+            ),
+            (
+                "  ports: [{port: 80}]\n  sessionAffinity: Cookie\n",
+                "spec.sessionAffinity",
+            ),
+            (
+                "  ports: [{port: 80}]\n  internalTrafficPolicy: Nearby\n",
+                "spec.internalTrafficPolicy",
+            ),
+            (
+                "  ports: [{port: 80}]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            ),
+        ];
+        for (tail, field) in bad {
+            assert_eq!(
+                parse_service(&format!("{base}{tail}")).unwrap_err().field,
+                field,
+                "{tail}"
+            );
+        }
+        let no_ip =
+            parse_service("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n");
+        assert_eq!(no_ip.unwrap_err().field, "spec.clusterIP");
+        let headless =
+            parse_service("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None}\n").unwrap();
+        assert_eq!(headless.skip, Some(Skip::Headless));
+    }
+
+    #[test]
+    fn slice_conditions_default_like_kube_proxy() {
+        let slice: EndpointSlice = serde_norway::from_str(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- addresses: [198.18.1.1]\n- addresses: [198.18.1.2]\n  conditions: {ready: false, terminating: true}\n  hints: {forZones: [{name: zone-a}]}\n",
         )
         .unwrap();
-        assert_eq!(ServiceSpec::from_k8s(&no_ip).unwrap_err().field, "spec.clusterIP");
+        let spec = SliceSpec::from_k8s(&slice).unwrap().unwrap();
+        let e = &spec.endpoints;
+        assert_eq!((e[0].ready, e[0].serving, e[0].terminating), (true, true, false));
+        assert_eq!((e[1].ready, e[1].serving, e[1].terminating), (false, true, true));
+        assert_eq!(e[1].zone_hints, ["zone-a"]);
     }
 }

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::cli::RunArgs;
 use crate::datapath::{Datapath, LoadOptions, attach};
-use crate::model::{Model, Snapshot};
+use crate::model::{Model, NodeContext, Snapshot};
 use crate::source::{self, SourceState};
 use crate::sync::Syncer;
 
@@ -104,7 +104,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
 
     // Nothing is programmed before the source has listed everything once.
-    let snapshot = loop {
+    let (snapshot, mut applied_generation) = loop {
         if let Some(s) = state.snapshot() {
             break s;
         }
@@ -121,7 +121,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     syncer
         .sync(&mut datapath.maps, &model)
         .context("first sync of the datapath maps")?;
-    info!(service_ports = model.services.len(), "first sync done");
+    info!(
+        service_ports = model.services.len(),
+        generation = applied_generation,
+        "first sync done"
+    );
 
     let mut links = attach::watch_interfaces()?;
     let mut attacher = attach::Attacher::new(args.interfaces.clone());
@@ -147,7 +151,15 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
             () = sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)), if sync_at.is_some() => {
                 limiter.take();
                 let ok = match state.snapshot() {
-                    Some(snapshot) => sync_once(&mut syncer, datapath, &build_model(&snapshot, &node_name)),
+                    // Nothing new (a stale signal) and no resync asked for: skip.
+                    Some((_, generation)) if generation == applied_generation && !syncer.full_resync_pending() => true,
+                    Some((snapshot, generation)) => {
+                        let ok = sync_once(&mut syncer, datapath, &build_model(&snapshot, &node_name), generation);
+                        if ok {
+                            applied_generation = generation;
+                        }
+                        ok
+                    }
                     None => true,
                 };
                 pending = !ok;
@@ -182,7 +194,7 @@ fn build_model(snapshot: &Snapshot, node_name: &str) -> Model {
     if !snapshot.nodes.is_empty() && !snapshot.nodes.iter().any(|n| n.name == node_name) {
         warn!(node_name, "no Node object with this name");
     }
-    let (model, warnings) = Model::build(snapshot);
+    let (model, warnings) = Model::build(snapshot, &NodeContext::from_snapshot(node_name, snapshot));
     for w in warnings {
         warn!("{w}");
     }
@@ -190,7 +202,7 @@ fn build_model(snapshot: &Snapshot, node_name: &str) -> Model {
 }
 
 /// One sync; false when it failed (the next one is then a full resync).
-fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model) -> bool {
+fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, generation: u64) -> bool {
     let started = Instant::now();
     match syncer.sync(&mut datapath.maps, model) {
         Ok(report) => {
@@ -199,6 +211,7 @@ fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model) -> boo
                 removed = report.removed,
                 full = report.full,
                 service_ports = model.services.len(),
+                generation,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "synced"
             );

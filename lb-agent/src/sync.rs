@@ -154,6 +154,7 @@ struct Programmed {
     service_id: u32,
     revision: u32,
     slot_count: u32,
+    affinity_timeout: u32,
     backends: BTreeMap<Endpoint, BackendId>,
 }
 
@@ -174,6 +175,7 @@ impl Programmed {
             revision: self.revision,
             backend_count: self.slot_count,
             flags: 0,
+            affinity_timeout: self.affinity_timeout,
         }
     }
 
@@ -181,6 +183,7 @@ impl Programmed {
     fn is_in(&self, actual: &MapContents, sp: &ServicePort) -> bool {
         let proto = sp.frontend.protocol.ip_proto();
         self.backends.len() == sp.endpoints.len()
+            && self.affinity_timeout == sp.affinity_timeout
             && actual.services.get(&service_key(&sp.frontend)) == Some(&self.value())
             && self.backends.iter().enumerate().all(|(slot, (ep, id))| {
                 sp.endpoints.contains(ep)
@@ -345,6 +348,10 @@ impl Syncer {
         self.needs_full_resync = true;
     }
 
+    pub fn full_resync_pending(&self) -> bool {
+        self.needs_full_resync
+    }
+
     fn remove(&mut self, maps: &mut impl DatapathMaps, f: &Frontend) -> Result<(), SyncError> {
         let Some(p) = self.programmed.get(f).cloned() else {
             return Ok(());
@@ -458,6 +465,7 @@ impl Syncer {
             service_id,
             revision,
             slot_count: backends.len() as u32,
+            affinity_timeout: sp.affinity_timeout,
             backends,
         };
         maps.put_service(&service_key(&sp.frontend), &programmed.value())?;
@@ -630,6 +638,7 @@ mod tests {
                             name: f.to_string(),
                             frontend: *f,
                             endpoints: eps(ips),
+                            affinity_timeout: 0,
                         },
                     )
                 })
@@ -762,6 +771,7 @@ mod tests {
                 revision: 1,
                 backend_count: 0,
                 flags: 0,
+                affinity_timeout: 0,
             },
         );
         maps.slots.insert(

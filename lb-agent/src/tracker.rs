@@ -54,6 +54,7 @@ mod tests {
                     port: 80,
                 })
                 .collect(),
+            affinity_timeout: 0,
         }
     }
 

@@ -111,6 +111,7 @@ fn service_port(vip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4
             .iter()
             .map(|&(ip, port)| Endpoint { ip: v4(ip), port })
             .collect(),
+        affinity_timeout: 0,
     }
 }
 
@@ -393,9 +394,45 @@ fn malformed_and_unusual_packets() {
 
 /// Which backend a flow from `sport` lands on.
 fn backend_of(h: &mut Harness, sport: u16, flags: Tcp) -> [u8; 4] {
-    let (action, out) = h.run(&tcp(ip(CLIENT, VIP), sport, 8080, flags));
+    backend_for(h, CLIENT, sport, flags)
+}
+
+/// Which backend a flow from `client`:`sport` lands on.
+fn backend_for(h: &mut Harness, client: [u8; 4], sport: u16, flags: Tcp) -> [u8; 4] {
+    let (action, out) = h.run(&tcp(ip(client, VIP), sport, 8080, flags));
     assert_eq!(action, TC_ACT_OK);
     out[30..34].try_into().unwrap()
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend() {
+    let b = |last| ([198, 18, 1, last], 80);
+    let mut sticky = service_port(VIP, 8080, Protocol::Tcp, &[b(11), b(12), b(13)]);
+    sticky.affinity_timeout = 600;
+    let mut h = Harness::new(&model(vec![sticky.clone()]));
+
+    let first = backend_for(&mut h, CLIENT, 30000, Tcp::Syn);
+    for sport in 30001..30050 {
+        assert_eq!(
+            backend_for(&mut h, CLIENT, sport, Tcp::Syn),
+            first,
+            "new connection {sport} left the client's backend"
+        );
+    }
+    // Other clients are still spread over all backends.
+    let others: BTreeSet<[u8; 4]> = (1..=60u8)
+        .map(|c| backend_for(&mut h, [198, 18, 3, c], 30000, Tcp::Syn))
+        .collect();
+    assert_eq!(others.len(), 3, "{others:?}");
+
+    // The client's backend leaves the service: the client moves, and sticks again.
+    sticky.endpoints.retain(|e| e.ip != v4(first));
+    h.sync(&model(vec![sticky]));
+    let moved = backend_for(&mut h, CLIENT, 31000, Tcp::Syn);
+    assert_ne!(moved, first);
+    for sport in 31001..31020 {
+        assert_eq!(backend_for(&mut h, CLIENT, sport, Tcp::Syn), moved);
+    }
 }
 
 #[test]

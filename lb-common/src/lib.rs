@@ -20,7 +20,7 @@ pub mod stats;
 pub use addr::RawAddr;
 pub use backend::{Backend, BackendId, BackendSlotKey};
 pub use conntrack::{CtEntry, CtKey, CtKind};
-pub use service::{ServiceKey, ServiceScope, ServiceValue};
+pub use service::{AffinityKey, AffinityValue, ServiceKey, ServiceScope, ServiceValue};
 pub use stats::{DropReason, TrafficCounter};
 
 /// IP protocol numbers used in keys.
@@ -39,7 +39,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DROP_STATS: &str = "DROP_STATS";
-    pub const ALL: [&str; 7] = [
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const ALL: [&str; 8] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -47,6 +48,7 @@ pub mod map_names {
         SERVICE_STATS,
         BACKEND_STATS,
         DROP_STATS,
+        AFFINITY,
     ];
 }
 
@@ -64,6 +66,8 @@ pub mod limits {
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
     /// Default conntrack size (forward + reply entries); `--conntrack-max` overrides it.
     pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+    /// ClientIP affinity entries (client × service port), LRU.
+    pub const MAX_AFFINITY: u32 = 65_536;
     /// Number of drop-reason counters (`DropReason` discriminants are below it).
     pub const DROP_REASONS: u32 = 16;
 }
@@ -88,4 +92,6 @@ mod pod_impls {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for TrafficCounter {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }

@@ -38,7 +38,28 @@ pub struct ServiceValue {
     pub revision: u32,
     /// Number of live slots (0: no usable endpoint).
     pub backend_count: u32,
-    /// Reserved for per-service options (affinity, traffic policy).
+    /// Reserved for per-service options (traffic policy, reject).
     pub flags: u32,
+    /// ClientIP session affinity: seconds a client stays on its backend
+    /// after its last new connection (0: no affinity).
+    pub affinity_timeout: u32,
 }
-assert_size!(ServiceValue, 16);
+assert_size!(ServiceValue, 20);
+
+/// AFFINITY map key: one client of one service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: RawAddr,
+    pub service_id: u32,
+}
+assert_size!(AffinityKey, 20);
+
+/// The backend a client was last sent to, and when (monotonic seconds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub last_used: u32,
+}
+assert_size!(AffinityValue, 8);

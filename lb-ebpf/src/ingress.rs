@@ -43,8 +43,7 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<i32, 
         // The flow stays on its backend while that backend still belongs to
         // this service with the same address; otherwise it is balanced anew.
         if e.service_id == svc.service_id
-            && let Some(b) = select::lookup_backend(e.backend_id)
-            && b.service_id == e.service_id
+            && let Some(b) = select::live_backend(e.backend_id, e.service_id)
             && b.addr == e.nat_addr
             && b.port == e.nat_port
         {
@@ -53,7 +52,7 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<i32, 
         }
     }
 
-    let (backend_id, backend) = select::pick_backend(svc)?;
+    let (backend_id, backend) = select::pick_backend_for(svc, from_v4_word(pkt.src), now)?;
     let fwd = conntrack::new_entry(pkt, backend.addr, backend.port, backend_id, svc.service_id, now);
     let rev = conntrack::new_entry(pkt, from_v4_word(pkt.dst), pkt.dport, backend_id, svc.service_id, now);
     conntrack::insert(&conntrack::reply_key(pkt, backend.addr, backend.port), &rev)

@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, ServiceKey, ServiceValue, TrafficCounter,
-    limits::{DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_SERVICES},
+    AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, CtEntry, CtKey, ServiceKey, ServiceValue,
+    TrafficCounter,
+    limits::{DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_SERVICES},
 };
 
 /// (VIP, port, protocol, scope) → service port entry: KUBE-SERVICES.
@@ -29,6 +30,11 @@ pub static BACKENDS: HashMap<BackendId, Backend, { MAX_BACKENDS as usize }> = Ha
 /// the oldest flow instead of refusing new ones.
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> = LruHashMap::new();
+
+/// (client, service id) → backend and last use: ClientIP session affinity
+/// (kube-proxy's `recent` match); LRU, stale entries age out by timeout.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
 /// Service id → packets/bytes balanced (per CPU).
 #[btf_map]

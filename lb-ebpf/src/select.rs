@@ -2,11 +2,12 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, DropReason, ServiceKey, ServiceScope, ServiceValue, addr::from_v4_word,
+    AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, DropReason, RawAddr, ServiceKey, ServiceScope,
+    ServiceValue, addr::from_v4_word,
 };
 
 use crate::{
-    maps::{BACKEND_SLOTS, BACKENDS, SERVICES},
+    maps::{AFFINITY, BACKEND_SLOTS, BACKENDS, SERVICES},
     parse::Packet,
 };
 
@@ -43,7 +44,47 @@ pub fn pick_backend(svc: &ServiceValue) -> Result<(BackendId, Backend), DropReas
 }
 
 #[inline(always)]
-pub fn lookup_backend(id: BackendId) -> Option<Backend> {
+fn lookup_backend(id: BackendId) -> Option<Backend> {
     // SAFETY: copied out at once.
     unsafe { BACKENDS.get(&id).copied() }
+}
+
+/// A backend still in service `service_id`? (Conntrack and affinity entries
+/// outlive backends; their backend must still belong to the service.)
+#[inline(always)]
+pub fn live_backend(id: BackendId, service_id: u32) -> Option<Backend> {
+    lookup_backend(id).filter(|b| b.service_id == service_id)
+}
+
+/// ClientIP affinity: the client's backend if it connected within the
+/// timeout and that backend is still in the service; otherwise a random
+/// pick. Either way the client's entry is refreshed (kube-proxy's `recent`
+/// match: --rcheck --seconds, then --set).
+#[inline(always)]
+pub fn pick_backend_for(svc: &ServiceValue, client: RawAddr, now: u32) -> Result<(BackendId, Backend), DropReason> {
+    if svc.affinity_timeout == 0 {
+        return pick_backend(svc);
+    }
+    let key = AffinityKey {
+        client,
+        service_id: svc.service_id,
+    };
+    // SAFETY: copied out at once.
+    let remembered = unsafe { AFFINITY.get(&key).copied() }
+        .filter(|a| now.wrapping_sub(a.last_used) <= svc.affinity_timeout)
+        .and_then(|a| live_backend(a.backend_id, svc.service_id).map(|b| (a.backend_id, b)));
+    let (id, backend) = match remembered {
+        Some(pick) => pick,
+        None => pick_backend(svc)?,
+    };
+    // A failed update only costs stickiness for the next connection.
+    let _ = AFFINITY.insert(
+        &key,
+        &AffinityValue {
+            backend_id: id,
+            last_used: now,
+        },
+        0,
+    );
+    Ok((id, backend))
 }

@@ -82,25 +82,48 @@ impl Agent {
 
     /// Waits for a log line after `from` containing `needle`; returns it.
     pub fn wait_for_log(&self, from: usize, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        self.wait_for_line(from, needle, |l| l.contains(needle), timeout)
+    }
+
+    /// Waits for a log line after `from` that satisfies `matches`.
+    pub fn wait_for_line(
+        &self,
+        from: usize,
+        what: &str,
+        matches: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
         let (lines, cond) = &*self.log;
         let mut guard = lines.lock().unwrap();
         loop {
-            if let Some(line) = guard.iter().skip(from).find(|l| l.contains(needle)) {
+            if let Some(line) = guard.iter().skip(from).find(|l| matches(l)) {
                 return Ok(line.clone());
             }
             if guard.last().is_some_and(|l| l == "<exited>") {
-                bail!("lb-agent exited before logging {needle:?}; log:\n{}", guard.join("\n"));
+                bail!("lb-agent exited before logging {what:?}; log:\n{}", guard.join("\n"));
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!(
-                    "no log line containing {needle:?} within {timeout:?}; log:\n{}",
-                    guard.join("\n")
-                );
+                bail!("no log line {what:?} within {timeout:?}; log:\n{}", guard.join("\n"));
             }
             guard = cond.wait_timeout(guard, deadline - now).unwrap().0;
         }
+    }
+
+    /// Waits until a manifest change made after log position `from` has
+    /// been read and synced into the maps; returns the time it took.
+    pub fn wait_manifest_synced(&self, from: usize, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let read = self.wait_for_log(from, "manifests read", timeout)?;
+        let generation = log_field(&read, "generation").context("manifests read without generation")?;
+        self.wait_for_line(
+            from,
+            &format!("synced generation>={generation}"),
+            |l| l.contains(" synced") && log_field(l, "generation").is_some_and(|g| g >= generation),
+            timeout,
+        )?;
+        Ok(started.elapsed())
     }
 
     pub fn log(&self) -> String {
@@ -132,4 +155,11 @@ impl Drop for Agent {
             let _ = self.terminate();
         }
     }
+}
+
+/// The number in a `key=123` field of a log line.
+pub fn log_field(line: &str, key: &str) -> Option<u64> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    let digits: String = line[start..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }

@@ -33,13 +33,13 @@ fn get(sandbox: &Sandbox, target: SocketAddr) -> anyhow::Result<String> {
     sandbox.client().run(move || http_get(target)).unwrap()
 }
 
-/// Rewrites the manifests and waits for the agent's sync of them.
+/// Rewrites the manifests and waits until the agent has synced them.
 fn apply(sandbox: &Sandbox, agent: &Agent, file: &str, yaml: &str) -> Duration {
     let from = agent.log_position();
     let started = Instant::now();
     sandbox.write_manifest(file, yaml).unwrap();
     agent
-        .wait_for_log(from, "synced", Duration::from_secs(5))
+        .wait_manifest_synced(from, Duration::from_secs(5))
         .expect("agent sync");
     started.elapsed()
 }

@@ -163,7 +163,9 @@ pub async fn run(client: Client, node_name: String, state: Arc<SourceState>) {
                     }
                 }
             }
-            Update::Changed(change) => state.apply([change]),
+            Update::Changed(change) => {
+                state.apply([change]);
+            }
         }
     }
 }

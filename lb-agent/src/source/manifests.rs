@@ -337,7 +337,8 @@ pub async fn run(mut source: ManifestSource, state: std::sync::Arc<super::Source
         for e in &errors {
             tracing::error!("invalid manifest: {e}");
         }
-        state.replace_all(snapshot);
+        let generation = state.replace_all(snapshot);
+        tracing::info!(generation, errors = errors.len(), "manifests read");
     };
     publish(&mut source);
     let (_watcher, mut changes) = match watch {

@@ -20,6 +20,8 @@ pub type ObjectKey = (String, String);
 #[derive(Default)]
 struct Stores {
     synced: bool,
+    /// Bumped on every change: logs tie a sync to the source state it applied.
+    generation: u64,
     services: BTreeMap<ObjectKey, ServiceSpec>,
     slices: BTreeMap<ObjectKey, SliceSpec>,
     nodes: BTreeMap<String, NodeSpec>,
@@ -52,10 +54,22 @@ impl SourceState {
         self.stores.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Replaces every object (a complete read) and marks the state synced.
-    pub fn replace_all(&self, snapshot: Snapshot) {
-        {
+    /// Changes the stores under one lock (sync never sees half of a
+    /// change) and signals it; returns the new generation.
+    fn modify(&self, f: impl FnOnce(&mut Stores)) -> u64 {
+        let generation = {
             let mut s = self.stores();
+            f(&mut s);
+            s.generation += 1;
+            s.generation
+        };
+        self.changed.notify_one();
+        generation
+    }
+
+    /// Replaces every object (a complete read) and marks the state synced.
+    pub fn replace_all(&self, snapshot: Snapshot) -> u64 {
+        self.modify(|s| {
             s.services = snapshot
                 .services
                 .into_iter()
@@ -68,57 +82,58 @@ impl SourceState {
                 .collect();
             s.nodes = snapshot.nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
             s.synced = true;
-        }
-        self.changed.notify_one();
+        })
     }
 
     /// Applies changes; they count once the state is synced.
-    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) {
-        {
-            let mut s = self.stores();
-            for change in changes {
-                match change {
-                    Change::Service(k, v) => set(&mut s.services, k, v),
-                    Change::Slice(k, v) => set(&mut s.slices, k, v),
-                    Change::Node(k, v) => set(&mut s.nodes, k, v),
-                }
-            }
-        }
-        self.changed.notify_one();
+    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) -> u64 {
+        self.modify(|s| apply_changes(s, changes))
     }
 
     /// Replaces all objects of one kind (a relist) in one step, so a
     /// relist never shows a half-empty state to sync.
-    pub fn replace_kind(&self, kind: Kind, changes: Vec<Change>) {
-        {
-            let mut s = self.stores();
+    pub fn replace_kind(&self, kind: Kind, changes: Vec<Change>) -> u64 {
+        self.modify(|s| {
             match kind {
                 Kind::Service => s.services.clear(),
                 Kind::Slice => s.slices.clear(),
                 Kind::Node => s.nodes.clear(),
             }
-        }
-        self.apply(changes);
+            apply_changes(s, changes)
+        })
     }
 
-    pub fn mark_synced(&self) {
-        self.stores().synced = true;
-        self.changed.notify_one();
+    pub fn mark_synced(&self) -> u64 {
+        self.modify(|s| s.synced = true)
     }
 
-    /// The current objects, or None before the first complete list.
-    pub fn snapshot(&self) -> Option<Snapshot> {
+    /// The current objects and their generation, or None before the first
+    /// complete list.
+    pub fn snapshot(&self) -> Option<(Snapshot, u64)> {
         let s = self.stores();
-        s.synced.then(|| Snapshot {
-            services: s.services.values().cloned().collect(),
-            slices: s.slices.values().cloned().collect(),
-            nodes: s.nodes.values().cloned().collect(),
+        s.synced.then(|| {
+            let snapshot = Snapshot {
+                services: s.services.values().cloned().collect(),
+                slices: s.slices.values().cloned().collect(),
+                nodes: s.nodes.values().cloned().collect(),
+            };
+            (snapshot, s.generation)
         })
     }
 
     /// Completes after a change (changes made before the call count too).
     pub async fn changed(&self) {
         self.changed.notified().await
+    }
+}
+
+fn apply_changes(s: &mut Stores, changes: impl IntoIterator<Item = Change>) {
+    for change in changes {
+        match change {
+            Change::Service(k, v) => set(&mut s.services, k, v),
+            Change::Slice(k, v) => set(&mut s.slices, k, v),
+            Change::Node(k, v) => set(&mut s.nodes, k, v),
+        }
     }
 }
 
