@@ -1,6 +1,8 @@
 //! The real `lb-agent` binary, started inside the node namespace. Its log
 //! is collected so tests wait on what it reports, not on the clock.
 
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -24,12 +26,37 @@ type Log = Arc<(Mutex<Vec<String>>, Condvar)>;
 pub struct Agent {
     child: Child,
     log: Log,
+    bpf_root: PathBuf,
 }
 
 impl Agent {
     /// Starts the agent on the sandbox's manifests and waits until it has
     /// done its first sync and attached ("ready").
     pub fn start(sandbox: &Sandbox, echo: bool) -> anyhow::Result<Self> {
+        Self::start_with(
+            sandbox,
+            &[OsStr::new("--manifests"), sandbox.manifests_dir.as_os_str()],
+            echo,
+        )
+    }
+
+    /// Starts the agent on a (fake) API server described by `kubeconfig`.
+    pub fn start_kube(sandbox: &Sandbox, kubeconfig: &Path, echo: bool) -> anyhow::Result<Self> {
+        Self::start_with(sandbox, &[OsStr::new("--kubeconfig"), kubeconfig.as_os_str()], echo)
+    }
+
+    /// Starts `lb-agent run` with the sandbox's node name and bpf root plus
+    /// `source_args`, and waits until it is ready.
+    pub fn start_with(sandbox: &Sandbox, source_args: &[&OsStr], echo: bool) -> anyhow::Result<Self> {
+        let agent = Self::spawn(sandbox, source_args, echo)?;
+        agent
+            .wait_for_log(0, " ready", Duration::from_secs(30))
+            .context("waiting for lb-agent to become ready")?;
+        Ok(agent)
+    }
+
+    /// Starts `lb-agent run` without waiting for anything.
+    pub fn spawn(sandbox: &Sandbox, source_args: &[&OsStr], echo: bool) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.exists() {
             bail!(
@@ -40,8 +67,8 @@ impl Agent {
         let mut child = sandbox
             .node
             .command(bin.to_str().context("agent path is not UTF-8")?)
-            .args(["run", "--node-name", NODE_NAME, "--manifests"])
-            .arg(&sandbox.manifests_dir)
+            .args(["run", "--node-name", NODE_NAME])
+            .args(source_args)
             .arg("--bpf-root")
             .arg(&sandbox.bpf_root)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -68,11 +95,11 @@ impl Agent {
             lines.lock().unwrap().push("<exited>".into());
             cond.notify_all();
         });
-        let agent = Agent { child, log };
-        agent
-            .wait_for_log(0, " ready", Duration::from_secs(30))
-            .context("waiting for lb-agent to become ready")?;
-        Ok(agent)
+        Ok(Agent {
+            child,
+            log,
+            bpf_root: sandbox.bpf_root.clone(),
+        })
     }
 
     /// Number of log lines so far (a position for `wait_for_log`).
@@ -124,6 +151,60 @@ impl Agent {
             timeout,
         )?;
         Ok(started.elapsed())
+    }
+
+    /// What the kernel maps hold (`lb-agent services -o json`):
+    /// frontend → backends.
+    pub fn services(&self) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+        let out = crate::netns::run(
+            std::process::Command::new(agent_bin())
+                .args(["services", "-o", "json", "--bpf-root"])
+                .arg(&self.bpf_root),
+        )?;
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if view["orphan_slots"] != 0 || view["orphan_backends"] != 0 {
+            bail!("the maps hold entries no service owns: {view}");
+        }
+        let mut services = BTreeMap::new();
+        for s in view["services"].as_array().context("services array")? {
+            let mut backends: Vec<String> = s["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.as_str().map(String::from))
+                .collect();
+            backends.sort();
+            services.insert(s["frontend"].as_str().unwrap_or_default().to_string(), backends);
+        }
+        Ok(services)
+    }
+
+    /// Waits until the maps satisfy `wanted`, re-checking whenever the agent
+    /// logs something (it logs every sync). Returns the last view on timeout.
+    pub fn wait_for_services(
+        &self,
+        wanted: impl Fn(&BTreeMap<String, Vec<String>>) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let position = self.log_position();
+            let view = self.services()?;
+            if wanted(&view) {
+                return Ok(view);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("maps never reached the wanted state within {timeout:?}; last: {view:#?}");
+            }
+            // Wake on the next log line (or re-check after a short while).
+            let _ = self.wait_for_line(
+                position,
+                "any line",
+                |_| true,
+                (deadline - now).min(Duration::from_millis(200)),
+            );
+        }
     }
 
     pub fn log(&self) -> String {
