@@ -57,11 +57,12 @@ pub mod map_names {
 pub mod limits {
     /// Service ports (one per VIP:port/protocol), like one KUBE-SVC chain each.
     pub const MAX_SERVICES: u32 = 65_536;
-    /// Backends over all services (one per service port × endpoint, like KUBE-SEP).
-    pub const MAX_BACKENDS: u32 = 65_536;
+    /// Backends over all services (one per service port × endpoint, like
+    /// KUBE-SEP): room for 10,000 services of 10+ endpoints.
+    pub const MAX_BACKENDS: u32 = 262_144;
     /// Backend slots over all services; two revisions of a service coexist
     /// while it is being swapped, hence the headroom over `MAX_BACKENDS`.
-    pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+    pub const MAX_BACKEND_SLOTS: u32 = 524_288;
     /// Backends one service port may have.
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
     /// Default conntrack size (forward + reply entries); `--conntrack-max` overrides it.

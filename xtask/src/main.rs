@@ -70,33 +70,58 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::require_root("the tests load eBPF programs and create network namespaces")?;
     step("removing sandboxes left by interrupted runs");
     lb_tests::cleanup::sweep_stale("lbt-");
+    let mut totals = TestTotals::default();
     step("running all tests (unit, kernel program via BPF_PROG_TEST_RUN, netns end-to-end)");
     let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    let mut child = Command::new("cargo")
-        .args(&args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    let mut totals = TestTotals::default();
-    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
-        let line = line?;
-        println!("{line}");
-        totals.add(&line);
-    }
-    let status = child.wait()?;
+    let all_ok = cargo_test(&args, &mut totals)?;
+    // The scale test runs alone (it wants the machine to itself) and shows
+    // its measurements; it is `#[ignore]`d in the run above.
+    let scale_ok = if extra.is_empty() {
+        step("scale test: 10,000 services x 10 endpoints through the fake API server");
+        cargo_test(
+            &[
+                "test",
+                "--package",
+                "lb-tests",
+                "--test",
+                "scale",
+                "--",
+                "--ignored",
+                "--show-output",
+            ],
+            &mut totals,
+        )?
+    } else {
+        true
+    };
     // One closing line for the whole run (cargo prints one per test binary).
     println!(
         "{} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
-    if !status.success() || totals.failed > 0 {
+    if !all_ok || !scale_ok || totals.failed > 0 {
         bail!("tests failed: see the failures above (rerun one with `cargo xtask test NAME`)");
     }
     if totals.passed == 0 {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// Runs `cargo ARGS`, echoing and counting its test results; true on success.
+fn cargo_test(args: &[&str], totals: &mut TestTotals) -> anyhow::Result<bool> {
+    let mut child = Command::new("cargo")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    Ok(child.wait()?.success())
 }
 
 /// Sums cargo's `test result: ok. N passed; M failed; K ignored; …` lines.
