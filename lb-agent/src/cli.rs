@@ -35,6 +35,10 @@ pub struct InspectArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// YAML file with any of these flags as camelCase keys (e.g.
+    /// `minSyncPeriod: 1s`); flags given on the command line win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// This node's name (the Node object, endpoints' nodeName); default: the hostname.
     #[arg(long, alias = "hostname-override")]
     pub node_name: Option<String>,
@@ -76,6 +80,62 @@ impl RunArgs {
     }
 }
 
+/// The `--config` file: the run flags as camelCase keys.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(alias = "hostnameOverride")]
+    node_name: Option<String>,
+    manifests: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    bpf_root: Option<PathBuf>,
+    interfaces: Option<Vec<String>>,
+    conntrack_max: Option<u32>,
+    min_sync_period: Option<String>,
+    sync_period: Option<String>,
+    manifests_debounce: Option<String>,
+}
+
+impl RunArgs {
+    /// Fills every flag not given on the command line from `--config`.
+    pub fn merge_config_file(&mut self, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let Some(path) = &self.config else { return Ok(()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --config {}", path.display()))?;
+        let file: ConfigFile =
+            serde_norway::from_str(&text).with_context(|| format!("parsing --config {}", path.display()))?;
+        let from_cli = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        let duration = |key: &str, v: &str| {
+            parse_duration(v).map_err(|e| anyhow::anyhow!("--config {}: {key}: {e}", path.display()))
+        };
+        macro_rules! take {
+            ($field:ident) => {
+                if !from_cli(stringify!($field)) && let Some(v) = file.$field {
+                    self.$field = v.into();
+                }
+            };
+            ($field:ident, duration) => {
+                if !from_cli(stringify!($field)) && let Some(v) = file.$field {
+                    self.$field = duration(stringify!($field), &v)?;
+                }
+            };
+        }
+        take!(node_name);
+        take!(manifests);
+        take!(kubeconfig);
+        take!(bpf_root);
+        take!(interfaces);
+        take!(conntrack_max);
+        take!(min_sync_period, duration);
+        take!(sync_period, duration);
+        take!(manifests_debounce, duration);
+        if self.manifests.is_some() && self.kubeconfig.is_some() {
+            anyhow::bail!("--manifests and --kubeconfig exclude each other (check --config {})", path.display());
+        }
+        Ok(())
+    }
+}
+
 /// Go-style durations as kube-proxy takes them: `0`, `250ms`, `1s`, `2m`, `1h`, `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
@@ -106,6 +166,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_args(argv: &[&str], config: &str) -> anyhow::Result<RunArgs> {
+        use clap::{CommandFactory, FromArgMatches};
+        let dir = std::env::temp_dir().join(format!("lb-config-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config)?;
+        let mut full = vec!["lb-agent", "run", "--config", path.to_str().unwrap()];
+        full.extend(argv);
+        let matches = Cli::command().try_get_matches_from(full)?;
+        let Command::Run(mut args) = Cli::from_arg_matches(&matches)?.command else { unreachable!() };
+        args.merge_config_file(matches.subcommand_matches("run").unwrap())?;
+        Ok(args)
+    }
+
+    #[test]
+    fn config_file_fills_flags_and_command_line_wins() {
+        let args = run_args(&["--sync-period", "5s"], "minSyncPeriod: 250ms\nsyncPeriod: 1m\nhostnameOverride: n1\nconntrackMax: 1024\n").unwrap();
+        assert_eq!(args.min_sync_period, Duration::from_millis(250));
+        assert_eq!(args.sync_period, Duration::from_secs(5), "the flag wins");
+        assert_eq!(args.node_name.as_deref(), Some("n1"));
+        assert_eq!(args.conntrack_max, 1024);
+        let err = run_args(&[], "minSyncPeriod: soon\n").unwrap_err().to_string();
+        assert!(err.contains("minSyncPeriod") || err.contains("min_sync_period"), "{err}");
+        assert!(run_args(&[], "bogusKey: 1\n").is_err(), "unknown keys are refused");
+    }
 
     #[test]
     fn durations_parse_like_kube_proxy_flags() {

@@ -1,6 +1,6 @@
 use std::io::IsTerminal;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use lb_agent::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
@@ -11,9 +11,15 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
-        Command::Run(args) => lb_agent::run::run(args).await,
+        Command::Run(mut args) => {
+            if let Some(run_matches) = matches.subcommand_matches("run") {
+                args.merge_config_file(run_matches)?;
+            }
+            lb_agent::run::run(args).await
+        }
         Command::Services(args) => lb_agent::inspect::print_services(&args.bpf_root, &args.output),
     }
 }

@@ -210,6 +210,9 @@ pub struct Syncer {
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     needs_full_resync: bool,
+    /// Backends deleted since the last `take_retired_backends`: their
+    /// conntrack entries are to be purged.
+    retired_backends: Vec<BackendId>,
 }
 
 impl Default for Syncer {
@@ -226,6 +229,7 @@ impl Syncer {
             service_ids: IdAllocator::new(MAX_SERVICES, "service ids", "raise lb_common::limits::MAX_SERVICES"),
             backend_ids: IdAllocator::new(MAX_BACKENDS, "backend ids", "raise lb_common::limits::MAX_BACKENDS"),
             needs_full_resync: true,
+            retired_backends: Vec::new(),
         }
     }
 
@@ -348,6 +352,18 @@ impl Syncer {
         self.needs_full_resync = true;
     }
 
+    /// Backends removed by the syncs since the last call.
+    pub fn take_retired_backends(&mut self) -> Vec<BackendId> {
+        std::mem::take(&mut self.retired_backends)
+    }
+
+    fn retire_backend(&mut self, maps: &mut impl DatapathMaps, id: BackendId) -> Result<(), SyncError> {
+        maps.delete_backend(id)?;
+        self.backend_ids.free(id);
+        self.retired_backends.push(id);
+        Ok(())
+    }
+
     pub fn full_resync_pending(&self) -> bool {
         self.needs_full_resync
     }
@@ -365,8 +381,7 @@ impl Syncer {
             })?;
         }
         for &id in p.backends.values() {
-            maps.delete_backend(id)?;
-            self.backend_ids.free(id);
+            self.retire_backend(maps, id)?;
         }
         self.service_ids.free(p.service_id);
         self.programmed.remove(f);
@@ -481,8 +496,7 @@ impl Syncer {
             }
             for (ep, &id) in &p.backends {
                 if !programmed.backends.contains_key(ep) {
-                    maps.delete_backend(id)?;
-                    self.backend_ids.free(id);
+                    self.retire_backend(maps, id)?;
                 }
             }
         }

@@ -491,3 +491,30 @@ fn new_flows_spread_over_all_backends() {
     assert_eq!(total, 300);
     assert_eq!(h.datapath.maps.service_counter(1).unwrap().packets, 300);
 }
+
+#[test]
+fn removed_backend_moves_its_udp_flows_at_once_and_its_conntrack_is_purged() {
+    let b = |last| ([198, 18, 1, last], 5353);
+    let mut dns = service_port(UDP_VIP, 53, Protocol::Udp, &[b(11), b(12)]);
+    let mut h = Harness::new(&model(vec![dns.clone()]));
+    let send = |h: &mut Harness| -> [u8; 4] {
+        let (action, out) = h.run(&udp(ip(CLIENT, UDP_VIP), 50000, 53));
+        assert_eq!(action, TC_ACT_OK);
+        out[30..34].try_into().unwrap()
+    };
+    let first = send(&mut h);
+    assert_eq!(send(&mut h), first, "the UDP flow sticks to its backend");
+
+    dns.endpoints.retain(|e| e.ip != v4(first));
+    h.sync(&model(vec![dns]));
+    let retired = h.syncer.take_retired_backends();
+    assert_eq!(retired.len(), 1);
+    let purged = h.datapath.maps.purge_conntrack(&retired).unwrap();
+    assert_eq!(purged, 2, "forward and reply entries of the removed backend");
+    let left = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
+    assert!(left.iter().all(|(_, e)| e.backend_id != retired[0]), "{left:?}");
+
+    let other = send(&mut h);
+    assert_ne!(other, first, "the flow moved to the live backend at once");
+}
+

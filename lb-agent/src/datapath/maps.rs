@@ -71,6 +71,27 @@ impl BpfMaps {
         sum_counters(self.backend_stats.get(&id, 0)?)
     }
 
+    /// Deletes the conntrack entries (both directions) of these backends, so
+    /// their flows — UDP above all — start afresh on a live backend, as
+    /// kube-proxy's flush of stale UDP entries does. Returns how many went.
+    /// (The datapath already refuses a flow's deleted backend; this keeps
+    /// the table clean.)
+    pub fn purge_conntrack(&mut self, backends: &[BackendId]) -> Result<usize, MapOpError> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let gone: std::collections::HashSet<BackendId> = backends.iter().copied().collect();
+        let stale: Vec<CtKey> = dump(&self.conntrack, map_names::CONNTRACK)?
+            .into_iter()
+            .filter(|(_, entry)| gone.contains(&entry.backend_id))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &stale {
+            ignore_missing(self.conntrack.remove(key)).map_err(op_err(map_names::CONNTRACK, "delete"))?;
+        }
+        Ok(stale.len())
+    }
+
     pub fn drops(&self, reason: DropReason) -> anyhow::Result<u64> {
         Ok(self.drop_stats.get(&(reason as u32), 0)?.iter().sum())
     }
