@@ -110,12 +110,16 @@ impl RunArgs {
         };
         macro_rules! take {
             ($field:ident) => {
-                if !from_cli(stringify!($field)) && let Some(v) = file.$field {
+                if !from_cli(stringify!($field))
+                    && let Some(v) = file.$field
+                {
                     self.$field = v.into();
                 }
             };
             ($field:ident, duration) => {
-                if !from_cli(stringify!($field)) && let Some(v) = file.$field {
+                if !from_cli(stringify!($field))
+                    && let Some(v) = file.$field
+                {
                     self.$field = duration(stringify!($field), &v)?;
                 }
             };
@@ -130,7 +134,10 @@ impl RunArgs {
         take!(sync_period, duration);
         take!(manifests_debounce, duration);
         if self.manifests.is_some() && self.kubeconfig.is_some() {
-            anyhow::bail!("--manifests and --kubeconfig exclude each other (check --config {})", path.display());
+            anyhow::bail!(
+                "--manifests and --kubeconfig exclude each other (check --config {})",
+                path.display()
+            );
         }
         Ok(())
     }
@@ -169,27 +176,40 @@ mod tests {
 
     fn run_args(argv: &[&str], config: &str) -> anyhow::Result<RunArgs> {
         use clap::{CommandFactory, FromArgMatches};
-        let dir = std::env::temp_dir().join(format!("lb-config-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir = std::env::temp_dir().join(format!(
+            "lb-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("config.yaml");
         std::fs::write(&path, config)?;
         let mut full = vec!["lb-agent", "run", "--config", path.to_str().unwrap()];
         full.extend(argv);
         let matches = Cli::command().try_get_matches_from(full)?;
-        let Command::Run(mut args) = Cli::from_arg_matches(&matches)?.command else { unreachable!() };
+        let Command::Run(mut args) = Cli::from_arg_matches(&matches)?.command else {
+            unreachable!()
+        };
         args.merge_config_file(matches.subcommand_matches("run").unwrap())?;
         Ok(args)
     }
 
     #[test]
     fn config_file_fills_flags_and_command_line_wins() {
-        let args = run_args(&["--sync-period", "5s"], "minSyncPeriod: 250ms\nsyncPeriod: 1m\nhostnameOverride: n1\nconntrackMax: 1024\n").unwrap();
+        let args = run_args(
+            &["--sync-period", "5s"],
+            "minSyncPeriod: 250ms\nsyncPeriod: 1m\nhostnameOverride: n1\nconntrackMax: 1024\n",
+        )
+        .unwrap();
         assert_eq!(args.min_sync_period, Duration::from_millis(250));
         assert_eq!(args.sync_period, Duration::from_secs(5), "the flag wins");
         assert_eq!(args.node_name.as_deref(), Some("n1"));
         assert_eq!(args.conntrack_max, 1024);
         let err = run_args(&[], "minSyncPeriod: soon\n").unwrap_err().to_string();
-        assert!(err.contains("minSyncPeriod") || err.contains("min_sync_period"), "{err}");
+        assert!(
+            err.contains("minSyncPeriod") || err.contains("min_sync_period"),
+            "{err}"
+        );
         assert!(run_args(&[], "bogusKey: 1\n").is_err(), "unknown keys are refused");
     }
 

@@ -209,7 +209,11 @@ fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, genera
             let retired = syncer.take_retired_backends();
             match datapath.maps.purge_conntrack(&retired) {
                 Ok(0) => {}
-                Ok(n) => info!(backends = retired.len(), entries = n, "purged conntrack entries of removed backends"),
+                Ok(n) => info!(
+                    backends = retired.len(),
+                    entries = n,
+                    "purged conntrack entries of removed backends"
+                ),
                 Err(e) => warn!("conntrack purge failed (flows still move: the datapath checks backends): {e}"),
             }
             info!(

@@ -517,4 +517,3 @@ fn removed_backend_moves_its_udp_flows_at_once_and_its_conntrack_is_purged() {
     let other = send(&mut h);
     assert_ne!(other, first, "the flow moved to the live backend at once");
 }
-
