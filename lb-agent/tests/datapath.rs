@@ -11,9 +11,17 @@ use lb_agent::datapath::{Datapath, LoadOptions};
 use lb_agent::model::{Endpoint, Frontend, Model, Protocol, ServicePort};
 use lb_agent::sync::Syncer;
 use lb_common::DropReason;
+use lb_tests::netns::Netns;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+/// The kernel tests' namespace routes 198.18.0.0/15 through a device
+/// holding this address: the datapath's FIB lookups find a route, and
+/// masquerading picks this as the node address.
+const NODE_ADDR: [u8; 4] = [198, 18, 255, 254];
 
 const CLIENT: [u8; 4] = [198, 18, 2, 10];
 const VIP: [u8; 4] = [198, 19, 0, 10];
@@ -38,6 +46,7 @@ struct Ip {
     options: &'static [u8],
     more_fragments: bool,
     fragment_offset: u16,
+    ttl: u8,
 }
 
 fn ip(src: [u8; 4], dst: [u8; 4]) -> Ip {
@@ -47,11 +56,21 @@ fn ip(src: [u8; 4], dst: [u8; 4]) -> Ip {
         options: &[],
         more_fragments: false,
         fragment_offset: 0,
+        ttl: 64,
+    }
+}
+
+impl Ip {
+    /// As it leaves the node: the datapath forwards NATed packets itself,
+    /// decrementing the TTL like a router.
+    fn forwarded(mut self) -> Self {
+        self.ttl -= 1;
+        self
     }
 }
 
 fn ip_header(ip: &Ip) -> IpHeaders {
-    let mut h = Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, ip.src, ip.dst).unwrap();
+    let mut h = Ipv4Header::new(0, ip.ttl, etherparse::IpNumber::TCP, ip.src, ip.dst).unwrap();
     h.options = Ipv4Options::try_from(ip.options).unwrap();
     h.more_fragments = ip.more_fragments;
     h.fragment_offset = IpFragOffset::try_new(ip.fragment_offset).unwrap();
@@ -81,6 +100,27 @@ fn udp(ip: Ip, sport: u16, dport: u16) -> Vec<u8> {
     let payload = b"query";
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// What kube-proxy's REJECT answers to `pkt` (Ethernet + IPv4 without
+/// options): ICMP port unreachable from its destination to its source,
+/// quoting its IP header and first 8 bytes of L4.
+fn port_unreachable_for(pkt: &[u8]) -> Vec<u8> {
+    use etherparse::icmpv4::DestUnreachableHeader;
+    let (src, dst): ([u8; 4], [u8; 4]) = (pkt[26..30].try_into().unwrap(), pkt[30..34].try_into().unwrap());
+    let mut h = Ipv4Header::new(0, 64, etherparse::IpNumber::ICMP, dst, src).unwrap();
+    h.dont_fragment = false;
+    h.identification = 0;
+    let mac = |at: usize| -> [u8; 6] { pkt[at..at + 6].try_into().unwrap() };
+    let b = PacketBuilder::ethernet2(mac(0), mac(6))
+        .ip(IpHeaders::Ipv4(h, Default::default()))
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ));
+    let quoted = &pkt[14..14 + 20 + 8];
+    let mut out = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut out, quoted).unwrap();
     out
 }
 
@@ -133,10 +173,38 @@ fn default_model() -> Model {
 struct Harness {
     datapath: Datapath,
     syncer: Syncer,
+    _netns: Netns,
+}
+
+static NETNS_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Moves the calling (test) thread into a new namespace with a route for
+/// 198.18.0.0/15, so FIB lookups from BPF_PROG_TEST_RUN are deterministic.
+fn enter_test_netns() -> Netns {
+    let name = format!(
+        "lbk-{}-{}",
+        std::process::id(),
+        NETNS_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let ns = Netns::create(&name).expect("creating the test namespace");
+    // (No dummy driver on this kernel: a veth pair inside the namespace.)
+    ns.ip(&["link", "add", "lbk0", "type", "veth", "peer", "name", "lbk1"])
+        .unwrap();
+    let addr = format!("{}/15", Ipv4Addr::from(NODE_ADDR));
+    ns.ip(&["addr", "add", &addr, "dev", "lbk0"]).unwrap();
+    ns.ip(&["link", "set", "lbk1", "up"]).unwrap();
+    ns.ip(&["link", "set", "lbk0", "up"]).unwrap();
+    // The FIB refuses forwarding lookups where forwarding is off (as on a node it is on).
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    let file = std::fs::File::open(ns.path()).unwrap();
+    // SAFETY: setns on this thread only; the fd is open.
+    assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+    ns
 }
 
 impl Harness {
     fn new(model: &Model) -> Self {
+        let netns = enter_test_netns();
         let datapath = Datapath::load(&LoadOptions {
             bpf_root: None,
             conntrack_max: 4096,
@@ -145,6 +213,7 @@ impl Harness {
         let mut h = Harness {
             datapath,
             syncer: Syncer::new(),
+            _netns: netns,
         };
         h.sync(model);
         h
@@ -176,10 +245,14 @@ impl Harness {
 // ---- CHECK ----------------------------------------------------------------
 
 enum Expect {
-    /// Passed and rewritten into exactly this packet (checksums included).
+    /// Rewritten into exactly this packet (checksums included) and
+    /// forwarded out of the node by the datapath.
     Rewritten(Vec<u8>),
     /// Passed untouched.
     Untouched,
+    /// Answered with ICMP port unreachable, sent back where it came from
+    /// (counted as `Rejected`).
+    Rejected,
     /// Dropped and counted under this reason.
     Dropped(DropReason),
 }
@@ -193,13 +266,29 @@ struct Case {
 fn check(h: &mut Harness, case: Case) {
     let before = match &case.expect {
         Expect::Dropped(r) => h.drops(*r),
+        Expect::Rejected => h.drops(DropReason::Rejected),
         _ => 0,
     };
     let (action, out) = h.run(&case.input);
     match case.expect {
         Expect::Rewritten(want) => {
-            assert_eq!(action, TC_ACT_OK, "{}: action", case.name);
+            assert_eq!(action, TC_ACT_REDIRECT, "{}: action (forwarded by FIB)", case.name);
             assert_eq!(hex(&out), hex(&want), "{}: output packet", case.name);
+        }
+        Expect::Rejected => {
+            assert_eq!(action, TC_ACT_REDIRECT, "{}: action (sent back)", case.name);
+            assert_eq!(
+                hex(&out),
+                hex(&port_unreachable_for(&case.input)),
+                "{}: ICMP packet",
+                case.name
+            );
+            assert_eq!(
+                h.drops(DropReason::Rejected),
+                before + 1,
+                "{}: rejected counter",
+                case.name
+            );
         }
         Expect::Untouched => {
             assert_eq!(action, TC_ACT_OK, "{}: action", case.name);
@@ -233,22 +322,22 @@ fn clusterip_tcp_dnat_and_reverse_nat() {
             Case {
                 name: "SYN to VIP:8080 is DNATed to the backend with valid checksums",
                 input: tcp(ip(CLIENT, VIP), 40000, 8080, Tcp::Syn),
-                expect: Expect::Rewritten(tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn)),
+                expect: Expect::Rewritten(tcp(ip(CLIENT, BACKEND).forwarded(), 40000, 80, Tcp::Syn)),
             },
             Case {
                 name: "backend's SYN-ACK is reverse-NATed to come from VIP:8080",
                 input: tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
-                expect: Expect::Rewritten(tcp(ip(VIP, CLIENT), 8080, 40000, Tcp::SynAck)),
+                expect: Expect::Rewritten(tcp(ip(VIP, CLIENT).forwarded(), 8080, 40000, Tcp::SynAck)),
             },
             Case {
                 name: "the flow's next packet follows the conntrack entry",
                 input: tcp(ip(CLIENT, VIP), 40000, 8080, Tcp::Ack),
-                expect: Expect::Rewritten(tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Ack)),
+                expect: Expect::Rewritten(tcp(ip(CLIENT, BACKEND).forwarded(), 40000, 80, Tcp::Ack)),
             },
             Case {
                 name: "same VIP, other port: its own service",
                 input: tcp(ip(CLIENT, VIP), 40001, 9090, Tcp::Syn),
-                expect: Expect::Rewritten(tcp(ip(CLIENT, [198, 18, 1, 13]), 40001, 90, Tcp::Syn)),
+                expect: Expect::Rewritten(tcp(ip(CLIENT, [198, 18, 1, 13]).forwarded(), 40001, 90, Tcp::Syn)),
             },
             Case {
                 name: "VIP on a port no service has passes untouched",
@@ -271,9 +360,9 @@ fn clusterip_tcp_dnat_and_reverse_nat() {
                 expect: Expect::Untouched,
             },
             Case {
-                name: "service without endpoints drops (counted)",
+                name: "service without endpoints: ICMP port unreachable back to the client (REJECT)",
                 input: tcp(ip(CLIENT, [198, 19, 0, 12]), 40005, 80, Tcp::Syn),
-                expect: Expect::Dropped(DropReason::NoBackend),
+                expect: Expect::Rejected,
             },
         ],
     );
@@ -288,17 +377,21 @@ fn clusterip_udp_round_trip_and_zero_checksum() {
             Case {
                 name: "UDP to VIP:53 is DNATed",
                 input: udp(ip(CLIENT, UDP_VIP), 50000, 53),
-                expect: Expect::Rewritten(udp(ip(CLIENT, UDP_BACKEND), 50000, 5353)),
+                expect: Expect::Rewritten(udp(ip(CLIENT, UDP_BACKEND).forwarded(), 50000, 5353)),
             },
             Case {
                 name: "UDP reply is reverse-NATed",
                 input: udp(ip(UDP_BACKEND, CLIENT), 5353, 50000),
-                expect: Expect::Rewritten(udp(ip(UDP_VIP, CLIENT), 53, 50000)),
+                expect: Expect::Rewritten(udp(ip(UDP_VIP, CLIENT).forwarded(), 53, 50000)),
             },
             Case {
                 name: "UDP without checksum keeps checksum 0",
                 input: without_udp_checksum(udp(ip(CLIENT, UDP_VIP), 50001, 53)),
-                expect: Expect::Rewritten(without_udp_checksum(udp(ip(CLIENT, UDP_BACKEND), 50001, 5353))),
+                expect: Expect::Rewritten(without_udp_checksum(udp(
+                    ip(CLIENT, UDP_BACKEND).forwarded(),
+                    50001,
+                    5353,
+                ))),
             },
         ],
     );
@@ -329,6 +422,7 @@ fn malformed_and_unusual_packets() {
         options: &[1, 1, 1, 0],
         more_fragments: false,
         fragment_offset: 0,
+        ttl: 64,
     };
     let first_fragment = Ip {
         src: CLIENT,
@@ -336,6 +430,7 @@ fn malformed_and_unusual_packets() {
         options: &[],
         more_fragments: true,
         fragment_offset: 0,
+        ttl: 64,
     };
     let later_fragment = Ip {
         src: CLIENT,
@@ -343,6 +438,7 @@ fn malformed_and_unusual_packets() {
         options: &[],
         more_fragments: false,
         fragment_offset: 100,
+        ttl: 64,
     };
 
     run_table(
@@ -371,12 +467,12 @@ fn malformed_and_unusual_packets() {
             Case {
                 name: "IP options: L4 found from IHL, DNAT keeps the options",
                 input: tcp(with_options(CLIENT, VIP), 40010, 8080, Tcp::Syn),
-                expect: Expect::Rewritten(tcp(with_options(CLIENT, BACKEND), 40010, 80, Tcp::Syn)),
+                expect: Expect::Rewritten(tcp(with_options(CLIENT, BACKEND).forwarded(), 40010, 80, Tcp::Syn)),
             },
             Case {
                 name: "IP options on the reply",
                 input: tcp(with_options(BACKEND, CLIENT), 80, 40010, Tcp::SynAck),
-                expect: Expect::Rewritten(tcp(with_options(VIP, CLIENT), 8080, 40010, Tcp::SynAck)),
+                expect: Expect::Rewritten(tcp(with_options(VIP, CLIENT).forwarded(), 8080, 40010, Tcp::SynAck)),
             },
             Case {
                 name: "first fragment to a service is dropped (counted)",
@@ -400,7 +496,7 @@ fn backend_of(h: &mut Harness, sport: u16, flags: Tcp) -> [u8; 4] {
 /// Which backend a flow from `client`:`sport` lands on.
 fn backend_for(h: &mut Harness, client: [u8; 4], sport: u16, flags: Tcp) -> [u8; 4] {
     let (action, out) = h.run(&tcp(ip(client, VIP), sport, 8080, flags));
-    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(action, TC_ACT_REDIRECT);
     out[30..34].try_into().unwrap()
 }
 
@@ -499,7 +595,7 @@ fn removed_backend_moves_its_udp_flows_at_once_and_its_conntrack_is_purged() {
     let mut h = Harness::new(&model(vec![dns.clone()]));
     let send = |h: &mut Harness| -> [u8; 4] {
         let (action, out) = h.run(&udp(ip(CLIENT, UDP_VIP), 50000, 53));
-        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(action, TC_ACT_REDIRECT);
         out[30..34].try_into().unwrap()
     };
     let first = send(&mut h);

@@ -48,17 +48,40 @@ pub mod ct_timeouts {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtEntry {
-    /// Forward: the backend address DNAT writes; reply: the VIP the reply's
-    /// source is restored to.
+    /// Forward: the backend address DNAT writes; reply: the frontend (VIP,
+    /// node or external address) the reply's source is restored to.
     pub nat_addr: RawAddr,
     /// Port matching `nat_addr`, host byte order.
     pub nat_port: u16,
     /// TCP flags seen on this flow so far (`ct_flags`).
     pub tcp_flags_seen: u8,
-    pub _pad: u8,
+    /// `entry_flags`.
+    pub flags: u8,
     pub backend_id: u32,
     pub service_id: u32,
     /// Monotonic clock seconds (bpf_ktime_get_ns / 1e9) after which the entry is stale.
     pub expires_at: u32,
+    /// With `entry_flags::SNAT` — forward: the node address and port the
+    /// source is masqueraded to; reply: the client's address and port the
+    /// destination is restored to.
+    pub snat_addr: RawAddr,
+    pub snat_port: u16,
+    pub _pad: [u8; 2],
 }
-assert_size!(CtEntry, 32);
+assert_size!(CtEntry, 52);
+
+/// `CtEntry::flags`.
+pub mod entry_flags {
+    /// The flow is masqueraded (KUBE-POSTROUTING MASQUERADE).
+    pub const SNAT: u8 = 1 << 0;
+}
+
+/// Source ports for masquerading, above Linux's default ephemeral range
+/// (32768–60999) so they never meet the node's own connections, and above
+/// the NodePort range.
+pub mod snat_ports {
+    pub const FIRST: u16 = 61_000;
+    pub const COUNT: u32 = 4_536;
+    /// Random tries before a new flow is dropped as `SnatPortsExhausted`.
+    pub const TRIES: u32 = 8;
+}

@@ -20,7 +20,9 @@ pub mod stats;
 pub use addr::RawAddr;
 pub use backend::{Backend, BackendId, BackendSlotKey};
 pub use conntrack::{CtEntry, CtKey, CtKind};
-pub use service::{AffinityKey, AffinityValue, ServiceKey, ServiceScope, ServiceValue};
+pub use service::{
+    AffinityKey, AffinityValue, ServiceKey, ServiceScope, ServiceValue, SourceRange, cidr_kind, svc_flags,
+};
 pub use stats::{DropReason, TrafficCounter};
 
 /// IP protocol numbers used in keys.
@@ -40,7 +42,9 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DROP_STATS: &str = "DROP_STATS";
     pub const AFFINITY: &str = "AFFINITY";
-    pub const ALL: [&str; 8] = [
+    pub const CIDRS: &str = "CIDRS";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -49,6 +53,8 @@ pub mod map_names {
         BACKEND_STATS,
         DROP_STATS,
         AFFINITY,
+        CIDRS,
+        SOURCE_RANGES,
     ];
 }
 
@@ -69,6 +75,10 @@ pub mod limits {
     pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
     /// ClientIP affinity entries (client × service port), LRU.
     pub const MAX_AFFINITY: u32 = 65_536;
+    /// Cluster and service CIDRs (a few per family).
+    pub const MAX_CIDRS: u32 = 64;
+    /// loadBalancerSourceRanges CIDRs over all services.
+    pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Number of drop-reason counters (`DropReason` discriminants are below it).
     pub const DROP_REASONS: u32 = 16;
 }
@@ -95,4 +105,5 @@ mod pod_impls {
     unsafe impl aya::Pod for TrafficCounter {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRange {}
 }

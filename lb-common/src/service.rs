@@ -3,12 +3,28 @@
 
 use crate::{RawAddr, assert_size};
 
-/// Which traffic a service entry captures. ClusterIP entries are `Cluster`;
-/// NodePort/LoadBalancer entries get their own scopes later.
+/// Reserved key field; every entry uses `Cluster` today (NodePort, external
+/// and LoadBalancer addresses are entries of their own address, with their
+/// own backend set and flags).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceScope {
     Cluster = 0,
+}
+
+/// `ServiceValue::flags`.
+pub mod svc_flags {
+    /// Masquerade every new flow (external traffic with
+    /// externalTrafficPolicy Cluster, or --masquerade-all): KUBE-MARK-MASQ.
+    pub const SNAT_ALWAYS: u32 = 1 << 0;
+    /// Masquerade sources outside the cluster CIDRs (--cluster-cidr).
+    pub const SNAT_OUTSIDE_CLUSTER: u32 = 1 << 1;
+    /// Only sources in SOURCE_RANGES may use this frontend
+    /// (loadBalancerSourceRanges); others are dropped.
+    pub const SOURCE_RANGES: u32 = 1 << 2;
+    /// Not a frontend but an address marker (port 0, protocol 0): a cluster
+    /// IP, so packets to its other ports are rejected.
+    pub const ADDRESS_ONLY: u32 = 1 << 3;
 }
 
 #[repr(C)]
@@ -45,6 +61,26 @@ pub struct ServiceValue {
     pub affinity_timeout: u32,
 }
 assert_size!(ServiceValue, 20);
+
+/// What a CIDRS entry is. CIDRS is an LPM trie over `RawAddr` (IPv4
+/// prefixes are 96 + their length, as addresses are IPv4-mapped).
+pub mod cidr_kind {
+    /// --cluster-cidr: pod addresses (sources not masqueraded).
+    pub const CLUSTER: u32 = 1;
+    /// --service-cluster-ip-range: an address here without a service is dropped.
+    pub const SERVICE: u32 = 2;
+}
+
+/// SOURCE_RANGES map (LPM trie) key data: a loadBalancerSourceRanges CIDR of
+/// one service port. The prefix length counts the 32 service-id bits too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRange {
+    /// Service id, big-endian (LPM matches bytes in order).
+    pub service_id_be: u32,
+    pub addr: RawAddr,
+}
+assert_size!(SourceRange, 20);
 
 /// AFFINITY map key: one client of one service port.
 #[repr(C)]

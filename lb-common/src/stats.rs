@@ -29,10 +29,21 @@ pub enum DropReason {
     ConntrackInsert = 6,
     /// A packet rewrite or checksum helper failed.
     Rewrite = 7,
+    /// The service has no usable endpoint: the client got an ICMP port
+    /// unreachable (kube-proxy's REJECT).
+    Rejected = 8,
+    /// An address of --service-cluster-ip-range that no service has.
+    UnallocatedServiceIp = 9,
+    /// A source outside the frontend's loadBalancerSourceRanges.
+    SourceRange = 10,
+    /// No free masquerade port for this backend (all tries collided).
+    SnatPortsExhausted = 11,
+    /// No route from the node to where the packet must go.
+    NoRoute = 12,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
         DropReason::FragmentToService,
@@ -40,6 +51,11 @@ impl DropReason {
         DropReason::BackendSlotMissing,
         DropReason::ConntrackInsert,
         DropReason::Rewrite,
+        DropReason::Rejected,
+        DropReason::UnallocatedServiceIp,
+        DropReason::SourceRange,
+        DropReason::SnatPortsExhausted,
+        DropReason::NoRoute,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -51,6 +67,11 @@ impl DropReason {
             DropReason::BackendSlotMissing => "backend_slot_missing",
             DropReason::ConntrackInsert => "conntrack_insert",
             DropReason::Rewrite => "rewrite",
+            DropReason::Rejected => "rejected_no_endpoints",
+            DropReason::UnallocatedServiceIp => "unallocated_service_ip",
+            DropReason::SourceRange => "source_range",
+            DropReason::SnatPortsExhausted => "snat_ports_exhausted",
+            DropReason::NoRoute => "no_route",
         }
     }
 }

@@ -5,11 +5,14 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     CtEntry, CtKey, CtKind, RawAddr,
     addr::from_v4_word,
-    conntrack::{ct_flags, ct_timeouts},
+    conntrack::{ct_flags, ct_timeouts, entry_flags},
     proto,
 };
 
-use crate::{maps::CONNTRACK, parse::Packet};
+use crate::{
+    maps::{CONNTRACK, SCRATCH},
+    parse::Packet,
+};
 
 #[inline(always)]
 pub fn now_secs() -> u32 {
@@ -30,15 +33,16 @@ pub fn key(pkt: &Packet, kind: CtKind) -> CtKey {
     }
 }
 
-/// The key the backend's replies carry for a flow DNATed to `backend`.
+/// The key the backend's replies carry: from the backend to `to` — the
+/// client, or the node address and port the flow is masqueraded as.
 #[inline(always)]
-pub fn reply_key(pkt: &Packet, backend_addr: RawAddr, backend_port: u16) -> CtKey {
+pub fn reply_key(backend_addr: &RawAddr, backend_port: u16, to_addr: u32, to_port: u16, proto: u8) -> CtKey {
     CtKey {
-        src_addr: backend_addr,
-        dst_addr: from_v4_word(pkt.src),
+        src_addr: *backend_addr,
+        dst_addr: from_v4_word(to_addr),
         src_port: backend_port,
-        dst_port: pkt.sport,
-        proto: pkt.proto,
+        dst_port: to_port,
+        proto,
         kind: CtKind::Reply as u8,
         _pad: [0; 2],
     }
@@ -89,19 +93,34 @@ pub fn new_entry(
     pkt: &Packet,
     nat_addr: RawAddr,
     nat_port: u16,
+    snat: Option<(RawAddr, u16)>,
     backend_id: u32,
     service_id: u32,
     now: u32,
 ) -> CtEntry {
+    let (flags, snat_addr, snat_port) = match snat {
+        Some((addr, port)) => (entry_flags::SNAT, addr, port),
+        None => (0, [0; 16], 0),
+    };
     CtEntry {
         nat_addr,
         nat_port,
         tcp_flags_seen: pkt.tcp_flags,
-        _pad: 0,
+        flags,
         backend_id,
         service_id,
         expires_at: now + lifetime(pkt.proto, pkt.tcp_flags),
+        snat_addr,
+        snat_port,
+        _pad: [0; 2],
     }
+}
+
+/// This CPU's scratch entry (see maps::SCRATCH).
+#[inline(always)]
+pub fn scratch<'a>() -> Option<&'a mut CtEntry> {
+    // SAFETY: per-CPU slot; a program run owns it until it returns.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]

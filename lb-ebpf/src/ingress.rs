@@ -1,45 +1,93 @@
-//! The TC ingress walk: parse → service? → conntrack → select → NAT.
-//! Packets to a service are DNATed to a backend; the backend's replies are
-//! translated back so the client only ever sees VIP:port.
+//! The TC ingress walk: parse → service? → conntrack → select → NAT →
+//! forward. Packets to a frontend are DNATed (and masqueraded where kube-
+//! proxy would) to a backend; the backend's replies are translated back so
+//! the client only ever sees the address and port it connected to.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{
     CtKind, DropReason, RawAddr, ServiceValue,
     addr::{from_v4_word, v4_word},
+    cidr_kind,
+    conntrack::entry_flags,
+    svc_flags,
 };
 
 use crate::{
     conntrack,
+    forward::{self, Route},
     nat::{self, Side},
     parse::{self, Fragment, Packet},
-    select, stats,
+    reject, select, snat, stats,
 };
+
+const OK: i32 = TC_ACT_OK as i32;
 
 pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK);
+        return Ok(OK);
     };
-    match select::lookup_service(&pkt) {
-        Some(svc) => {
-            if pkt.fragment != Fragment::None {
-                // Later fragments carry no ports and could not follow this
-                // one to the same backend.
-                return Err(DropReason::FragmentToService);
-            }
-            to_service(ctx, &pkt, &svc)
+    // Each step is its own BPF function called from here, never from each
+    // other: the 512-byte stack limit counts every frame of a call chain.
+    if let Some(svc) = select::lookup_service(&pkt)
+        && svc.flags & svc_flags::ADDRESS_ONLY == 0
+    {
+        if pkt.fragment != Fragment::None {
+            // Later fragments carry no ports and could not follow this
+            // one to the same backend.
+            return Err(DropReason::FragmentToService);
         }
-        None => reply_from_backend(ctx, &pkt),
+        let egress = match to_service(&pkt, &svc)? {
+            Flow::Established => 0,
+            Flow::New => new_flow(ctx, &pkt, &svc)?,
+            Flow::NoEndpoints => {
+                // kube-proxy REJECTs traffic to services without endpoints.
+                stats::count_drop(DropReason::Rejected);
+                return reject::port_unreachable(ctx, &pkt);
+            }
+        };
+        return translate_forward(ctx, &pkt, egress);
     }
+    if let Some(verdict) = reply_from_backend(ctx, &pkt)? {
+        return Ok(verdict);
+    }
+    not_a_frontend(ctx, &pkt)
 }
 
-/// Client → VIP: keep an existing flow on its backend, or balance a new one.
+/// What a packet to a frontend is.
+enum Flow {
+    /// Part of a known flow; its forward entry is in the scratch slot.
+    Established,
+    /// Starts a flow.
+    New,
+    /// The service has no endpoint to send it to.
+    NoEndpoints,
+}
+
+/// A packet to no frontend: a cluster IP on a port it does not serve is
+/// rejected, an unallocated service address dropped, anything else passes.
 #[inline(always)]
-fn to_service(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<i32, DropReason> {
+fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    if select::is_service_address(pkt.dst) {
+        stats::count_drop(DropReason::Rejected);
+        return reject::port_unreachable(ctx, pkt);
+    }
+    if select::cidr_kind_of(pkt.dst) == Some(cidr_kind::SERVICE) {
+        return Err(DropReason::UnallocatedServiceIp);
+    }
+    Ok(OK)
+}
+
+/// Client → frontend: is the packet part of a flow whose backend is still
+/// in the service? Its forward entry is then copied to the scratch slot.
+#[inline(never)]
+fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> {
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, pkt.src) {
+        return Err(DropReason::SourceRange);
+    }
     let now = conntrack::now_secs();
-    let fwd_key = conntrack::key(pkt, CtKind::Forward);
-    if let Some(entry) = conntrack::lookup(&fwd_key, now) {
+    if let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Forward), now) {
         // SAFETY: pointer from a successful lookup in this run.
-        let e = unsafe { *entry };
+        let e = unsafe { &*entry };
         // The flow stays on its backend while that backend still belongs to
         // this service with the same address; otherwise it is balanced anew.
         if e.service_id == svc.service_id
@@ -48,49 +96,128 @@ fn to_service(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<i32, 
             && b.port == e.nat_port
         {
             conntrack::touch(entry, pkt, now);
-            return dnat(ctx, pkt, e.service_id, e.backend_id, &e.nat_addr, e.nat_port);
+            let scratch = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
+            // SAFETY: as above.
+            *scratch = unsafe { *entry };
+            return Ok(Flow::Established);
         }
     }
+    Ok(if svc.backend_count == 0 {
+        Flow::NoEndpoints
+    } else {
+        Flow::New
+    })
+}
 
+/// Does this new flow need masquerading? (KUBE-MARK-MASQ's cases.)
+#[inline(always)]
+fn wants_snat(svc: &ServiceValue, pkt: &Packet, backend: &RawAddr) -> bool {
+    svc.flags & svc_flags::SNAT_ALWAYS != 0
+        || (svc.flags & svc_flags::SNAT_OUTSIDE_CLUSTER != 0
+            && select::cidr_kind_of(pkt.src) != Some(cidr_kind::CLUSTER))
+        // Hairpin: a pod reaching itself through its service.
+        || *backend == from_v4_word(pkt.src)
+}
+
+/// Balances a new flow: picks the backend, decides on masquerading, records
+/// both conntrack entries; leaves the forward entry in the scratch slot.
+#[inline(never)]
+/// Returns the egress ifindex already looked up for a masqueraded flow (0: none).
+fn new_flow(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32, DropReason> {
+    let now = conntrack::now_secs();
     let (backend_id, backend) = select::pick_backend_for(svc, from_v4_word(pkt.src), now)?;
-    let fwd = conntrack::new_entry(pkt, backend.addr, backend.port, backend_id, svc.service_id, now);
-    let rev = conntrack::new_entry(pkt, from_v4_word(pkt.dst), pkt.dport, backend_id, svc.service_id, now);
-    conntrack::insert(&conntrack::reply_key(pkt, backend.addr, backend.port), &rev)
+    let backend_v4 = v4_word(&backend.addr).ok_or(DropReason::Rewrite)?;
+    // Both entries are built in one scratch slot, one after the other.
+    let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
+
+    // Reply entry: the backend's answers go back as coming from the frontend.
+    *e = conntrack::new_entry(
+        pkt,
+        from_v4_word(pkt.dst),
+        pkt.dport,
+        None,
+        backend_id,
+        svc.service_id,
+        now,
+    );
+    let route = if wants_snat(svc, pkt, &backend.addr) {
+        // Masquerade as the node address the kernel would send from toward
+        // the backend, with a port free for this backend; the reply entry
+        // also restores the client as destination.
+        let route =
+            forward::route(ctx, pkt, pkt.src, backend_v4, pkt.sport, backend.port, true).ok_or(DropReason::NoRoute)?;
+        e.flags |= entry_flags::SNAT;
+        e.snat_addr = from_v4_word(pkt.src);
+        e.snat_port = pkt.sport;
+        let port = snat::claim_port(&backend.addr, backend.port, route.src, pkt.proto, e, now)?;
+        e.snat_addr = from_v4_word(route.src);
+        e.snat_port = port;
+        route.ifindex
+    } else {
+        conntrack::insert(
+            &conntrack::reply_key(&backend.addr, backend.port, pkt.src, pkt.sport, pkt.proto),
+            e,
+        )
         .map_err(|_| DropReason::ConntrackInsert)?;
-    conntrack::insert(&fwd_key, &fwd).map_err(|_| DropReason::ConntrackInsert)?;
-    dnat(ctx, pkt, svc.service_id, backend_id, &backend.addr, backend.port)
+        0
+    };
+    // Forward entry: the client's packets go to the backend (masqueraded as
+    // the node address and port above, when chosen).
+    e.nat_addr = backend.addr;
+    e.nat_port = backend.port;
+    conntrack::insert(&conntrack::key(pkt, CtKind::Forward), e).map_err(|_| DropReason::ConntrackInsert)?;
+    Ok(route)
 }
 
-#[inline(always)]
-fn dnat(
-    ctx: &TcContext,
-    pkt: &Packet,
-    service_id: u32,
-    backend_id: u32,
-    addr: &RawAddr,
-    port: u16,
-) -> Result<i32, DropReason> {
-    // An IPv6 backend behind an IPv4 VIP would need NAT46: never programmed.
-    let addr = v4_word(addr).ok_or(DropReason::Rewrite)?;
-    nat::rewrite(ctx, pkt, Side::Destination, addr, port)?;
-    stats::count_balanced(service_id, backend_id, ctx.len());
-    Ok(TC_ACT_OK)
+/// DNAT (and SNAT) of a client packet as its forward entry says; forwarded
+/// by FIB when translated.
+#[inline(never)]
+/// `egress`: the interface a new masqueraded flow was routed to (0: look up).
+fn translate_forward(ctx: &TcContext, pkt: &Packet, egress: u32) -> Result<i32, DropReason> {
+    let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
+    // An IPv6 backend behind an IPv4 frontend would need NAT46: never programmed.
+    let backend = v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?;
+    nat::rewrite(ctx, pkt, Side::Destination, backend, e.nat_port)?;
+    let (src, sport) = if e.flags & entry_flags::SNAT != 0 {
+        let node = v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?;
+        nat::rewrite(ctx, pkt, Side::Source, node, e.snat_port)?;
+        (node, e.snat_port)
+    } else {
+        (pkt.src, pkt.sport)
+    };
+    stats::count_balanced(e.service_id, e.backend_id, ctx.len());
+    let route = match egress {
+        0 => forward::route(ctx, pkt, src, backend, sport, e.nat_port, false),
+        ifindex => Some(Route { ifindex, src }),
+    };
+    forward::forward(ctx, pkt, route)
 }
 
-/// Backend → client: restore VIP:port as the source. Anything else passes.
-#[inline(always)]
-fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+/// Backend → client: restore the frontend as the source (and the client as
+/// the destination of a masqueraded flow). `None`: not a reply of ours.
+#[inline(never)]
+fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, DropReason> {
     let now = conntrack::now_secs();
     let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Reply), now) else {
-        return Ok(TC_ACT_OK);
+        return Ok(None);
     };
     if pkt.fragment != Fragment::None {
         return Err(DropReason::FragmentToService);
     }
     conntrack::touch(entry, pkt, now);
     // SAFETY: pointer from a successful lookup in this run.
-    let (vip, vport) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-    let vip = v4_word(&vip).ok_or(DropReason::Rewrite)?;
-    nat::rewrite(ctx, pkt, Side::Source, vip, vport)?;
-    Ok(TC_ACT_OK)
+    let e = unsafe { *entry };
+    let frontend = v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?;
+    nat::rewrite(ctx, pkt, Side::Source, frontend, e.nat_port)?;
+    let (client, client_port) = if e.flags & entry_flags::SNAT != 0 {
+        let client = v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?;
+        nat::rewrite(ctx, pkt, Side::Destination, client, e.snat_port)?;
+        (client, e.snat_port)
+    } else {
+        (pkt.dst, pkt.dport)
+    };
+    // Forwarded by FIB: the restored source may be a node address (NodePort),
+    // which the stack would refuse on input.
+    let route = forward::route(ctx, pkt, frontend, client, e.nat_port, client_port, false);
+    Ok(Some(forward::forward(ctx, pkt, route)?))
 }

@@ -4,11 +4,14 @@
 #![no_main]
 
 mod conntrack;
+mod forward;
 mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod select;
+mod snat;
 mod stats;
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};

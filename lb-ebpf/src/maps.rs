@@ -4,13 +4,16 @@
 //! (CONNTRACK's is overridden by the agent's `--conntrack-max`).
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, CtEntry, CtKey, ServiceKey, ServiceValue,
-    TrafficCounter,
-    limits::{DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_SERVICES},
+    AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, CtEntry, CtKey, RawAddr, ServiceKey, ServiceValue,
+    SourceRange, TrafficCounter,
+    limits::{
+        DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CIDRS,
+        MAX_SERVICES, MAX_SOURCE_RANGES,
+    },
 };
 
 /// (VIP, port, protocol, scope) → service port entry: KUBE-SERVICES.
@@ -35,6 +38,21 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_CONNTRACK_ENTRIES as 
 /// (kube-proxy's `recent` match); LRU, stale entries age out by timeout.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> = LruHashMap::new();
+
+/// Cluster CIDRs (sources not masqueraded) and service CIDRs (addresses
+/// dropped when no service has them) → `cidr_kind`.
+#[btf_map]
+pub static CIDRS: LpmTrie<RawAddr, u32, { MAX_CIDRS as usize }> = LpmTrie::new();
+
+/// (service id, source CIDR) → 1: loadBalancerSourceRanges of frontends
+/// flagged `SOURCE_RANGES`.
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
+/// One conntrack entry of scratch space per CPU: a new flow's entries are
+/// built here, off the 512-byte BPF stack.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();
 
 /// Service id → packets/bytes balanced (per CPU).
 #[btf_map]

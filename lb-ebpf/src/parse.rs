@@ -11,6 +11,7 @@ const ETH_P_IP: u16 = 0x0800;
 /// ask the kernel to make linear before parsing.
 const MAX_HDR_LEN: u32 = (ETH_HDR_LEN + 60 + 20) as u32;
 
+pub const IP_TTL_OFF: usize = ETH_HDR_LEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HDR_LEN + 12;
 pub const IP_DST_OFF: usize = ETH_HDR_LEN + 16;
@@ -50,6 +51,9 @@ pub enum Fragment {
 /// order), ports converted to host order like the map keys.
 pub struct Packet {
     pub l4_off: usize,
+    /// IPv4 total length and TTL (for the FIB lookup and forwarding).
+    pub tot_len: u16,
+    pub ttl: u8,
     pub proto: u8,
     pub src: u32,
     pub dst: u32,
@@ -109,7 +113,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
 
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN)?;
     // SAFETY: bounds checked by ptr_at; reads are unaligned-safe.
-    let (version_ihl, tot_len, frag_off, protocol, src, dst) = unsafe {
+    let (version_ihl, tot_len, frag_off, protocol, src, dst, ttl) = unsafe {
         (
             (*ip).version_ihl,
             u16::from_be(core::ptr::addr_of!((*ip).tot_len).read_unaligned()),
@@ -117,6 +121,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
             (*ip).protocol,
             core::ptr::addr_of!((*ip).saddr).read_unaligned(),
             core::ptr::addr_of!((*ip).daddr).read_unaligned(),
+            (*ip).ttl,
         )
     };
     let ihl = (version_ihl & 0x0f) as usize;
@@ -158,6 +163,8 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
     };
     Ok(Some(Packet {
         l4_off,
+        tot_len,
+        ttl,
         proto: protocol,
         src,
         dst,

@@ -1,13 +1,14 @@
 //! Service lookup and backend choice: KUBE-SERVICES → KUBE-SVC-* → KUBE-SEP-*.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, DropReason, RawAddr, ServiceKey, ServiceScope,
-    ServiceValue, addr::from_v4_word,
+    ServiceValue, SourceRange, addr::from_v4_word,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKEND_SLOTS, BACKENDS, SERVICES},
+    maps::{AFFINITY, BACKEND_SLOTS, BACKENDS, CIDRS, SERVICES, SOURCE_RANGES},
     parse::Packet,
 };
 
@@ -87,4 +88,36 @@ pub fn pick_backend_for(svc: &ServiceValue, client: RawAddr, now: u32) -> Result
         0,
     );
     Ok((id, backend))
+}
+
+/// Is `addr` a cluster IP (an `ADDRESS_ONLY` marker entry exists)?
+#[inline(always)]
+pub fn is_service_address(addr: u32) -> bool {
+    let key = ServiceKey {
+        addr: from_v4_word(addr),
+        port: 0,
+        proto: 0,
+        scope: ServiceScope::Cluster as u8,
+    };
+    SERVICES.get_ptr(&key).is_some()
+}
+
+/// The `cidr_kind` of the longest CIDRS prefix holding `addr`.
+#[inline(always)]
+pub fn cidr_kind_of(addr: u32) -> Option<u32> {
+    let key = LpmKey::new(128, from_v4_word(addr));
+    CIDRS.get(&key).copied()
+}
+
+/// May `src` use service `service_id` (loadBalancerSourceRanges)?
+#[inline(always)]
+pub fn source_allowed(service_id: u32, src: u32) -> bool {
+    let key = LpmKey::new(
+        160,
+        SourceRange {
+            service_id_be: service_id.to_be(),
+            addr: from_v4_word(src),
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }

@@ -1,0 +1,95 @@
+//! Forwarding after NAT: a FIB lookup and `bpf_redirect_neigh` straight out
+//! of the egress interface, as a router would (TTL decremented). Packets
+//! whose source became a node address (masquerade, or a reply restored to
+//! come from a node's NodePort) would be refused by the stack as martians,
+//! so NATed packets take this path; what the FIB cannot forward (local
+//! delivery, no route) is left to the stack.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use lb_common::DropReason;
+
+use crate::parse::{IP_CSUM_OFF, IP_TTL_OFF, Packet};
+
+const AF_INET: u8 = 2;
+
+/// Where the FIB sends a packet: the egress interface and, when asked,
+/// the node address the kernel would use as source toward it.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub ifindex: u32,
+    pub src: u32,
+}
+
+/// FIB lookup for a packet from `src`:`sport` to `dst`:`dport` (ports in
+/// host order). `None`: not forwardable (local, blackhole, no route).
+#[inline(always)]
+pub fn route(
+    ctx: &TcContext,
+    pkt: &Packet,
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    want_src: bool,
+) -> Option<Route> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = pkt.proto;
+    p.sport = sport.to_be();
+    p.dport = dport.to_be();
+    p.__bindgen_anon_1.tot_len = pkt.tot_len;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // The device the packet arrived on (at TC ingress, skb->ifindex is it).
+    // SAFETY: reading the context's own field.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
+    // SAFETY: params on our stack, size given.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return None;
+    }
+    // SAFETY: union field written by the helper.
+    Some(Route {
+        ifindex: p.ifindex,
+        src: unsafe { p.__bindgen_anon_3.ipv4_src },
+    })
+}
+
+/// Sends the (rewritten) packet out of `route`'s interface, resolving the
+/// next hop's MAC; without a route, or with TTL about to expire, the stack
+/// handles it (and sends any ICMP error).
+#[inline(always)]
+pub fn forward(ctx: &TcContext, pkt: &Packet, route: Option<Route>) -> Result<i32, DropReason> {
+    let Some(route) = route else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if pkt.ttl <= 1 {
+        return Ok(TC_ACT_OK as i32);
+    }
+    // TTL and protocol share one 16-bit checksum word.
+    let old = u16::from_be_bytes([pkt.ttl, pkt.proto]).to_be();
+    let new = u16::from_be_bytes([pkt.ttl - 1, pkt.proto]).to_be();
+    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 2)
+        .map_err(|_| DropReason::Rewrite)?;
+    ctx.store(IP_TTL_OFF, &(pkt.ttl - 1), 0)
+        .map_err(|_| DropReason::Rewrite)?;
+    // SAFETY: plain helper call; no neighbour params: the kernel looks the
+    // next hop up itself.
+    let ret = unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) };
+    Ok(ret as i32)
+}

@@ -1,0 +1,98 @@
+//! kube-proxy's REJECT for services without endpoints: the packet is turned
+//! into an ICMP port unreachable for its sender, in place, and sent back out
+//! of the interface it came in on. TCP clients see "connection refused" at
+//! once, UDP clients an error, instead of a timeout.
+
+use aya_ebpf::{
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use lb_common::DropReason;
+
+use crate::parse::{ETH_HDR_LEN, Packet};
+
+const ICMP_HDR_LEN: usize = 8;
+const NEW_IP_HDR_LEN: usize = 20;
+/// The original datagram's first 8 bytes after its IP header go in the ICMP body.
+const QUOTED_L4: usize = 8;
+/// ICMP type 3 (destination unreachable), code 3 (port unreachable).
+const ICMP_PORT_UNREACHABLE: [u8; 2] = [3, 3];
+
+/// One's-complement sum of big-endian 16-bit words, folded (not inverted).
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+#[inline(always)]
+fn sum_words(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// Rewrites `pkt` into ICMP destination unreachable / port unreachable from
+/// its destination to its source; returns the redirect verdict.
+#[inline(never)]
+pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let ip_len = pkt.l4_off - ETH_HDR_LEN;
+    // Fixed-size loads (the verifier wants constant lengths).
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
+    let quoted: [u8; QUOTED_L4] = ctx.load(pkt.l4_off).map_err(|_| DropReason::Truncated)?;
+
+    // Keep Ethernet + the original IP header + 8 bytes of L4, then open room
+    // for the new IP and ICMP headers between Ethernet and the old IP header.
+    let keep = (pkt.l4_off + QUOTED_L4) as u32;
+    // SAFETY: helper calls on our own context; no packet pointer is held.
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, keep, 0) != 0 {
+            return Err(DropReason::Rewrite);
+        }
+        if bpf_skb_adjust_room(ctx.skb.skb, (NEW_IP_HDR_LEN + ICMP_HDR_LEN) as i32, BPF_ADJ_ROOM_MAC, 0) != 0 {
+            return Err(DropReason::Rewrite);
+        }
+    }
+
+    // Ethernet: back where it came from.
+    let mut eth = [0u8; 14];
+    eth[..6].copy_from_slice(&macs[6..12]);
+    eth[6..12].copy_from_slice(&macs[..6]);
+    eth[12] = 0x08;
+    ctx.store(0, &eth, 0).map_err(|_| DropReason::Rewrite)?;
+
+    // New IPv4 header: from the address the client tried, to the client.
+    let tot_len = (NEW_IP_HDR_LEN + ICMP_HDR_LEN + ip_len + QUOTED_L4) as u16;
+    let mut ip = [0u8; NEW_IP_HDR_LEN];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
+    ip[8] = 64; // TTL
+    ip[9] = 1; // ICMP
+    ip[12..16].copy_from_slice(&pkt.dst.to_ne_bytes());
+    ip[16..20].copy_from_slice(&pkt.src.to_ne_bytes());
+    let ip_csum = !fold(sum_words(&ip));
+    ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    ctx.store(ETH_HDR_LEN, &ip, 0).map_err(|_| DropReason::Rewrite)?;
+
+    // ICMP checksum over header + quoted datagram. The quoted IP header
+    // carries a valid checksum, so its words sum to 0xffff (zero in one's
+    // complement) and drop out: only the ICMP header and the 8 quoted L4
+    // bytes count.
+    let icmp_sum = sum_words(&ICMP_PORT_UNREACHABLE) + sum_words(&quoted);
+    let icmp_csum = !fold(icmp_sum);
+    let mut icmp = [0u8; ICMP_HDR_LEN];
+    icmp[..2].copy_from_slice(&ICMP_PORT_UNREACHABLE);
+    icmp[2..4].copy_from_slice(&icmp_csum.to_be_bytes());
+    ctx.store(ETH_HDR_LEN + NEW_IP_HDR_LEN, &icmp, 0)
+        .map_err(|_| DropReason::Rewrite)?;
+
+    // SAFETY: reading the context's own field; plain helper call.
+    let ret = unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) };
+    Ok(ret as i32)
+}
