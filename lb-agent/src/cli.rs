@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::model::Cidr;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "lb-agent",
@@ -18,7 +20,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Program the datapath from a source and keep it in sync.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the service ports programmed in the pinned maps of a running agent.
     Services(InspectArgs),
 }
@@ -65,6 +67,20 @@ pub struct RunArgs {
     /// Interval of full resyncs, which repair any map entry that differs from the model.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
+    /// Only node addresses in these CIDRs get NodePorts (comma-separated);
+    /// default: every address of the node.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<Cidr>,
+    /// Pod CIDRs of the cluster (comma-separated, one per family): traffic
+    /// to cluster IPs from outside them is masqueraded.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<Cidr>,
+    /// Service CIDRs: addresses in them without a service are dropped.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cluster_ip_range: Vec<Cidr>,
+    /// Masquerade all traffic to cluster IPs.
+    #[arg(long)]
+    pub masquerade_all: bool,
     /// Quiet period after a manifest file change before it is read.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub manifests_debounce: Duration,
@@ -94,6 +110,10 @@ struct ConfigFile {
     min_sync_period: Option<String>,
     sync_period: Option<String>,
     manifests_debounce: Option<String>,
+    nodeport_addresses: Option<Vec<String>>,
+    cluster_cidr: Option<Vec<String>>,
+    service_cluster_ip_range: Option<Vec<String>>,
+    masquerade_all: Option<bool>,
 }
 
 impl RunArgs {
@@ -133,6 +153,27 @@ impl RunArgs {
         take!(min_sync_period, duration);
         take!(sync_period, duration);
         take!(manifests_debounce, duration);
+        take!(masquerade_all);
+        let cidrs = |key: &str, list: Vec<String>| -> anyhow::Result<Vec<Cidr>> {
+            list.iter()
+                .map(|c| {
+                    c.parse::<Cidr>()
+                        .map_err(|e| anyhow::anyhow!("--config {}: {key}: {e}", path.display()))
+                })
+                .collect()
+        };
+        macro_rules! take_cidrs {
+            ($field:ident) => {
+                if !from_cli(stringify!($field))
+                    && let Some(v) = file.$field
+                {
+                    self.$field = cidrs(stringify!($field), v)?;
+                }
+            };
+        }
+        take_cidrs!(nodeport_addresses);
+        take_cidrs!(cluster_cidr);
+        take_cidrs!(service_cluster_ip_range);
         if self.manifests.is_some() && self.kubeconfig.is_some() {
             anyhow::bail!(
                 "--manifests and --kubeconfig exclude each other (check --config {})",
@@ -191,7 +232,7 @@ mod tests {
             unreachable!()
         };
         args.merge_config_file(matches.subcommand_matches("run").unwrap())?;
-        Ok(args)
+        Ok(*args)
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! programs the eBPF datapath. See README.md for the architecture.
 pub mod cli;
 pub mod datapath;
+pub mod health;
 pub mod inspect;
 pub mod model;
 pub mod run;

@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(run_matches) = matches.subcommand_matches("run") {
                 args.merge_config_file(run_matches)?;
             }
-            lb_agent::run::run(args).await
+            lb_agent::run::run(*args).await
         }
         Command::Services(args) => lb_agent::inspect::print_services(&args.bpf_root, &args.output),
     }

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use lb_common::svc_flags;
 
 /// Label kube-proxy honours: a service with it belongs to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -83,6 +84,75 @@ pub struct ServicePortSpec {
     pub port: u16,
     pub protocol: Protocol,
     pub target_port: TargetPort,
+    /// NodePort/LoadBalancer services: the port opened on every node address.
+    pub node_port: Option<u16>,
+}
+
+/// An address prefix (`198.18.0.0/16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix as u32)
+                };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix as u32)
+                };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR (like 198.18.0.0/16)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: bad prefix length"))?
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// spec.type, with ExternalName handled as `Skip`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
 }
 
 /// Why a service is deliberately not proxied (as kube-proxy skips it).
@@ -106,6 +176,15 @@ pub struct ServiceSpec {
     pub external_local: bool,
     /// `sessionAffinity: ClientIP` timeout in seconds (0: no affinity).
     pub affinity_timeout: u32,
+    pub kind: ServiceKind,
+    /// spec.externalIPs: captured on every node like the cluster IP.
+    pub external_ips: Vec<IpAddr>,
+    /// status.loadBalancer.ingress[].ip (ipMode VIP; Proxy ones are not captured).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// spec.loadBalancerSourceRanges.
+    pub source_ranges: Vec<Cidr>,
+    /// spec.healthCheckNodePort (LoadBalancer/NodePort with eTP Local).
+    pub health_check_node_port: Option<u16>,
 }
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
@@ -200,11 +279,13 @@ impl ServiceSpec {
             if ports.iter().any(|q: &ServicePortSpec| q.name == name) {
                 return Err(field_err(field("name"), format!("duplicate port name {name:?}")));
             }
+            let node_port = p.node_port.map(|n| port_number(&field("nodePort"), n)).transpose()?;
             ports.push(ServicePortSpec {
                 name,
                 port,
                 protocol,
                 target_port,
+                node_port,
             });
         }
         if ports.is_empty() && skip.is_none() {
@@ -241,6 +322,46 @@ impl ServiceSpec {
             Some("Local") => Ok(true),
             Some(other) => Err(field_err(field, format!("unknown policy {other:?} (Cluster or Local)"))),
         };
+        let kind = match spec.type_.as_deref() {
+            Some("NodePort") => ServiceKind::NodePort,
+            Some("LoadBalancer") => ServiceKind::LoadBalancer,
+            _ => ServiceKind::ClusterIp,
+        };
+        let external_ips = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, ip)| parse_ip(&format!("spec.externalIPs[{i}]"), ip))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut load_balancer_ips = Vec::new();
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            // ipMode Proxy: the load balancer delivers to the node, not to the VIP.
+            if let Some(ip) = &ing.ip
+                && ing.ip_mode.as_deref() != Some("Proxy")
+            {
+                load_balancer_ips.push(parse_ip(&format!("status.loadBalancer.ingress[{i}].ip"), ip)?);
+            }
+        }
+        let source_ranges = spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| {
+                r.parse::<Cidr>()
+                    .map_err(|m| field_err(format!("spec.loadBalancerSourceRanges[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let health_check_node_port = spec
+            .health_check_node_port
+            .map(|p| port_number("spec.healthCheckNodePort", p))
+            .transpose()?;
         Ok(ServiceSpec {
             namespace,
             name,
@@ -250,6 +371,11 @@ impl ServiceSpec {
             internal_local: policy("spec.internalTrafficPolicy", &spec.internal_traffic_policy)?,
             external_local: policy("spec.externalTrafficPolicy", &spec.external_traffic_policy)?,
             affinity_timeout,
+            kind,
+            external_ips,
+            load_balancer_ips,
+            source_ranges,
+            health_check_node_port,
         })
     }
 }
@@ -440,6 +566,24 @@ pub struct ServicePort {
     pub endpoints: BTreeSet<Endpoint>,
     /// ClientIP session affinity timeout in seconds (0: none).
     pub affinity_timeout: u32,
+    /// `lb_common::svc_flags` (masquerading, source ranges).
+    pub flags: u32,
+    /// loadBalancerSourceRanges of a load-balancer frontend.
+    pub source_ranges: Vec<Cidr>,
+}
+
+impl ServicePort {
+    /// A plain service port: no affinity, no masquerading, no source ranges.
+    pub fn new(name: impl Into<String>, frontend: Frontend, endpoints: BTreeSet<Endpoint>) -> Self {
+        ServicePort {
+            name: name.into(),
+            frontend,
+            endpoints,
+            affinity_timeout: 0,
+            flags: 0,
+            source_ranges: Vec::new(),
+        }
+    }
 }
 
 /// Why an object contributed nothing; logged, not fatal.
@@ -455,6 +599,28 @@ impl fmt::Display for ModelWarning {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Model {
     pub services: BTreeMap<Frontend, ServicePort>,
+    /// Cluster IPs: their ports without a service are rejected.
+    pub cluster_ips: BTreeSet<IpAddr>,
+    /// healthCheckNodePort → the service and its local endpoint count.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+impl Model {
+    /// A model of just these service ports.
+    pub fn from_ports(ports: impl IntoIterator<Item = ServicePort>) -> Self {
+        Model {
+            services: ports.into_iter().map(|sp| (sp.frontend, sp)).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What kube-proxy's health check server answers for one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 /// Where the model is built: the node's name and zone decide which
@@ -463,6 +629,12 @@ pub struct Model {
 pub struct NodeContext {
     pub name: String,
     pub zone: Option<String>,
+    /// This node's addresses NodePorts listen on (--nodeport-addresses).
+    pub nodeport_addrs: Vec<IpAddr>,
+    /// --masquerade-all.
+    pub masquerade_all: bool,
+    /// --cluster-cidr given: sources outside it are masqueraded.
+    pub cluster_cidr_known: bool,
 }
 
 impl NodeContext {
@@ -476,6 +648,7 @@ impl NodeContext {
         NodeContext {
             name: name.to_string(),
             zone,
+            ..Default::default()
         }
     }
 }
@@ -509,6 +682,11 @@ impl Model {
             let slices = slices_of
                 .get(&(svc.namespace.as_str(), svc.name.as_str()))
                 .map_or(&[][..], Vec::as_slice);
+            for &ip in &svc.cluster_ips {
+                if ip.is_ipv4() {
+                    model.cluster_ips.insert(ip);
+                }
+            }
             for sp in &svc.ports {
                 let name = format!("{}/{}:{}", svc.namespace, svc.name, sp.name);
                 if sp.protocol == Protocol::Sctp {
@@ -517,45 +695,122 @@ impl Model {
                     )));
                     continue;
                 }
-                for &ip in &svc.cluster_ips {
-                    if ip.is_ipv6() {
+                for frontend in frontends(svc, sp, node) {
+                    if frontend.ip.is_ipv6() {
                         warnings.push(ModelWarning(format!(
-                            "{name}: IPv6 cluster IP {ip} is not supported yet; skipped"
+                            "{name}: IPv6 frontend {} is not supported yet; skipped",
+                            frontend.ip
                         )));
                         continue;
                     }
-                    let frontend = Frontend {
-                        ip,
-                        port: sp.port,
-                        protocol: sp.protocol,
+                    if let Some(existing) = model.services.get(&frontend.frontend) {
+                        warnings.push(ModelWarning(format!(
+                            "{name}: frontend {} is already used by {}; ignored",
+                            frontend.frontend, existing.name
+                        )));
+                        continue;
+                    }
+                    let candidates = merged_endpoints(sp, frontend.ip.is_ipv4(), slices, &node.name);
+                    let local_only = if frontend.external {
+                        svc.external_local
+                    } else {
+                        svc.internal_local
                     };
-                    if let Some(existing) = model.services.get(&frontend) {
-                        warnings.push(ModelWarning(format!(
-                            "{name}: frontend {frontend} is already used by {}; ignored",
-                            existing.name
-                        )));
-                        continue;
-                    }
-                    let candidates = merged_endpoints(sp, ip.is_ipv4(), slices, &node.name);
-                    let endpoints = if svc.internal_local {
+                    let endpoints = if local_only {
                         local_endpoints(&candidates)
                     } else {
                         cluster_endpoints(&candidates, node)
                     };
+                    let mut flags = 0;
+                    if frontend.external && !svc.external_local {
+                        // KUBE-EXT: external traffic with policy Cluster is masqueraded.
+                        flags |= svc_flags::SNAT_ALWAYS;
+                    }
+                    if !frontend.external && node.masquerade_all {
+                        flags |= svc_flags::SNAT_ALWAYS;
+                    }
+                    if !frontend.external && node.cluster_cidr_known {
+                        flags |= svc_flags::SNAT_OUTSIDE_CLUSTER;
+                    }
+                    let source_ranges = if frontend.load_balancer {
+                        svc.source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    if !source_ranges.is_empty() {
+                        flags |= svc_flags::SOURCE_RANGES;
+                    }
                     model.services.insert(
-                        frontend,
+                        frontend.frontend,
                         ServicePort {
                             name: name.clone(),
-                            frontend,
+                            frontend: frontend.frontend,
                             endpoints,
                             affinity_timeout: svc.affinity_timeout,
+                            flags,
+                            source_ranges,
                         },
                     );
                 }
             }
+            if svc.external_local
+                && let Some(port) = svc.health_check_node_port
+                && let Some(sp) = svc.ports.first()
+            {
+                let local = local_endpoints(&merged_endpoints(sp, true, slices, &node.name)).len();
+                model.health_checks.insert(
+                    port,
+                    HealthCheck {
+                        namespace: svc.namespace.clone(),
+                        name: svc.name.clone(),
+                        local_endpoints: local,
+                    },
+                );
+            }
         }
         (model, warnings)
     }
+}
+
+/// One address a service port is reached on.
+struct FrontendOf {
+    frontend: Frontend,
+    ip: IpAddr,
+    /// Reached from outside the cluster (NodePort, externalIP, load balancer):
+    /// externalTrafficPolicy applies.
+    external: bool,
+    load_balancer: bool,
+}
+
+/// Every frontend of one service port: cluster IPs; NodePort on each node
+/// address; external IPs; load-balancer IPs (the seed: KUBE-SERVICES,
+/// KUBE-NODEPORTS and KUBE-EXT all lead to the same endpoints).
+fn frontends(svc: &ServiceSpec, sp: &ServicePortSpec, node: &NodeContext) -> Vec<FrontendOf> {
+    let at = |ip: IpAddr, port: u16, external: bool, load_balancer: bool| FrontendOf {
+        frontend: Frontend {
+            ip,
+            port,
+            protocol: sp.protocol,
+        },
+        ip,
+        external,
+        load_balancer,
+    };
+    let mut out: Vec<FrontendOf> = svc
+        .cluster_ips
+        .iter()
+        .map(|&ip| at(ip, sp.port, false, false))
+        .collect();
+    if svc.kind != ServiceKind::ClusterIp
+        && let Some(node_port) = sp.node_port
+    {
+        out.extend(node.nodeport_addrs.iter().map(|&ip| at(ip, node_port, true, false)));
+    }
+    out.extend(svc.external_ips.iter().map(|&ip| at(ip, sp.port, true, false)));
+    if svc.kind == ServiceKind::LoadBalancer {
+        out.extend(svc.load_balancer_ips.iter().map(|&ip| at(ip, sp.port, true, true)));
+    }
+    out
 }
 
 /// One endpoint of a service port after merging its slices.
@@ -684,6 +939,11 @@ mod tests {
             internal_local: false,
             external_local: false,
             affinity_timeout: 0,
+            kind: ServiceKind::ClusterIp,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            source_ranges: vec![],
+            health_check_node_port: None,
         }
     }
 
@@ -693,6 +953,7 @@ mod tests {
             port,
             protocol,
             target_port: target,
+            node_port: None,
         }
     }
 
@@ -1018,6 +1279,7 @@ mod tests {
             let node = NodeContext {
                 name: NODE.into(),
                 zone: c.zone.map(String::from),
+                ..Default::default()
             };
             let (model, _) = Model::build(&snapshot, &node);
             let frontend = Frontend {
@@ -1055,7 +1317,7 @@ mod tests {
             &snapshot,
             &NodeContext {
                 name: NODE.into(),
-                zone: None,
+                ..Default::default()
             },
         );
         assert!(warnings.is_empty(), "{warnings:?}");

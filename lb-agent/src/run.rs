@@ -11,9 +11,11 @@ use tracing::{error, info, warn};
 
 use crate::cli::RunArgs;
 use crate::datapath::{Datapath, LoadOptions, attach};
-use crate::model::{Model, NodeContext, Snapshot};
+use crate::health::HealthServers;
+use crate::model::{Cidr, Model, NodeContext, Snapshot};
 use crate::source::{self, SourceState};
 use crate::sync::Syncer;
+use lb_common::cidr_kind;
 
 /// How soon a failed sync is retried (as a full resync).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -97,11 +99,63 @@ fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) -> any
     Ok(())
 }
 
+/// What the model needs to know about this node besides the objects.
+struct NodeSettings {
+    name: String,
+    addrs: Vec<std::net::IpAddr>,
+    nodeport_cidrs: Vec<Cidr>,
+    masquerade_all: bool,
+    cluster_cidr_known: bool,
+}
+
+impl NodeSettings {
+    fn context(&self, snapshot: &Snapshot) -> NodeContext {
+        let mut ctx = NodeContext::from_snapshot(&self.name, snapshot);
+        ctx.nodeport_addrs = self
+            .addrs
+            .iter()
+            .copied()
+            .filter(|ip| self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|c| c.contains(*ip)))
+            .collect();
+        ctx.masquerade_all = self.masquerade_all;
+        ctx.cluster_cidr_known = self.cluster_cidr_known;
+        ctx
+    }
+
+    fn build_model(&self, snapshot: &Snapshot) -> Model {
+        if !snapshot.nodes.is_empty() && !snapshot.nodes.iter().any(|n| n.name == self.name) {
+            warn!(node_name = %self.name, "no Node object with this name");
+        }
+        let (model, warnings) = Model::build(snapshot, &self.context(snapshot));
+        for w in warnings {
+            warn!("{w}");
+        }
+        model
+    }
+}
+
 async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
-    let node_name = args.node_name();
+    let mut node = NodeSettings {
+        name: args.node_name(),
+        addrs: attach::list_addresses().await?,
+        nodeport_cidrs: args.nodeport_addresses.clone(),
+        masquerade_all: args.masquerade_all,
+        cluster_cidr_known: !args.cluster_cidr.is_empty(),
+    };
+    let cidrs: Vec<(Cidr, u32)> = args
+        .cluster_cidr
+        .iter()
+        .map(|c| (*c, cidr_kind::CLUSTER))
+        .chain(args.service_cluster_ip_range.iter().map(|c| (*c, cidr_kind::SERVICE)))
+        .collect();
+    datapath
+        .maps
+        .set_cidrs(&cidrs)
+        .context("programming --cluster-cidr / --service-cluster-ip-range")?;
     let state = Arc::new(SourceState::default());
-    start_source(args, &node_name, state.clone())?;
+    start_source(args, &node.name, state.clone())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut health = HealthServers::default();
 
     // Nothing is programmed before the source has listed everything once.
     let (snapshot, mut applied_generation) = loop {
@@ -117,10 +171,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     let mut syncer = Syncer::new();
     let mut limiter = SyncLimiter::new(args.min_sync_period);
     limiter.take();
-    let model = build_model(&snapshot, &node_name);
+    let model = node.build_model(&snapshot);
     syncer
         .sync(&mut datapath.maps, &model)
         .context("first sync of the datapath maps")?;
+    health.update(&model.health_checks);
     info!(
         service_ports = model.services.len(),
         generation = applied_generation,
@@ -135,9 +190,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     if attacher.attached().next().is_none() {
         warn!("no interface to attach to yet; waiting for one to appear");
     }
-    info!(interfaces = ?attacher.attached().collect::<Vec<_>>(), "ready");
+    info!(interfaces = ?attacher.attached().collect::<Vec<_>>(), node_addresses = ?node.addrs, "ready");
 
     let mut pending = false;
+    // The node's addresses changed: NodePort frontends must follow.
+    let mut node_changed = false;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut next_full = tokio::time::Instant::now() + args.sync_period;
     let result = loop {
@@ -152,11 +209,15 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                 limiter.take();
                 let ok = match state.snapshot() {
                     // Nothing new (a stale signal) and no resync asked for: skip.
-                    Some((_, generation)) if generation == applied_generation && !syncer.full_resync_pending() => true,
+                    Some((_, generation))
+                        if generation == applied_generation && !node_changed && !syncer.full_resync_pending() => true,
                     Some((snapshot, generation)) => {
-                        let ok = sync_once(&mut syncer, datapath, &build_model(&snapshot, &node_name), generation);
+                        let model = node.build_model(&snapshot);
+                        let ok = sync_once(&mut syncer, datapath, &model, generation);
                         if ok {
                             applied_generation = generation;
+                            node_changed = false;
+                            health.update(&model.health_checks);
                         }
                         ok
                     }
@@ -179,6 +240,16 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                         }
                     }
                     attach::LinkEvent::Removed(index) => attacher.forget(prog, index),
+                    attach::LinkEvent::AddressesChanged => match attach::list_addresses().await {
+                        Ok(addrs) if addrs != node.addrs => {
+                            info!(node_addresses = ?addrs, "node addresses changed");
+                            node.addrs = addrs;
+                            node_changed = true;
+                            pending = true;
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("listing node addresses: {e:#}"),
+                    },
                 }
             }
             _ = tokio::signal::ctrl_c() => break Ok(()),
@@ -188,17 +259,6 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     info!("shutting down: detaching programs");
     attacher.detach_all(datapath.ingress_program()?);
     result
-}
-
-fn build_model(snapshot: &Snapshot, node_name: &str) -> Model {
-    if !snapshot.nodes.is_empty() && !snapshot.nodes.iter().any(|n| n.name == node_name) {
-        warn!(node_name, "no Node object with this name");
-    }
-    let (model, warnings) = Model::build(snapshot, &NodeContext::from_snapshot(node_name, snapshot));
-    for w in warnings {
-        warn!("{w}");
-    }
-    model
 }
 
 /// One sync; false when it failed (the next one is then a full resync).

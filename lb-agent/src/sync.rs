@@ -20,7 +20,7 @@ use lb_common::{
 };
 use tracing::{debug, info};
 
-use crate::model::{Endpoint, Frontend, Model, ServicePort};
+use crate::model::{Cidr, Endpoint, Frontend, Model, ServicePort};
 use crate::tracker::{self, ChangeSet};
 
 /// A failed map operation, with the map's name.
@@ -59,6 +59,9 @@ pub trait DatapathMaps {
     fn reset_service_stats(&mut self, id: u32) -> Result<(), MapOpError>;
     /// Zeroes the counters of a newly allocated backend id.
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), MapOpError>;
+    /// A loadBalancerSourceRanges CIDR of a service port.
+    fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError>;
+    fn delete_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError>;
     fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError>;
     fn dump_slots(&self) -> Result<Vec<(BackendSlotKey, BackendId)>, MapOpError>;
     fn dump_backends(&self) -> Result<Vec<(BackendId, Backend)>, MapOpError>;
@@ -155,6 +158,8 @@ struct Programmed {
     revision: u32,
     slot_count: u32,
     affinity_timeout: u32,
+    flags: u32,
+    source_ranges: Vec<Cidr>,
     backends: BTreeMap<Endpoint, BackendId>,
 }
 
@@ -174,7 +179,7 @@ impl Programmed {
             service_id: self.service_id,
             revision: self.revision,
             backend_count: self.slot_count,
-            flags: 0,
+            flags: self.flags,
             affinity_timeout: self.affinity_timeout,
         }
     }
@@ -184,6 +189,8 @@ impl Programmed {
         let proto = sp.frontend.protocol.ip_proto();
         self.backends.len() == sp.endpoints.len()
             && self.affinity_timeout == sp.affinity_timeout
+            && self.flags == sp.flags
+            && self.source_ranges == sp.source_ranges
             && actual.services.get(&service_key(&sp.frontend)) == Some(&self.value())
             && self.backends.iter().enumerate().all(|(slot, (ep, id))| {
                 sp.endpoints.contains(ep)
@@ -213,7 +220,27 @@ pub struct Syncer {
     /// Backends deleted since the last `take_retired_backends`: their
     /// conntrack entries are to be purged.
     retired_backends: Vec<BackendId>,
+    /// Cluster IPs with an address marker in SERVICES.
+    markers: BTreeSet<IpAddr>,
 }
+
+/// SERVICES key of a cluster IP's address marker (port 0, protocol 0).
+pub fn marker_key(ip: IpAddr) -> ServiceKey {
+    ServiceKey {
+        addr: raw_addr(ip),
+        port: 0,
+        proto: 0,
+        scope: ServiceScope::Cluster as u8,
+    }
+}
+
+const MARKER_VALUE: ServiceValue = ServiceValue {
+    service_id: 0,
+    revision: 0,
+    backend_count: 0,
+    flags: lb_common::svc_flags::ADDRESS_ONLY,
+    affinity_timeout: 0,
+};
 
 impl Default for Syncer {
     fn default() -> Self {
@@ -230,6 +257,7 @@ impl Syncer {
             backend_ids: IdAllocator::new(MAX_BACKENDS, "backend ids", "raise lb_common::limits::MAX_BACKENDS"),
             needs_full_resync: true,
             retired_backends: Vec::new(),
+            markers: BTreeSet::new(),
         }
     }
 
@@ -241,7 +269,8 @@ impl Syncer {
             self.full_resync(maps, model)
         } else {
             self.apply(maps, tracker::changes(&self.applied, model), false)
-        };
+        }
+        .and_then(|report| self.sync_markers(maps, model, full).map(|()| report));
         match result {
             Ok(mut report) => {
                 self.applied = model.clone();
@@ -282,6 +311,23 @@ impl Syncer {
         first_error.map_or(Ok(report), Err)
     }
 
+    /// Cluster IP markers: new ones written, gone ones deleted (all written
+    /// again on a full resync).
+    fn sync_markers(&mut self, maps: &mut impl DatapathMaps, model: &Model, full: bool) -> Result<(), SyncError> {
+        for &ip in &model.cluster_ips {
+            if full || !self.markers.contains(&ip) {
+                maps.put_service(&marker_key(ip), &MARKER_VALUE)?;
+                self.markers.insert(ip);
+            }
+        }
+        let gone: Vec<IpAddr> = self.markers.difference(&model.cluster_ips).copied().collect();
+        for ip in gone {
+            maps.delete_service(&marker_key(ip))?;
+            self.markers.remove(&ip);
+        }
+        Ok(())
+    }
+
     /// Compares the maps with the model: service ports whose entries all
     /// match are left alone, the others are rewritten, and entries nobody
     /// owns (left by a failed sync, or written by someone else) are deleted.
@@ -319,7 +365,12 @@ impl Syncer {
 
     /// Deletes the entries of `actual` that no programmed service port owns.
     fn sweep(&mut self, maps: &mut impl DatapathMaps, actual: &MapContents) -> Result<(), SyncError> {
-        let keys: BTreeSet<ServiceKey> = self.programmed.keys().map(service_key).collect();
+        let keys: BTreeSet<ServiceKey> = self
+            .programmed
+            .keys()
+            .map(service_key)
+            .chain(self.markers.iter().map(|&ip| marker_key(ip)))
+            .collect();
         for k in actual.services.keys().filter(|k| !keys.contains(k)) {
             maps.delete_service(k)?;
         }
@@ -382,6 +433,9 @@ impl Syncer {
         }
         for &id in p.backends.values() {
             self.retire_backend(maps, id)?;
+        }
+        for range in &p.source_ranges {
+            maps.delete_source_range(p.service_id, range)?;
         }
         self.service_ids.free(p.service_id);
         self.programmed.remove(f);
@@ -476,11 +530,17 @@ impl Syncer {
                 id,
             )?;
         }
+        // Source ranges are in place before the entry that checks them.
+        for range in &sp.source_ranges {
+            maps.put_source_range(service_id, range)?;
+        }
         let programmed = Programmed {
             service_id,
             revision,
             slot_count: backends.len() as u32,
             affinity_timeout: sp.affinity_timeout,
+            flags: sp.flags,
+            source_ranges: sp.source_ranges.clone(),
             backends,
         };
         maps.put_service(&service_key(&sp.frontend), &programmed.value())?;
@@ -498,6 +558,9 @@ impl Syncer {
                 if !programmed.backends.contains_key(ep) {
                     self.retire_backend(maps, id)?;
                 }
+            }
+            for range in p.source_ranges.iter().filter(|r| !programmed.source_ranges.contains(r)) {
+                maps.delete_source_range(service_id, range)?;
             }
         }
         debug!(service = %sp.name, frontend = %sp.frontend, backends = programmed.slot_count, revision, "service port programmed");
@@ -518,6 +581,7 @@ mod tests {
         services: HashMap<ServiceKey, ServiceValue>,
         slots: HashMap<BackendSlotKey, BackendId>,
         backends: HashMap<BackendId, Backend>,
+        ranges: BTreeSet<(u32, Cidr)>,
         fail_backend_put_after: Option<usize>,
         writes: usize,
     }
@@ -613,6 +677,14 @@ mod tests {
         fn reset_backend_stats(&mut self, _: BackendId) -> Result<(), MapOpError> {
             Ok(())
         }
+        fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError> {
+            self.ranges.insert((service_id, *range));
+            Ok(())
+        }
+        fn delete_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError> {
+            self.ranges.remove(&(service_id, *range));
+            Ok(())
+        }
         fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError> {
             Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
         }
@@ -642,22 +714,11 @@ mod tests {
     }
 
     fn model(services: &[(Frontend, &[&str])]) -> Model {
-        Model {
-            services: services
+        Model::from_ports(
+            services
                 .iter()
-                .map(|(f, ips)| {
-                    (
-                        *f,
-                        ServicePort {
-                            name: f.to_string(),
-                            frontend: *f,
-                            endpoints: eps(ips),
-                            affinity_timeout: 0,
-                        },
-                    )
-                })
-                .collect(),
-        }
+                .map(|(f, ips)| ServicePort::new(f.to_string(), *f, eps(ips))),
+        )
     }
 
     #[test]

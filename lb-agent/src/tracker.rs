@@ -44,24 +44,20 @@ mod tests {
             port,
             protocol: Protocol::Tcp,
         };
-        ServicePort {
-            name: format!("ns/{ip}:{port}"),
+        ServicePort::new(
+            format!("ns/{ip}:{port}"),
             frontend,
-            endpoints: eps
-                .iter()
+            eps.iter()
                 .map(|e| Endpoint {
                     ip: e.parse().unwrap(),
                     port: 80,
                 })
                 .collect(),
-            affinity_timeout: 0,
-        }
+        )
     }
 
     fn model(sps: Vec<ServicePort>) -> Model {
-        Model {
-            services: sps.into_iter().map(|s| (s.frontend, s)).collect(),
-        }
+        Model::from_ports(sps)
     }
 
     #[test]

@@ -144,21 +144,18 @@ fn service_port(vip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4
         port,
         protocol,
     };
-    ServicePort {
-        name: format!("net-test/{frontend}"),
+    ServicePort::new(
+        format!("net-test/{frontend}"),
         frontend,
-        endpoints: backends
+        backends
             .iter()
             .map(|&(ip, port)| Endpoint { ip: v4(ip), port })
             .collect(),
-        affinity_timeout: 0,
-    }
+    )
 }
 
 fn model(ports: Vec<ServicePort>) -> Model {
-    Model {
-        services: ports.into_iter().map(|sp| (sp.frontend, sp)).collect(),
-    }
+    Model::from_ports(ports)
 }
 
 fn default_model() -> Model {

@@ -29,6 +29,8 @@ pub struct Interface {
 pub enum LinkEvent {
     Added(Interface),
     Removed(u32),
+    /// An address was added to or removed from some interface.
+    AddressesChanged,
 }
 
 fn interface(msg: &LinkMessage) -> Option<Interface> {
@@ -56,11 +58,44 @@ pub async fn list_interfaces() -> anyhow::Result<Vec<Interface>> {
     Ok(out)
 }
 
-/// Link additions and removals, as they happen.
+/// The node's own unicast addresses (no loopback, no link-local): where
+/// NodePorts are opened by default.
+pub async fn list_addresses() -> anyhow::Result<Vec<std::net::IpAddr>> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    let task = tokio::spawn(conn);
+    let mut addrs = handle.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(msg) = addrs.try_next().await.context("dumping addresses")? {
+        for attr in msg.attributes {
+            let ip = match attr {
+                AddressAttribute::Local(ip) => ip,
+                AddressAttribute::Address(ip) if ip.is_ipv6() => ip,
+                _ => continue,
+            };
+            let link_local = match ip {
+                std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+            if !ip.is_loopback() && !link_local && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    task.abort();
+    out.sort();
+    Ok(out)
+}
+
+/// Link additions and removals, and address changes, as they happen.
 pub fn watch_interfaces() -> anyhow::Result<mpsc::UnboundedReceiver<LinkEvent>> {
     use futures::StreamExt;
-    let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).context("subscribing to link events")?;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])
+    .context("subscribing to link and address events")?;
     tokio::spawn(conn);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -70,6 +105,9 @@ pub fn watch_interfaces() -> anyhow::Result<mpsc::UnboundedReceiver<LinkEvent>> 
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
                     Some(LinkEvent::Removed(l.header.index))
                 }
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_),
+                ) => Some(LinkEvent::AddressesChanged),
                 _ => None,
             };
             if let Some(e) = event

@@ -5,13 +5,25 @@ use std::path::Path;
 use anyhow::Context;
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
 };
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, ServiceKey, ServiceValue, TrafficCounter, map_names,
+    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, RawAddr, ServiceKey, ServiceValue, SourceRange,
+    TrafficCounter, map_names,
 };
 
-use crate::sync::{DatapathMaps, MapOpError};
+use crate::model::Cidr;
+use crate::sync::{DatapathMaps, MapOpError, raw_addr};
+
+fn source_range_key(service_id: u32, range: &Cidr) -> LpmKey<SourceRange> {
+    LpmKey::new(
+        32 + lpm_bits(range),
+        SourceRange {
+            service_id_be: service_id.to_be(),
+            addr: raw_addr(range.addr),
+        },
+    )
+}
 
 pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -21,6 +33,17 @@ pub struct BpfMaps {
     pub service_stats: PerCpuArray<MapData, TrafficCounter>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounter>,
     pub drop_stats: PerCpuArray<MapData, u64>,
+    pub cidrs: LpmTrie<MapData, RawAddr, u32>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+}
+
+/// LPM prefix length of a CIDR over a 16-byte (IPv4-mapped) address.
+fn lpm_bits(cidr: &Cidr) -> u32 {
+    if cidr.addr.is_ipv4() {
+        96 + cidr.prefix as u32
+    } else {
+        cidr.prefix as u32
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -59,6 +82,8 @@ impl BpfMaps {
             service_stats: get(map_names::SERVICE_STATS)?.try_into()?,
             backend_stats: get(map_names::BACKEND_STATS)?.try_into()?,
             drop_stats: get(map_names::DROP_STATS)?.try_into()?,
+            cidrs: get(map_names::CIDRS)?.try_into()?,
+            source_ranges: get(map_names::SOURCE_RANGES)?.try_into()?,
         })
     }
 
@@ -69,6 +94,18 @@ impl BpfMaps {
 
     pub fn backend_counter(&self, id: BackendId) -> anyhow::Result<TrafficCounter> {
         sum_counters(self.backend_stats.get(&id, 0)?)
+    }
+
+    /// Programs the cluster and service CIDRs (--cluster-cidr,
+    /// --service-cluster-ip-range).
+    pub fn set_cidrs(&mut self, cidrs: &[(Cidr, u32)]) -> Result<(), MapOpError> {
+        for (cidr, kind) in cidrs {
+            let key = LpmKey::new(lpm_bits(cidr), raw_addr(cidr.addr));
+            self.cidrs
+                .insert(&key, kind, 0)
+                .map_err(op_err(map_names::CIDRS, "insert"))?;
+        }
+        Ok(())
     }
 
     /// Deletes the conntrack entries (both directions) of these backends, so
@@ -187,6 +224,16 @@ impl DatapathMaps for BpfMaps {
         self.backend_stats
             .set(id, zero, 0)
             .map_err(op_err(map_names::BACKEND_STATS, "reset"))
+    }
+    fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError> {
+        let key = source_range_key(service_id, range);
+        self.source_ranges
+            .insert(&key, 1, 0)
+            .map_err(op_err(map_names::SOURCE_RANGES, "insert"))
+    }
+    fn delete_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError> {
+        let key = source_range_key(service_id, range);
+        ignore_missing(self.source_ranges.remove(&key)).map_err(op_err(map_names::SOURCE_RANGES, "delete"))
     }
     fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError> {
         dump(&self.services, map_names::SERVICES)
