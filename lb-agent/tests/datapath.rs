@@ -610,3 +610,211 @@ fn removed_backend_moves_its_udp_flows_at_once_and_its_conntrack_is_purged() {
     let other = send(&mut h);
     assert_ne!(other, first, "the flow moved to the live backend at once");
 }
+
+/// kube-proxy's packetFlowTest, at the kernel level: from a source to a
+/// destination, which backends may answer, and does the backend see the
+/// client or the node (masquerade)?
+#[derive(Debug)]
+enum Flow {
+    /// DNATed to one of these backends; `masq`: the source became the node.
+    To {
+        backends: &'static [[u8; 4]],
+        masq: bool,
+    },
+    Reject,
+    Drop(DropReason),
+    Untouched,
+}
+
+struct FlowCase {
+    name: &'static str,
+    src: [u8; 4],
+    dst: [u8; 4],
+    dport: u16,
+    want: Flow,
+}
+
+const NODE_PORT_ADDR: [u8; 4] = [198, 18, 0, 11];
+const LB_IP: [u8; 4] = [198, 19, 100, 1];
+const POD_A: [u8; 4] = [198, 18, 1, 11];
+const POD_B: [u8; 4] = [198, 18, 1, 12];
+
+fn flow_model() -> Model {
+    use lb_common::svc_flags;
+    let pods: &[([u8; 4], u16)] = &[(POD_A, 80), (POD_B, 80)];
+    let mut cluster_ip = service_port(VIP, 8080, Protocol::Tcp, pods);
+    cluster_ip.flags = svc_flags::SNAT_OUTSIDE_CLUSTER;
+    let mut node_port = service_port(NODE_PORT_ADDR, 30080, Protocol::Tcp, pods);
+    node_port.flags = svc_flags::SNAT_ALWAYS;
+    let mut local_node_port = service_port(NODE_PORT_ADDR, 30081, Protocol::Tcp, &[(POD_A, 80)]);
+    local_node_port.flags = 0; // externalTrafficPolicy Local: client kept
+    let mut lb = service_port(LB_IP, 80, Protocol::Tcp, pods);
+    lb.flags = svc_flags::SNAT_ALWAYS | svc_flags::SOURCE_RANGES;
+    lb.source_ranges = vec!["198.18.2.0/24".parse().unwrap()];
+    let empty = service_port([198, 19, 0, 12], 80, Protocol::Tcp, &[]);
+    let mut m = model(vec![cluster_ip, node_port, local_node_port, lb, empty]);
+    m.cluster_ips = [VIP, [198, 19, 0, 12]].into_iter().map(v4).collect();
+    m
+}
+
+#[test]
+fn packet_flows_like_kube_proxy() {
+    let mut h = Harness::new(&flow_model());
+    h.datapath
+        .maps
+        .set_cidrs(&[
+            ("198.18.1.0/24".parse().unwrap(), lb_common::cidr_kind::CLUSTER),
+            ("198.19.0.0/16".parse().unwrap(), lb_common::cidr_kind::SERVICE),
+        ])
+        .unwrap();
+    let both: &'static [[u8; 4]] = &[POD_A, POD_B];
+    let cases = [
+        FlowCase {
+            name: "pod → ClusterIP: pod source kept",
+            src: [198, 18, 1, 50],
+            dst: VIP,
+            dport: 8080,
+            want: Flow::To {
+                backends: both,
+                masq: false,
+            },
+        },
+        FlowCase {
+            name: "outside cluster CIDR → ClusterIP: masqueraded",
+            src: CLIENT,
+            dst: VIP,
+            dport: 8080,
+            want: Flow::To {
+                backends: both,
+                masq: true,
+            },
+        },
+        FlowCase {
+            name: "hairpin: pod → its own service → itself is masqueraded",
+            src: POD_A,
+            dst: VIP,
+            dport: 8080,
+            want: Flow::To {
+                backends: both,
+                masq: true,
+            },
+        },
+        FlowCase {
+            name: "external → NodePort (eTP Cluster): masqueraded",
+            src: CLIENT,
+            dst: NODE_PORT_ADDR,
+            dport: 30080,
+            want: Flow::To {
+                backends: both,
+                masq: true,
+            },
+        },
+        FlowCase {
+            name: "external → NodePort (eTP Local): client kept, local endpoint only",
+            src: CLIENT,
+            dst: NODE_PORT_ADDR,
+            dport: 30081,
+            want: Flow::To {
+                backends: &[POD_A],
+                masq: false,
+            },
+        },
+        FlowCase {
+            name: "LB IP from an allowed source range",
+            src: CLIENT,
+            dst: LB_IP,
+            dport: 80,
+            want: Flow::To {
+                backends: both,
+                masq: true,
+            },
+        },
+        FlowCase {
+            name: "LB IP from outside loadBalancerSourceRanges",
+            src: [198, 18, 3, 10],
+            dst: LB_IP,
+            dport: 80,
+            want: Flow::Drop(DropReason::SourceRange),
+        },
+        FlowCase {
+            name: "service without endpoints: REJECT",
+            src: CLIENT,
+            dst: [198, 19, 0, 12],
+            dport: 80,
+            want: Flow::Reject,
+        },
+        FlowCase {
+            name: "ClusterIP on a port the service lacks: REJECT",
+            src: CLIENT,
+            dst: VIP,
+            dport: 9999,
+            want: Flow::Reject,
+        },
+        FlowCase {
+            name: "unallocated address in the service range: DROP",
+            src: CLIENT,
+            dst: [198, 19, 9, 9],
+            dport: 80,
+            want: Flow::Drop(DropReason::UnallocatedServiceIp),
+        },
+        FlowCase {
+            name: "node address on a port without NodePort: untouched",
+            src: CLIENT,
+            dst: NODE_PORT_ADDR,
+            dport: 22,
+            want: Flow::Untouched,
+        },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let sport = 41000 + i as u16;
+        let input = tcp(ip(c.src, c.dst), sport, c.dport, Tcp::Syn);
+        let before = match &c.want {
+            Flow::Drop(r) => h.drops(*r),
+            Flow::Reject => h.drops(DropReason::Rejected),
+            _ => 0,
+        };
+        let (action, out) = h.run(&input);
+        match &c.want {
+            Flow::To { backends, masq } => {
+                assert_eq!(action, TC_ACT_REDIRECT, "{}", c.name);
+                let dst: [u8; 4] = out[30..34].try_into().unwrap();
+                let src: [u8; 4] = out[26..30].try_into().unwrap();
+                let sport_out = u16::from_be_bytes([out[34], out[35]]);
+                assert!(backends.contains(&dst), "{}: went to {dst:?}", c.name);
+                if *masq {
+                    assert_eq!(src, NODE_ADDR, "{}: source not masqueraded", c.name);
+                    assert!(
+                        sport_out >= lb_common::conntrack::snat_ports::FIRST,
+                        "{}: port {sport_out}",
+                        c.name
+                    );
+                } else {
+                    assert_eq!((src, sport_out), (c.src, sport), "{}: source changed", c.name);
+                }
+                // Exactly what a correct NAT produces (checksums included).
+                let want = tcp(ip(src, dst).forwarded(), sport_out, 80, Tcp::Syn);
+                assert_eq!(hex(&out), hex(&want), "{}", c.name);
+
+                // The reply goes back as from the address the client used.
+                let reply = tcp(ip(dst, src), 80, sport_out, Tcp::SynAck);
+                let (action, back) = h.run(&reply);
+                assert_eq!(action, TC_ACT_REDIRECT, "{}: reply", c.name);
+                let want = tcp(ip(c.dst, c.src).forwarded(), c.dport, sport, Tcp::SynAck);
+                assert_eq!(hex(&back), hex(&want), "{}: reply", c.name);
+            }
+            Flow::Reject => {
+                assert_eq!(action, TC_ACT_REDIRECT, "{}", c.name);
+                assert_eq!(hex(&out), hex(&port_unreachable_for(&input)), "{}", c.name);
+                assert_eq!(h.drops(DropReason::Rejected), before + 1, "{}", c.name);
+            }
+            Flow::Drop(reason) => {
+                assert_eq!(action, TC_ACT_SHOT, "{}", c.name);
+                assert_eq!(h.drops(*reason), before + 1, "{}", c.name);
+            }
+            Flow::Untouched => {
+                assert_eq!(action, TC_ACT_OK, "{}", c.name);
+                assert_eq!(hex(&out), hex(&input), "{}", c.name);
+            }
+        }
+    }
+}
