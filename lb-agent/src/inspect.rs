@@ -62,6 +62,9 @@ pub fn services(maps: &BpfMaps) -> anyhow::Result<ServicesView> {
     let mut used_backends = BTreeSet::new();
     let mut views = Vec::new();
     for (key, value) in services {
+        if value.flags & lb_common::svc_flags::ADDRESS_ONLY != 0 {
+            continue; // a cluster IP's marker, not a frontend
+        }
         let mut view = ServiceView {
             frontend: format!("{}/{}", endpoint(ip_of(&key.addr), key.port), proto_name(key.proto)),
             service_id: value.service_id,

@@ -722,6 +722,9 @@ impl Model {
                         cluster_endpoints(&candidates, node)
                     };
                     let mut flags = 0;
+                    if local_only && endpoints.is_empty() && !cluster_endpoints(&candidates, node).is_empty() {
+                        flags |= svc_flags::DROP_IF_EMPTY;
+                    }
                     if frontend.external && !svc.external_local {
                         // KUBE-EXT: external traffic with policy Cluster is masqueraded.
                         flags |= svc_flags::SNAT_ALWAYS;

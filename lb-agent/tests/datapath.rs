@@ -105,7 +105,8 @@ fn udp(ip: Ip, sport: u16, dport: u16) -> Vec<u8> {
 
 /// What kube-proxy's REJECT answers to `pkt` (Ethernet + IPv4 without
 /// options): ICMP port unreachable from its destination to its source,
-/// quoting its IP header and first 8 bytes of L4.
+/// quoting its IP header and L4 header (the 8 bytes of UDP; TCP's first 20,
+/// through the checksum field).
 fn port_unreachable_for(pkt: &[u8]) -> Vec<u8> {
     use etherparse::icmpv4::DestUnreachableHeader;
     let (src, dst): ([u8; 4], [u8; 4]) = (pkt[26..30].try_into().unwrap(), pkt[30..34].try_into().unwrap());
@@ -118,7 +119,8 @@ fn port_unreachable_for(pkt: &[u8]) -> Vec<u8> {
         .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
             DestUnreachableHeader::Port,
         ));
-    let quoted = &pkt[14..14 + 20 + 8];
+    let l4 = if pkt[23] == 6 { 20 } else { 8 };
+    let quoted = &pkt[14..14 + 20 + l4];
     let mut out = Vec::with_capacity(b.size(quoted.len()));
     b.write(&mut out, quoted).unwrap();
     out
@@ -638,6 +640,7 @@ const NODE_PORT_ADDR: [u8; 4] = [198, 18, 0, 11];
 const LB_IP: [u8; 4] = [198, 19, 100, 1];
 const POD_A: [u8; 4] = [198, 18, 1, 11];
 const POD_B: [u8; 4] = [198, 18, 1, 12];
+const SELF_VIP: [u8; 4] = [198, 19, 0, 20];
 
 fn flow_model() -> Model {
     use lb_common::svc_flags;
@@ -652,7 +655,9 @@ fn flow_model() -> Model {
     lb.flags = svc_flags::SNAT_ALWAYS | svc_flags::SOURCE_RANGES;
     lb.source_ranges = vec!["198.18.2.0/24".parse().unwrap()];
     let empty = service_port([198, 19, 0, 12], 80, Protocol::Tcp, &[]);
-    let mut m = model(vec![cluster_ip, node_port, local_node_port, lb, empty]);
+    let mut only_a = service_port(SELF_VIP, 8080, Protocol::Tcp, &[(POD_A, 80)]);
+    only_a.flags = svc_flags::SNAT_OUTSIDE_CLUSTER;
+    let mut m = model(vec![cluster_ip, node_port, local_node_port, lb, empty, only_a]);
     m.cluster_ips = [VIP, [198, 19, 0, 12]].into_iter().map(v4).collect();
     m
 }
@@ -692,10 +697,10 @@ fn packet_flows_like_kube_proxy() {
         FlowCase {
             name: "hairpin: pod → its own service → itself is masqueraded",
             src: POD_A,
-            dst: VIP,
+            dst: SELF_VIP,
             dport: 8080,
             want: Flow::To {
-                backends: both,
+                backends: &[POD_A],
                 masq: true,
             },
         },

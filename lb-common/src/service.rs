@@ -25,6 +25,10 @@ pub mod svc_flags {
     /// Not a frontend but an address marker (port 0, protocol 0): a cluster
     /// IP, so packets to its other ports are rejected.
     pub const ADDRESS_ONLY: u32 = 1 << 3;
+    /// No local endpoint while the service has endpoints elsewhere (a Local
+    /// traffic policy): drop, where a service without any endpoint is
+    /// rejected — as kube-proxy does.
+    pub const DROP_IF_EMPTY: u32 = 1 << 4;
 }
 
 #[repr(C)]

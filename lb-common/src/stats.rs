@@ -21,7 +21,7 @@ pub enum DropReason {
     BadIpHeader = 2,
     /// A fragment addressed to a service port: fragments are not balanced yet.
     FragmentToService = 3,
-    /// The service has no usable endpoint (kube-proxy REJECTs; we drop and count).
+    /// A Local traffic policy and no endpoint on this node (kube-proxy drops).
     NoBackend = 4,
     /// The backend slot of the live revision was missing (update race).
     BackendSlotMissing = 5,

@@ -39,6 +39,9 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         let egress = match to_service(&pkt, &svc)? {
             Flow::Established => 0,
             Flow::New => new_flow(ctx, &pkt, &svc)?,
+            Flow::NoEndpoints if svc.flags & svc_flags::DROP_IF_EMPTY != 0 => {
+                return Err(DropReason::NoBackend);
+            }
             Flow::NoEndpoints => {
                 // kube-proxy REJECTs traffic to services without endpoints.
                 stats::count_drop(DropReason::Rejected);

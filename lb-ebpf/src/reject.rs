@@ -8,14 +8,17 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::DropReason;
+use lb_common::{DropReason, proto};
 
 use crate::parse::{ETH_HDR_LEN, Packet};
 
 const ICMP_HDR_LEN: usize = 8;
 const NEW_IP_HDR_LEN: usize = 20;
-/// The original datagram's first 8 bytes after its IP header go in the ICMP body.
-const QUOTED_L4: usize = 8;
+/// How much of the original L4 header the ICMP body quotes: at least the 8
+/// bytes RFC 792 asks for, and up to the L4 checksum field, which a
+/// checksum-offloaded (CHECKSUM_PARTIAL) skb may not be cut before.
+const QUOTED_UDP: usize = 8;
+const QUOTED_TCP: usize = 20;
 /// ICMP type 3 (destination unreachable), code 3 (port unreachable).
 const ICMP_PORT_UNREACHABLE: [u8; 2] = [3, 3];
 
@@ -42,13 +45,22 @@ fn sum_words(bytes: &[u8]) -> u32 {
 /// its destination to its source; returns the redirect verdict.
 #[inline(never)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    if pkt.proto == proto::TCP {
+        port_unreachable_quoting::<QUOTED_TCP>(ctx, pkt)
+    } else {
+        port_unreachable_quoting::<QUOTED_UDP>(ctx, pkt)
+    }
+}
+
+#[inline(always)]
+fn port_unreachable_quoting<const QUOTED_L4: usize>(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let ip_len = pkt.l4_off - ETH_HDR_LEN;
     // Fixed-size loads (the verifier wants constant lengths).
     let macs: [u8; 12] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
     let quoted: [u8; QUOTED_L4] = ctx.load(pkt.l4_off).map_err(|_| DropReason::Truncated)?;
 
-    // Keep Ethernet + the original IP header + 8 bytes of L4, then open room
-    // for the new IP and ICMP headers between Ethernet and the old IP header.
+    // Keep Ethernet + the original IP header + the quoted L4 bytes, then open
+    // room for the new IP and ICMP headers between Ethernet and the old IP header.
     let keep = (pkt.l4_off + QUOTED_L4) as u32;
     // SAFETY: helper calls on our own context; no packet pointer is held.
     unsafe {
@@ -82,7 +94,7 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason
 
     // ICMP checksum over header + quoted datagram. The quoted IP header
     // carries a valid checksum, so its words sum to 0xffff (zero in one's
-    // complement) and drop out: only the ICMP header and the 8 quoted L4
+    // complement) and drop out: only the ICMP header and the quoted L4
     // bytes count.
     let icmp_sum = sum_words(&ICMP_PORT_UNREACHABLE) + sum_words(&quoted);
     let icmp_csum = !fold(icmp_sum);

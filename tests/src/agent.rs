@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::cleanup;
+use crate::netns::Netns;
 use crate::sandbox::{NODE_NAME, Sandbox};
 
 /// Where the agent binary is: $LB_AGENT_BIN, else the workspace's debug build.
@@ -48,15 +49,30 @@ impl Agent {
     /// Starts `lb-agent run` with the sandbox's node name and bpf root plus
     /// `source_args`, and waits until it is ready.
     pub fn start_with(sandbox: &Sandbox, source_args: &[&OsStr], echo: bool) -> anyhow::Result<Self> {
-        let agent = Self::spawn(sandbox, source_args, echo)?;
-        agent
-            .wait_for_log(0, " ready", Duration::from_secs(30))
+        Self::spawn(sandbox, source_args, echo)?.ready()
+    }
+
+    /// Waits until the agent has done its first sync and attached.
+    pub fn ready(self) -> anyhow::Result<Self> {
+        self.wait_for_log(0, " ready", Duration::from_secs(30))
             .context("waiting for lb-agent to become ready")?;
-        Ok(agent)
+        Ok(self)
     }
 
     /// Starts `lb-agent run` without waiting for anything.
     pub fn spawn(sandbox: &Sandbox, source_args: &[&OsStr], echo: bool) -> anyhow::Result<Self> {
+        Self::spawn_in(&sandbox.node, NODE_NAME, &sandbox.bpf_root, source_args, echo)
+    }
+
+    /// Starts `lb-agent run` in `node` as node `node_name` with its own
+    /// bpf root and `args` (source and flags), without waiting.
+    pub fn spawn_in(
+        node: &Netns,
+        node_name: &str,
+        bpf_root: &Path,
+        args: &[&OsStr],
+        echo: bool,
+    ) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.exists() {
             bail!(
@@ -64,13 +80,12 @@ impl Agent {
                 bin.display()
             );
         }
-        let mut child = sandbox
-            .node
+        let mut child = node
             .command(bin.to_str().context("agent path is not UTF-8")?)
-            .args(["run", "--node-name", NODE_NAME])
-            .args(source_args)
+            .args(["run", "--node-name", node_name])
+            .args(args)
             .arg("--bpf-root")
-            .arg(&sandbox.bpf_root)
+            .arg(bpf_root)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -78,13 +93,14 @@ impl Agent {
             .spawn()
             .context("starting lb-agent")?;
         cleanup::track_pid(child.id() as i32);
+        let prefix = format!("[lb-agent {node_name}]");
         let log: Log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if echo {
-                    eprintln!("[lb-agent] {line}");
+                    eprintln!("{prefix} {line}");
                 }
                 let (lines, cond) = &*sink;
                 lines.lock().unwrap().push(line);
@@ -98,7 +114,7 @@ impl Agent {
         Ok(Agent {
             child,
             log,
-            bpf_root: sandbox.bpf_root.clone(),
+            bpf_root: bpf_root.to_path_buf(),
         })
     }
 
@@ -156,15 +172,24 @@ impl Agent {
     /// What the kernel maps hold (`lb-agent services -o json`):
     /// frontend → backends.
     pub fn services(&self) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+        let (services, orphans) = self.services_and_orphans()?;
+        if orphans > 0 {
+            bail!("the maps hold {orphans} entries no service owns: {services:?}");
+        }
+        Ok(services)
+    }
+
+    /// The frontends and the number of orphaned entries (a sync in progress
+    /// has some for a moment: new backends are written before the list that
+    /// uses them).
+    fn services_and_orphans(&self) -> anyhow::Result<(BTreeMap<String, Vec<String>>, u64)> {
         let out = crate::netns::run(
             std::process::Command::new(agent_bin())
                 .args(["services", "-o", "json", "--bpf-root"])
                 .arg(&self.bpf_root),
         )?;
         let view: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        if view["orphan_slots"] != 0 || view["orphan_backends"] != 0 {
-            bail!("the maps hold entries no service owns: {view}");
-        }
+        let orphans = view["orphan_slots"].as_u64().unwrap_or(0) + view["orphan_backends"].as_u64().unwrap_or(0);
         let mut services = BTreeMap::new();
         for s in view["services"].as_array().context("services array")? {
             let mut backends: Vec<String> = s["backends"]
@@ -176,7 +201,7 @@ impl Agent {
             backends.sort();
             services.insert(s["frontend"].as_str().unwrap_or_default().to_string(), backends);
         }
-        Ok(services)
+        Ok((services, orphans))
     }
 
     /// Waits until the maps satisfy `wanted`, re-checking whenever the agent
@@ -189,8 +214,8 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             let position = self.log_position();
-            let view = self.services()?;
-            if wanted(&view) {
+            let (view, orphans) = self.services_and_orphans()?;
+            if orphans == 0 && wanted(&view) {
                 return Ok(view);
             }
             let now = Instant::now();

@@ -15,13 +15,25 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One request on a new connection; returns the body (the pod name).
 pub fn http_get(addr: SocketAddr) -> anyhow::Result<String> {
+    http_get_seen(addr).map(|(pod, _)| pod)
+}
+
+/// One request on a new connection: the pod that answered and the source
+/// address it saw (`X-Client`).
+pub fn http_get_seen(addr: SocketAddr) -> anyhow::Result<(String, String)> {
     let mut conn = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
     conn.set_read_timeout(Some(TIMEOUT))?;
     conn.write_all(b"GET / HTTP/1.0\r\nHost: service\r\n\r\n")?;
     let mut response = String::new();
     conn.read_to_string(&mut response)
         .with_context(|| format!("reading from {addr}"))?;
-    body(&response)
+    let seen = response
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Client: "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Ok((body(&response)?, seen))
 }
 
 fn body(response: &str) -> anyhow::Result<String> {

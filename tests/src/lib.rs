@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod client;
+pub mod cluster;
 pub mod fake_apiserver;
 pub mod manifests;
 pub mod netns;

@@ -67,10 +67,7 @@ impl Sandbox {
         cleanup::track_dir(manifests_dir.clone());
         let bpf_root = PathBuf::from("/sys/fs/bpf").join(&id);
         cleanup::track_dir(bpf_root.clone());
-        let node = Netns::create(&format!("{id}-node"))?;
-        node.sysctl("net.ipv4.ip_forward", "1")?;
-        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        let node = make_node(&format!("{id}-node"))?;
         let mut sandbox = Sandbox {
             id,
             pods: Vec::new(),
@@ -92,20 +89,7 @@ impl Sandbox {
         let ns = Netns::create(&format!("{}-{name}", self.id))?;
         let host_if = format!("veth{}", self.links);
         self.links += 1;
-        self.node.ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ])?;
-        let gw = NODE_GATEWAY.to_string();
-        let ip_s = ip.to_string();
-        self.node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
-        self.node.ip(&["link", "set", &host_if, "up"])?;
-        self.node
-            .ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if])?;
-        self.node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
-        ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "198.18.0.0/15", "via", &gw, "dev", "eth0"])?;
+        connect_to_node(&self.node, &host_if, &ns, ip, NODE_GATEWAY)?;
         Ok(ns)
     }
 
@@ -161,19 +145,7 @@ impl Sandbox {
     /// NAT rules in the node namespace (iptables-nft, nft, iptables-legacy):
     /// proof that only eBPF translates here. Empty means none.
     pub fn nat_rules(&self) -> anyhow::Result<String> {
-        let mut found = String::new();
-        let nft = run(self.node.command("nft").args(["list", "ruleset"]))?;
-        found.push_str(String::from_utf8_lossy(&nft.stdout).trim());
-        for tool in ["iptables-legacy-save", "iptables-nft-save"] {
-            let out = run(self.node.command(tool).args(["-t", "nat"]))?;
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if line.starts_with("-A") {
-                    found.push_str(line);
-                    found.push('\n');
-                }
-            }
-        }
-        Ok(found)
+        nat_rules_in(&self.node)
     }
 }
 
@@ -188,4 +160,51 @@ impl Drop for Sandbox {
         let _ = std::fs::remove_dir_all(&self.bpf_root);
         cleanup::untrack_dir(&self.bpf_root);
     }
+}
+
+/// Wires `ns` (a pod or client) to `node` the way CNI plugins like Calico
+/// do: a veth whose node side carries `gateway`/32 and a /32 route to `ip`;
+/// inside, `ip`/32 on eth0 and 198.18.0.0/15 via the gateway.
+pub fn connect_to_node(node: &Netns, host_if: &str, ns: &Netns, ip: Ipv4Addr, gateway: Ipv4Addr) -> anyhow::Result<()> {
+    node.ip(&[
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+    ])?;
+    let gw = gateway.to_string();
+    let ip_s = ip.to_string();
+    node.ip(&["addr", "add", &format!("{gw}/32"), "dev", host_if])?;
+    node.ip(&["link", "set", host_if, "up"])?;
+    node.ip(&["route", "add", &format!("{ip_s}/32"), "dev", host_if])?;
+    node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
+    ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+    ns.ip(&["route", "add", "198.18.0.0/15", "via", &gw, "dev", "eth0"])?;
+    Ok(())
+}
+
+/// A namespace acting as a node: forwarding on, no reverse-path filter.
+pub fn make_node(name: &str) -> anyhow::Result<Netns> {
+    let node = Netns::create(name)?;
+    node.sysctl("net.ipv4.ip_forward", "1")?;
+    node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+    Ok(node)
+}
+
+/// NAT rules in `ns` (nft ruleset, iptables-legacy and iptables-nft nat
+/// rules); empty means none.
+pub fn nat_rules_in(ns: &Netns) -> anyhow::Result<String> {
+    let mut found = String::new();
+    let nft = run(ns.command("nft").args(["list", "ruleset"]))?;
+    found.push_str(String::from_utf8_lossy(&nft.stdout).trim());
+    for tool in ["iptables-legacy-save", "iptables-nft-save"] {
+        let out = run(ns.command(tool).args(["-t", "nat"]))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.starts_with("-A") {
+                found.push_str(line);
+                found.push('\n');
+            }
+        }
+    }
+    Ok(found)
 }

@@ -91,8 +91,11 @@ fn serve_http(conn: TcpStream, name: &str) {
             }
         }
         let body = format!("{name}\n");
+        // X-Client: the source address this pod sees (the client, or a node
+        // when the flow was masqueraded).
+        let peer = writer.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
         let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Client: {peer}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
             body.len(),
             if close { "close" } else { "keep-alive" }
         );

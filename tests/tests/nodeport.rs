@@ -1,0 +1,330 @@
+//! NodePort, load-balancer and external IPs, masquerade and traffic policies
+//! on a two-node netns cluster, in kube-proxy's packetFlowTest form: from a
+//! source, to a destination → which pods answer and which source address
+//! they see (the client, or a node address when masqueraded) | REJECT | DROP.
+
+use std::collections::BTreeSet;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use lb_tests::client::{http_get_seen, udp_query};
+use lb_tests::cluster::Cluster;
+use lb_tests::netns::Netns;
+
+const NODE1: [&str; 1] = ["web-1a"];
+const NODE2: [&str; 1] = ["web-2a"];
+
+/// Service + EndpointSlice YAML. `ports`: (name, protocol, port, targetPort,
+/// nodePort); `endpoints`: (pod, IP, node).
+fn service(
+    name: &str,
+    spec: &str,
+    status: &str,
+    ports: &[(&str, &str, u16, u16, Option<u16>)],
+    endpoints: &[(String, Ipv4Addr, String)],
+) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: net-test}}\nspec:\n{spec}  ports:\n"
+    );
+    for (pname, proto, port, target, node_port) in ports {
+        y += &format!("  - {{name: \"{pname}\", protocol: {proto}, port: {port}, targetPort: {target}");
+        if let Some(np) = node_port {
+            y += &format!(", nodePort: {np}");
+        }
+        y += "}\n";
+    }
+    y += status;
+    y += &format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abcde\n  namespace: net-test\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n"
+    );
+    for (pname, proto, _, target, _) in ports {
+        y += &format!("- {{name: \"{pname}\", protocol: {proto}, port: {target}}}\n");
+    }
+    y += if endpoints.is_empty() {
+        "endpoints: []\n"
+    } else {
+        "endpoints:\n"
+    };
+    for (pod, ip, node) in endpoints {
+        y += &format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n  targetRef: {{kind: Pod, namespace: net-test, name: {pod}}}\n"
+        );
+    }
+    y
+}
+
+fn manifests(c: &Cluster) -> String {
+    let both = c.endpoints(&["web-1a", "web-2a"]);
+    let one = c.endpoints(&["web-1a"]);
+    let http = |np: Option<u16>| ("http", "TCP", 8080, 80, np);
+    [
+        service("web", "  type: NodePort\n  clusterIP: 198.19.0.10\n", "", &[http(Some(30080)), ("dns", "UDP", 53, 5353, Some(30053))], &both),
+        service(
+            "web-local",
+            "  type: NodePort\n  clusterIP: 198.19.0.11\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            "",
+            &[http(Some(30081))],
+            &one,
+        ),
+        service("self", "  clusterIP: 198.19.0.20\n", "", &[http(None)], &one),
+        service(
+            "web-lb",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.12\n  externalIPs: [198.19.101.1]\n  loadBalancerSourceRanges: [198.18.0.100/32]\n",
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.19.100.1\n",
+            &[("http", "TCP", 80, 80, Some(30082))],
+            &both,
+        ),
+        service("empty", "  type: NodePort\n  clusterIP: 198.19.0.13\n", "", &[http(Some(30090))], &[]),
+        service("sticky", "  clusterIP: 198.19.0.30\n  sessionAffinity: ClientIP\n", "", &[http(None)], &both),
+    ]
+    .join("---\n")
+}
+
+/// Who a packet flow's backend saw as its client.
+#[derive(Debug, Clone, Copy)]
+enum Seen {
+    /// The real client (no masquerade).
+    Client,
+    /// An address of node `i` (masqueraded there).
+    Node(usize),
+}
+
+#[derive(Debug)]
+enum Want {
+    Pods(&'static [&'static str], Seen),
+    /// Refused at once (ICMP port unreachable from the datapath).
+    Refused,
+    /// No answer at all (dropped).
+    NoAnswer,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum From {
+    External(usize),
+    Pod(&'static str),
+}
+
+struct Case {
+    name: &'static str,
+    from: From,
+    to: (Ipv4Addr, u16),
+    want: Want,
+}
+
+fn source_ns(c: &Cluster, from: From) -> (&Netns, Ipv4Addr) {
+    match from {
+        From::External(i) => (&c.externals[i].1, c.externals[i].0),
+        From::Pod(name) => (&c.pod(name).ns, c.pod(name).ip),
+    }
+}
+
+fn node_addrs(c: &Cluster, i: usize) -> [String; 2] {
+    [c.nodes[i].addr.to_string(), c.nodes[i].pod_gateway.to_string()]
+}
+
+fn check(c: &Cluster, case: &Case) {
+    let (ns, client_ip) = source_ns(c, case.from);
+    let target = SocketAddr::from(case.to);
+    match &case.want {
+        Want::Pods(pods, seen) => {
+            let answers = ns
+                .run(move || (0..20).map(|_| http_get_seen(target)).collect::<Vec<_>>())
+                .unwrap();
+            let mut got_pods = BTreeSet::new();
+            for a in answers {
+                let (pod, peer) = a.unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+                let ok = match seen {
+                    Seen::Client => peer == client_ip.to_string(),
+                    Seen::Node(i) => node_addrs(c, *i).contains(&peer),
+                };
+                assert!(ok, "{}: backend saw {peer}, wanted {seen:?}", case.name);
+                got_pods.insert(pod);
+            }
+            let want: BTreeSet<String> = pods.iter().map(|p| p.to_string()).collect();
+            assert_eq!(got_pods, want, "{}: answering pods", case.name);
+        }
+        Want::Refused => {
+            let (result, took) = ns
+                .run(move || {
+                    let started = Instant::now();
+                    let r = TcpStream::connect_timeout(&target, Duration::from_secs(2));
+                    (r.map(|_| ()).map_err(|e| e.kind()), started.elapsed())
+                })
+                .unwrap();
+            assert_eq!(result, Err(ErrorKind::ConnectionRefused), "{}", case.name);
+            assert!(
+                took < Duration::from_millis(100),
+                "{}: refused only after {took:?}",
+                case.name
+            );
+        }
+        Want::NoAnswer => {
+            let result = ns
+                .run(move || TcpStream::connect_timeout(&target, Duration::from_millis(300)).map(|_| ()))
+                .unwrap();
+            let kind = result.as_ref().map_err(|e| e.kind());
+            assert!(
+                matches!(kind, Err(ErrorKind::TimedOut | ErrorKind::WouldBlock)),
+                "{}: expected no answer, got {kind:?}",
+                case.name
+            );
+        }
+    }
+}
+
+const N1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+const N2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+
+#[test]
+fn packet_flows_through_nodeports_load_balancers_and_cluster_ips() {
+    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    cluster.write_manifest("services.yaml", &manifests(&cluster)).unwrap();
+    let _agents = cluster.start_agents(true).expect("agents");
+    let both: &'static [&'static str] = &["web-1a", "web-2a"];
+    let cases = [
+        Case {
+            name: "external → node-1 NodePort (eTP Cluster): both nodes' pods, masqueraded by node-1",
+            from: From::External(0),
+            to: (N1, 30080),
+            want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "external → node-2 NodePort (eTP Cluster): masqueraded by node-2",
+            from: From::External(0),
+            to: (N2, 30080),
+            want: Want::Pods(both, Seen::Node(1)),
+        },
+        Case {
+            name: "external → node-1 NodePort (eTP Local): local pod, client address kept",
+            from: From::External(0),
+            to: (N1, 30081),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "external → node-2 NodePort (eTP Local) without local endpoint: dropped",
+            from: From::External(0),
+            to: (N2, 30081),
+            want: Want::NoAnswer,
+        },
+        Case {
+            name: "pod → ClusterIP (backend on the other node): pod source kept",
+            from: From::Pod("web-2a"),
+            to: (Ipv4Addr::new(198, 19, 0, 20), 8080),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "hairpin: pod → its own service → itself, masqueraded",
+            from: From::Pod("web-1a"),
+            to: (Ipv4Addr::new(198, 19, 0, 20), 8080),
+            want: Want::Pods(&["web-1a"], Seen::Node(0)),
+        },
+        Case {
+            name: "external → load-balancer IP from an allowed source",
+            from: From::External(0),
+            to: (Ipv4Addr::new(198, 19, 100, 1), 80),
+            want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "external → load-balancer IP from outside the source ranges: dropped",
+            from: From::External(1),
+            to: (Ipv4Addr::new(198, 19, 100, 1), 80),
+            want: Want::NoAnswer,
+        },
+        Case {
+            name: "external → externalIP",
+            from: From::External(1),
+            to: (Ipv4Addr::new(198, 19, 101, 1), 80),
+            want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "NodePort of a service without endpoints: refused at once",
+            from: From::External(0),
+            to: (N1, 30090),
+            want: Want::Refused,
+        },
+        Case {
+            name: "ClusterIP on a port the service lacks: refused",
+            from: From::Pod("web-2a"),
+            to: (Ipv4Addr::new(198, 19, 0, 10), 9999),
+            want: Want::Refused,
+        },
+    ];
+    for case in &cases {
+        check(&cluster, case);
+    }
+    let rules = cluster.nat_rules().unwrap();
+    assert!(rules.is_empty(), "NAT rules in a node:\n{rules}");
+}
+
+#[test]
+fn udp_nodeport_affinity_health_checks_and_a_thousand_parallel_connections() {
+    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    cluster.write_manifest("services.yaml", &manifests(&cluster)).unwrap();
+    let _agents = cluster.start_agents(true).expect("agents");
+    let (ext, _) = (&cluster.externals[0].1, cluster.externals[0].0);
+
+    // UDP through a NodePort.
+    let answers = ext
+        .run(|| {
+            (0..20)
+                .map(|_| udp_query(SocketAddr::from((N1, 30053))))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let pods: BTreeSet<String> = answers.into_iter().map(|a| a.expect("UDP answer")).collect();
+    assert_eq!(pods, BTreeSet::from(["web-1a".to_string(), "web-2a".to_string()]));
+
+    // ClientIP affinity: 100 connections, one pod.
+    let sticky = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 30), 8080));
+    let pods: BTreeSet<String> = cluster
+        .pod("web-2a")
+        .ns
+        .run(move || {
+            (0..100)
+                .map(|_| http_get_seen(sticky).expect("sticky request").0)
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(pods.len(), 1, "affinity broken: {pods:?}");
+
+    // healthCheckNodePort: 200 where the eTP Local service has a local endpoint, 503 elsewhere.
+    for (node, code, local) in [(N1, "200", 1), (N2, "503", 0)] {
+        let response = ext
+            .run(move || raw_get(SocketAddr::from((node, 32000))))
+            .unwrap()
+            .expect("health check");
+        let status = response.split_whitespace().nth(1).unwrap_or_default();
+        assert_eq!(status, code, "{node}: {response}");
+        assert!(
+            response.contains(&format!("\"localEndpoints\":{local}")),
+            "{node}: {response}"
+        );
+        assert!(response.contains("\"name\":\"web-local\""), "{node}: {response}");
+    }
+
+    // 1,000 short connections in parallel through a masquerading NodePort.
+    let target = SocketAddr::from((N1, 30080));
+    let failures = ext
+        .run(move || {
+            std::thread::scope(|s| {
+                let workers: Vec<_> = (0..50)
+                    .map(|_| s.spawn(move || (0..20).filter(|_| http_get_seen(target).is_err()).count()))
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).sum::<usize>()
+            })
+        })
+        .unwrap();
+    assert_eq!(failures, 0, "{failures} of 1000 connections failed");
+}
+
+/// A whole HTTP/1.0 response, status line included.
+fn raw_get(addr: SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    conn.read_to_string(&mut out)?;
+    Ok(out)
+}
