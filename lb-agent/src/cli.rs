@@ -78,6 +78,10 @@ pub struct RunArgs {
     /// Service CIDRs: addresses in them without a service are dropped.
     #[arg(long, value_delimiter = ',')]
     pub service_cluster_ip_range: Vec<Cidr>,
+    /// cgroup2 directory for the host-network socket hooks; default: the
+    /// system's cgroup2 mount, else one mounted on /run/lb-agent/cgroup2.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     pub masquerade_all: bool,

@@ -117,6 +117,12 @@ impl NodeSettings {
             .copied()
             .filter(|ip| self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|c| c.contains(*ip)))
             .collect();
+        // Host processes reach NodePorts on localhost too (the socket hooks
+        // translate them; no packet with 127.0.0.1 reaches the TC program).
+        let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+        if self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|c| c.contains(localhost)) {
+            ctx.nodeport_addrs.push(localhost);
+        }
         ctx.masquerade_all = self.masquerade_all;
         ctx.cluster_cidr_known = self.cluster_cidr_known;
         ctx
@@ -152,6 +158,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         .maps
         .set_cidrs(&cidrs)
         .context("programming --cluster-cidr / --service-cluster-ip-range")?;
+    let cgroup_root = crate::datapath::sock::cgroup2_root(args.cgroup_root.as_deref())?;
     let state = Arc::new(SourceState::default());
     start_source(args, &node.name, state.clone())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -182,6 +189,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         "first sync done"
     );
 
+    datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
     let mut attacher = attach::Attacher::new(args.interfaces.clone());
     for iface in attach::list_interfaces().await? {

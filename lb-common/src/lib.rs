@@ -15,6 +15,7 @@ pub mod addr;
 pub mod backend;
 pub mod conntrack;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 pub use addr::RawAddr;
@@ -44,7 +45,9 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const CIDRS: &str = "CIDRS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
-    pub const ALL: [&str; 10] = [
+    pub const CONFIG: &str = "CONFIG";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -55,6 +58,8 @@ pub mod map_names {
         AFFINITY,
         CIDRS,
         SOURCE_RANGES,
+        CONFIG,
+        SOCK_REVNAT,
     ];
 }
 
@@ -79,6 +84,8 @@ pub mod limits {
     pub const MAX_CIDRS: u32 = 64;
     /// loadBalancerSourceRanges CIDRs over all services.
     pub const MAX_SOURCE_RANGES: u32 = 16_384;
+    /// Sockets of host processes connected through a service (LRU).
+    pub const MAX_SOCK_REVNAT: u32 = 65_536;
     /// Number of drop-reason counters (`DropReason` discriminants are below it).
     pub const DROP_REASONS: u32 = 16;
 }
@@ -106,4 +113,6 @@ mod pod_impls {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for sock::NodeConfig {}
+    unsafe impl aya::Pod for sock::SockRevNat {}
 }

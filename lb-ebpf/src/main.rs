@@ -12,9 +12,14 @@ mod parse;
 mod reject;
 mod select;
 mod snat;
+mod sock;
 mod stats;
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 /// TC ingress on every node interface: balances traffic to service VIPs and
 /// reverse-translates backend replies (KUBE-SERVICES/KUBE-SVC/KUBE-SEP).
@@ -27,6 +32,30 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// connect() of host-network sockets: frontend → backend.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+/// sendmsg() of unconnected host-network UDP sockets: frontend → backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+/// recvmsg() of host-network UDP sockets: backend shown as the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx)
+}
+
+/// getpeername() of host-network sockets: backend shown as the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx)
 }
 
 #[cfg(not(test))]

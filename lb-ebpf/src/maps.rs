@@ -4,7 +4,7 @@
 //! (CONNTRACK's is overridden by the agent's `--conntrack-max`).
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -12,8 +12,9 @@ use lb_common::{
     SourceRange, TrafficCounter,
     limits::{
         DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CIDRS,
-        MAX_SERVICES, MAX_SOURCE_RANGES,
+        MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
+    sock::{NodeConfig, SockRevNat},
 };
 
 /// (VIP, port, protocol, scope) → service port entry: KUBE-SERVICES.
@@ -53,6 +54,15 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize
 /// built here, off the 512-byte BPF stack.
 #[btf_map]
 pub static SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();
+
+/// Node settings for the socket hooks (one entry).
+#[btf_map]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Socket cookie → frontend and backend of a host socket translated by the
+/// connect/sendmsg hooks; LRU, so closed sockets age out.
+#[btf_map]
+pub static SOCK_REVNAT: LruHashMap<u64, SockRevNat, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
 
 /// Service id → packets/bytes balanced (per CPU).
 #[btf_map]

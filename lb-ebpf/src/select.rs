@@ -14,10 +14,16 @@ use crate::{
 
 #[inline(always)]
 pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
+    lookup_frontend(from_v4_word(pkt.dst), pkt.dport, pkt.proto)
+}
+
+/// The SERVICES entry of (address, port in host order, protocol).
+#[inline(always)]
+pub fn lookup_frontend(addr: RawAddr, port: u16, proto: u8) -> Option<ServiceValue> {
     let key = ServiceKey {
-        addr: from_v4_word(pkt.dst),
-        port: pkt.dport,
-        proto: pkt.proto,
+        addr,
+        port,
+        proto,
         scope: ServiceScope::Cluster as u8,
     };
     // SAFETY: copied out at once; the agent replaces values, never edits them in place.

@@ -103,6 +103,8 @@ enum Want {
 enum From {
     External(usize),
     Pod(&'static str),
+    /// A process in node i's own namespace (hostNetwork).
+    Host(usize),
 }
 
 struct Case {
@@ -116,6 +118,7 @@ fn source_ns(c: &Cluster, from: From) -> (&Netns, Ipv4Addr) {
     match from {
         From::External(i) => (&c.externals[i].1, c.externals[i].0),
         From::Pod(name) => (&c.pod(name).ns, c.pod(name).ip),
+        From::Host(i) => (&c.nodes[i].ns, c.nodes[i].addr),
     }
 }
 
@@ -242,6 +245,24 @@ fn packet_flows_through_nodeports_load_balancers_and_cluster_ips() {
             from: From::External(0),
             to: (N1, 30090),
             want: Want::Refused,
+        },
+        Case {
+            name: "host process → ClusterIP (socket hooks)",
+            from: From::Host(1),
+            to: (Ipv4Addr::new(198, 19, 0, 10), 8080),
+            want: Want::Pods(both, Seen::Node(1)),
+        },
+        Case {
+            name: "host process → 127.0.0.1:NodePort",
+            from: From::Host(0),
+            to: (Ipv4Addr::LOCALHOST, 30080),
+            want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "host process → its node's NodePort",
+            from: From::Host(0),
+            to: (N1, 30080),
+            want: Want::Pods(both, Seen::Node(0)),
         },
         Case {
             name: "ClusterIP on a port the service lacks: refused",

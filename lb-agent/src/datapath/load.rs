@@ -66,6 +66,13 @@ impl Datapath {
             .context("program lb_ingress missing from the object")?
             .try_into()?;
         program.load().context("verifying lb_ingress")?;
+        for name in super::sock::SOCK_PROGRAMS {
+            let prog: &mut aya::programs::CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifying {name}"))?;
+        }
         if let Some(root) = &opts.bpf_root {
             for name in map_names::ALL {
                 let map = ebpf

@@ -5,11 +5,11 @@ use std::path::Path;
 use anyhow::Context;
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
 };
 use lb_common::{
     Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, RawAddr, ServiceKey, ServiceValue, SourceRange,
-    TrafficCounter, map_names,
+    TrafficCounter, map_names, sock::NodeConfig,
 };
 
 use crate::model::Cidr;
@@ -35,6 +35,7 @@ pub struct BpfMaps {
     pub drop_stats: PerCpuArray<MapData, u64>,
     pub cidrs: LpmTrie<MapData, RawAddr, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    pub config: Array<MapData, NodeConfig>,
 }
 
 /// LPM prefix length of a CIDR over a 16-byte (IPv4-mapped) address.
@@ -84,6 +85,7 @@ impl BpfMaps {
             drop_stats: get(map_names::DROP_STATS)?.try_into()?,
             cidrs: get(map_names::CIDRS)?.try_into()?,
             source_ranges: get(map_names::SOURCE_RANGES)?.try_into()?,
+            config: get(map_names::CONFIG)?.try_into()?,
         })
     }
 

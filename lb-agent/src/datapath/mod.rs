@@ -3,6 +3,7 @@
 pub mod attach;
 pub mod load;
 pub mod maps;
+pub mod sock;
 
 pub use load::{Datapath, LoadOptions};
 pub use maps::BpfMaps;

@@ -1,0 +1,109 @@
+//! Host-network clients: the cgroup socket hooks (connect4, sendmsg4,
+//! recvmsg4, getpeername4) attached to the cgroup2 root, told which network
+//! namespace is the node's (its cookie) so they leave every other
+//! namespace's sockets alone.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use lb_common::sock::NodeConfig;
+use tracing::info;
+
+use super::Datapath;
+
+/// The socket hook programs in the object.
+pub const SOCK_PROGRAMS: [&str; 4] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4", "lb_getpeername4"];
+
+/// Where cgroup2 is mounted when the system has no cgroup2 mount.
+const OWN_CGROUP2: &str = "/run/lb-agent/cgroup2";
+
+/// getsockopt(SOL_SOCKET, SO_NETNS_COOKIE).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace.
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("a socket to read the netns cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 we own, with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// A cgroup2 mount point: `wanted`, else the first in /proc/self/mountinfo,
+/// else one mounted here.
+pub fn cgroup2_root(wanted: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = wanted {
+        return Ok(p.to_path_buf());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    for line in mounts.lines() {
+        // ... mount-point ... - fstype source options
+        let (left, right) = line.split_once(" - ").unwrap_or((line, ""));
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mount_point) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mount_point));
+        }
+    }
+    std::fs::create_dir_all(OWN_CGROUP2).with_context(|| format!("creating {OWN_CGROUP2}"))?;
+    let target = std::ffi::CString::new(OWN_CGROUP2)?;
+    // SAFETY: mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            bail!("mounting cgroup2 on {OWN_CGROUP2}: {err}");
+        }
+    }
+    info!(path = OWN_CGROUP2, "mounted cgroup2 for the socket hooks");
+    Ok(PathBuf::from(OWN_CGROUP2))
+}
+
+impl Datapath {
+    /// Records the node's netns cookie and attaches the socket hooks to the
+    /// cgroup2 root as links (alongside other programs there).
+    pub fn attach_socket_hooks(&mut self, cgroup_root: &Path) -> anyhow::Result<()> {
+        let cookie = netns_cookie()?;
+        self.maps
+            .config
+            .set(0, NodeConfig { netns_cookie: cookie }, 0)
+            .context("writing CONFIG")?;
+        let cgroup =
+            std::fs::File::open(cgroup_root).with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            // A bpf_link (kernel ≥ 5.7): links coexist with every other
+            // program on the cgroup; link creation takes no multi flag.
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
+        }
+        info!(cgroup = %cgroup_root.display(), netns_cookie = cookie, "socket hooks attached for host-network clients");
+        Ok(())
+    }
+}

@@ -1,0 +1,29 @@
+//! Socket-level translation for host-network clients (cgroup connect4 /
+//! sendmsg4 / recvmsg4 / getpeername4 hooks).
+
+use crate::{RawAddr, assert_size};
+
+/// CONFIG map (array of one): what the hooks need to know about the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// Cookie of the node's network namespace. The hooks sit in a cgroup
+    /// that sockets of every namespace share; they only act on this one's.
+    pub netns_cookie: u64,
+}
+assert_size!(NodeConfig, 8);
+
+/// SOCK_REVNAT map: socket cookie → the frontend a host socket asked for
+/// and the backend it was connected to, to show the frontend again in
+/// getpeername() and recvmsg().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevNat {
+    pub frontend: RawAddr,
+    pub backend: RawAddr,
+    /// Host byte order.
+    pub frontend_port: u16,
+    /// Host byte order.
+    pub backend_port: u16,
+}
+assert_size!(SockRevNat, 36);
