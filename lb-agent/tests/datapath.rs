@@ -823,3 +823,101 @@ fn packet_flows_like_kube_proxy() {
         }
     }
 }
+
+/// An ICMP error (`icmp_type`) from `src` to `dst`, quoting `quoted`.
+fn icmp_error(src: [u8; 4], dst: [u8; 4], icmp_type: etherparse::Icmpv4Type, quoted: &[u8], ttl: u8) -> Vec<u8> {
+    let mut h = Ipv4Header::new(0, ttl, etherparse::IpNumber::ICMP, src, dst).unwrap();
+    h.dont_fragment = false;
+    h.identification = 7;
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(IpHeaders::Ipv4(h, Default::default()))
+        .icmpv4(icmp_type);
+    let mut out = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut out, quoted).unwrap();
+    out
+}
+
+/// `quoted` (an IPv4 header without options + 8 bytes of L4) with new
+/// addresses and ports and a correct header checksum.
+fn requote(quoted: &[u8], src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut q = quoted.to_vec();
+    q[12..16].copy_from_slice(&src);
+    q[16..20].copy_from_slice(&dst);
+    q[20..22].copy_from_slice(&sport.to_be_bytes());
+    q[22..24].copy_from_slice(&dport.to_be_bytes());
+    q[10..12].copy_from_slice(&[0, 0]);
+    let sum: u32 = q[..20].chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum();
+    let folded = ((sum & 0xffff) + (sum >> 16)) as u16;
+    q[10..12].copy_from_slice(&(!folded).to_be_bytes());
+    q
+}
+
+#[test]
+fn icmp_errors_about_nated_flows_are_translated_back() {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let mut h = Harness::new(&flow_model());
+    let mut udp_model = flow_model();
+    udp_model
+        .services
+        .extend(model(vec![service_port(UDP_VIP, 53, Protocol::Udp, &[(UDP_BACKEND, 5353)])]).services);
+    h.sync(&udp_model);
+
+    // Not masqueraded: UDP to a ClusterIP, the backend answers "port unreachable".
+    let (_, to_backend) = h.run(&udp(ip(CLIENT, UDP_VIP), 50100, 53));
+    let quoted = &to_backend[14..14 + 28];
+    let error = icmp_error(
+        UDP_BACKEND,
+        CLIENT,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        quoted,
+        64,
+    );
+    let (action, out) = h.run(&error);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let want = icmp_error(
+        UDP_VIP,
+        CLIENT,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        &requote(quoted, CLIENT, 50100, UDP_VIP, 53),
+        63,
+    );
+    assert_eq!(
+        hex(&out),
+        hex(&want),
+        "error from the backend comes from the ClusterIP, quoting the client's packet"
+    );
+
+    // Masqueraded: a NodePort flow; a router on the way needs fragmentation.
+    let (_, to_backend) = h.run(&tcp(ip(CLIENT, NODE_PORT_ADDR), 43000, 30080, Tcp::Ack));
+    let backend: [u8; 4] = to_backend[30..34].try_into().unwrap();
+    let quoted = &to_backend[14..14 + 28];
+    let frag_needed =
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let router = [198, 18, 1, 1];
+    let error = icmp_error(router, NODE_ADDR, frag_needed.clone(), quoted, 64);
+    let (action, out) = h.run(&error);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let want = icmp_error(
+        router,
+        CLIENT,
+        frag_needed,
+        &requote(quoted, CLIENT, 43000, NODE_PORT_ADDR, 30080),
+        63,
+    );
+    assert_eq!(
+        hex(&out),
+        hex(&want),
+        "PMTU error reaches the client about its own packet (backend {backend:?})"
+    );
+
+    // ICMP that is not about one of our flows passes untouched.
+    let stray = icmp_error(
+        router,
+        CLIENT,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        &requote(quoted, CLIENT, 1, router, 2),
+        64,
+    );
+    let (action, out) = h.run(&stray);
+    assert_eq!((action, hex(&out)), (TC_ACT_OK, hex(&stray)));
+}

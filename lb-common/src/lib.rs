@@ -30,6 +30,7 @@ pub use stats::{DropReason, TrafficCounter};
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const ICMP: u8 = 1;
     pub const SCTP: u8 = 132;
 }
 

@@ -15,6 +15,7 @@ use lb_common::{
 use crate::{
     conntrack,
     forward::{self, Route},
+    icmp,
     nat::{self, Side},
     parse::{self, Fragment, Packet},
     reject, select, snat, stats,
@@ -26,6 +27,9 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = parse::parse(ctx)? else {
         return Ok(OK);
     };
+    if pkt.proto == lb_common::proto::ICMP {
+        return icmp::translate_error(ctx, &pkt);
+    }
     // Each step is its own BPF function called from here, never from each
     // other: the 512-byte stack limit counts every frame of a call chain.
     if let Some(svc) = select::lookup_service(&pkt)

@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod forward;
+mod icmp;
 mod ingress;
 mod maps;
 mod nat;

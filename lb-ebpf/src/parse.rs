@@ -128,7 +128,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
     if version_ihl >> 4 != 4 || ihl < 5 || (tot_len as usize) < ihl * 4 {
         return Err(DropReason::BadIpHeader);
     }
-    if protocol != proto::TCP && protocol != proto::UDP {
+    if protocol != proto::TCP && protocol != proto::UDP && protocol != proto::ICMP {
         return Ok(None);
     }
     let fragment = if frag_off & 0x1fff != 0 {
@@ -143,6 +143,8 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
     }
 
     let l4_off = ETH_HDR_LEN + ihl * 4;
+    // TCP header; UDP header; ICMP header (for ICMP, `sport` holds type and
+    // code, `dport` the checksum).
     let min_l4 = if protocol == proto::TCP { 20 } else { 8 };
     if l4_off + min_l4 > ctx.data_end() - ctx.data() {
         return Err(DropReason::Truncated);

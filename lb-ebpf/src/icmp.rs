@@ -1,0 +1,162 @@
+//! ICMP errors about NATed flows (fragmentation needed, port unreachable,
+//! time exceeded, ...) are translated back like the flow's replies: the
+//! quoted packet shows the frontend (and the client, when masqueraded)
+//! again, so PMTU discovery and error reporting work through a Service.
+//! Other ICMP passes untouched.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use lb_common::{
+    CtKey, CtKind, DropReason,
+    addr::{from_v4_word, v4_word},
+    conntrack::entry_flags,
+    proto,
+};
+
+use crate::{
+    conntrack, forward,
+    parse::{ETH_HDR_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, ptr_at},
+};
+
+const OK: i32 = TC_ACT_OK as i32;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMP_HDR_LEN: usize = 8;
+
+/// The start of a quoted IPv4 header.
+#[repr(C)]
+struct InnerIp {
+    version_ihl: u8,
+    _tos: u8,
+    _tot_len: u16,
+    _id: u16,
+    _frag_off: u16,
+    _ttl: u8,
+    protocol: u8,
+    _check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[inline(always)]
+fn replace(ctx: &TcContext, off: usize, csum_offs: (usize, usize), old: u32, new: u32) -> Result<(), DropReason> {
+    // The 4 bytes at `off` change: fix the IP header checksum that covers
+    // them (inner or outer) and the ICMP checksum over the message.
+    let (ip_csum, icmp_csum) = csum_offs;
+    ctx.l3_csum_replace(ip_csum, old as u64, new as u64, 4)
+        .map_err(|_| DropReason::Rewrite)?;
+    if icmp_csum != 0 {
+        ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 4)
+            .map_err(|_| DropReason::Rewrite)?;
+    }
+    ctx.store(off, &new, 0).map_err(|_| DropReason::Rewrite)
+}
+
+#[inline(always)]
+fn replace_port(ctx: &TcContext, off: usize, icmp_csum: usize, old: u16, new: u16) -> Result<(), DropReason> {
+    let (old, new) = (old.to_be(), new.to_be());
+    if old != new {
+        ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 2)
+            .map_err(|_| DropReason::Rewrite)?;
+        ctx.store(off, &new, 0).map_err(|_| DropReason::Rewrite)?;
+    }
+    Ok(())
+}
+
+/// An ICMP error quoting a packet of a flow we translate: rewrite it as the
+/// client must see it and forward it. Anything else: `OK` (pass).
+#[inline(never)]
+pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let icmp_type = (pkt.sport >> 8) as u8;
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETER_PROBLEM {
+        return Ok(OK);
+    }
+    // Bounded for the verifier (this is its own BPF function: the value
+    // arrives through memory).
+    let l4_off = pkt.l4_off;
+    if l4_off > ETH_HDR_LEN + 60 {
+        return Ok(OK);
+    }
+    let inner_off = l4_off + ICMP_HDR_LEN;
+    let Ok(inner) = ptr_at::<InnerIp>(ctx, inner_off) else {
+        return Ok(OK);
+    };
+    // SAFETY: bounds checked by ptr_at; unaligned-safe reads.
+    let (version_ihl, inner_proto, inner_src, inner_dst) = unsafe {
+        (
+            (*inner).version_ihl,
+            (*inner).protocol,
+            core::ptr::addr_of!((*inner).saddr).read_unaligned(),
+            core::ptr::addr_of!((*inner).daddr).read_unaligned(),
+        )
+    };
+    let inner_ihl = (version_ihl & 0x0f) as usize;
+    if version_ihl >> 4 != 4 || inner_ihl < 5 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+        return Ok(OK);
+    }
+    let inner_l4 = inner_off + inner_ihl * 4;
+    let Ok(ports) = ptr_at::<[u16; 2]>(ctx, inner_l4) else {
+        return Ok(OK);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (inner_sport, inner_dport) = unsafe { (u16::from_be((*ports)[0]), u16::from_be((*ports)[1])) };
+
+    // The quoted packet went from client (or node, masqueraded) to backend:
+    // its flow's reply entry is keyed backend → client.
+    let key = CtKey {
+        src_addr: from_v4_word(inner_dst),
+        dst_addr: from_v4_word(inner_src),
+        src_port: inner_dport,
+        dst_port: inner_sport,
+        proto: inner_proto,
+        kind: CtKind::Reply as u8,
+        _pad: [0; 2],
+    };
+    let now = conntrack::now_secs();
+    let Some(entry) = conntrack::lookup(&key, now) else {
+        return Ok(OK);
+    };
+    // SAFETY: pointer from a successful lookup in this run.
+    let e = unsafe { *entry };
+    let frontend = v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?;
+    let masq = e.flags & entry_flags::SNAT != 0;
+    let client = if masq {
+        v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?
+    } else {
+        inner_src
+    };
+
+    let icmp_csum = l4_off + 2;
+    let inner_csum = inner_off + 10;
+    // Inner header: destination backend → frontend, source node → client.
+    let csum_before: u16 = ctx.load(inner_csum).map_err(|_| DropReason::Truncated)?;
+    replace(ctx, inner_off + 16, (inner_csum, 0), inner_dst, frontend)?;
+    if masq {
+        replace(ctx, inner_off + 12, (inner_csum, 0), inner_src, client)?;
+    }
+    let csum_after: u16 = ctx.load(inner_csum).map_err(|_| DropReason::Truncated)?;
+    // The ICMP checksum covers the quoted bytes: addresses and their checksum.
+    ctx.l4_csum_replace(icmp_csum, inner_dst as u64, frontend as u64, 4)
+        .map_err(|_| DropReason::Rewrite)?;
+    if masq {
+        ctx.l4_csum_replace(icmp_csum, inner_src as u64, client as u64, 4)
+            .map_err(|_| DropReason::Rewrite)?;
+    }
+    ctx.l4_csum_replace(icmp_csum, csum_before as u64, csum_after as u64, 2)
+        .map_err(|_| DropReason::Rewrite)?;
+    replace_port(ctx, inner_l4 + 2, icmp_csum, inner_dport, e.nat_port)?;
+    if masq {
+        replace_port(ctx, inner_l4, icmp_csum, inner_sport, e.snat_port)?;
+    }
+
+    // Outer header: an error from the backend itself comes from the
+    // frontend; one for a masqueraded flow goes to the client.
+    if pkt.src == inner_dst {
+        replace(ctx, IP_SRC_OFF, (IP_CSUM_OFF, 0), pkt.src, frontend)?;
+    }
+    if masq && pkt.dst != client {
+        replace(ctx, IP_DST_OFF, (IP_CSUM_OFF, 0), pkt.dst, client)?;
+    }
+    let route = forward::route(ctx, pkt, frontend, client, 0, 0, false);
+    forward::forward(ctx, pkt, route)
+}
