@@ -296,6 +296,11 @@ fn udp_nodeport_affinity_health_checks_and_a_thousand_parallel_connections() {
     let pods: BTreeSet<String> = answers.into_iter().map(|a| a.expect("UDP answer")).collect();
     assert_eq!(pods, BTreeSet::from(["web-1a".to_string(), "web-2a".to_string()]));
 
+    // UDP from a host process (sendmsg/recvmsg socket hooks).
+    let node1 = &cluster.nodes[0].ns;
+    let answer = node1.run(|| udp_query(SocketAddr::from((Ipv4Addr::new(198, 19, 0, 10), 53)))).unwrap();
+    assert!(answer.is_ok_and(|pod| pod.starts_with("web-")), "host UDP to a ClusterIP");
+
     // ClientIP affinity: 100 connections, one pod.
     let sticky = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 30), 8080));
     let pods: BTreeSet<String> = cluster
