@@ -298,8 +298,13 @@ fn udp_nodeport_affinity_health_checks_and_a_thousand_parallel_connections() {
 
     // UDP from a host process (sendmsg/recvmsg socket hooks).
     let node1 = &cluster.nodes[0].ns;
-    let answer = node1.run(|| udp_query(SocketAddr::from((Ipv4Addr::new(198, 19, 0, 10), 53)))).unwrap();
-    assert!(answer.is_ok_and(|pod| pod.starts_with("web-")), "host UDP to a ClusterIP");
+    let answer = node1
+        .run(|| udp_query(SocketAddr::from((Ipv4Addr::new(198, 19, 0, 10), 53))))
+        .unwrap();
+    assert!(
+        answer.is_ok_and(|pod| pod.starts_with("web-")),
+        "host UDP to a ClusterIP"
+    );
 
     // ClientIP affinity: 100 connections, one pod.
     let sticky = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 30), 8080));
