@@ -1300,6 +1300,75 @@ mod tests {
     }
 
     #[test]
+    fn external_frontends_follow_type_traffic_policy_and_ip_mode() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: net-test}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.10\n  externalIPs: [198.19.101.1]\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  loadBalancerSourceRanges: [198.18.0.0/24]\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.19.100.1}, {ip: 198.19.100.2, ipMode: Proxy}]\n";
+        let svc = ServiceSpec::from_k8s(&serde_norway::from_str::<Service>(yaml).unwrap()).unwrap();
+        let slice = slice(
+            "s",
+            vec![sport("http", Some(8080), Protocol::Tcp)],
+            vec![Ep::new("198.18.1.1", NODE), Ep::new("198.18.2.1", "node-2")],
+        );
+        let node = NodeContext {
+            name: NODE.into(),
+            nodeport_addrs: vec!["198.18.0.11".parse().unwrap()],
+            cluster_cidr_known: true,
+            ..Default::default()
+        };
+        let (model, warnings) = Model::build(
+            &Snapshot {
+                services: vec![svc],
+                slices: vec![slice],
+                nodes: vec![],
+            },
+            &node,
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let get = |ip: &str, port| {
+            &model.services[&Frontend {
+                ip: ip.parse().unwrap(),
+                port,
+                protocol: Protocol::Tcp,
+            }]
+        };
+        let eps = |sp: &ServicePort| sp.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+
+        let cluster = get("198.19.0.10", 80);
+        assert_eq!(
+            eps(cluster),
+            ["198.18.1.1:8080", "198.18.2.1:8080"],
+            "internal traffic: all endpoints"
+        );
+        assert_eq!(cluster.flags, svc_flags::SNAT_OUTSIDE_CLUSTER);
+        for (ip, port) in [("198.18.0.11", 30080), ("198.19.101.1", 80), ("198.19.100.1", 80)] {
+            let sp = get(ip, port);
+            assert_eq!(eps(sp), ["198.18.1.1:8080"], "{ip}: eTP Local keeps local endpoints");
+            assert_eq!(
+                sp.flags & svc_flags::SNAT_ALWAYS,
+                0,
+                "{ip}: eTP Local keeps the client address"
+            );
+        }
+        let lb = get("198.19.100.1", 80);
+        assert_eq!(lb.flags & svc_flags::SOURCE_RANGES, svc_flags::SOURCE_RANGES);
+        assert_eq!(lb.source_ranges, vec!["198.18.0.0/24".parse::<Cidr>().unwrap()]);
+        assert!(
+            get("198.18.0.11", 30080).source_ranges.is_empty(),
+            "source ranges guard only LB IPs"
+        );
+        let proxy_mode = Frontend {
+            ip: "198.19.100.2".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        assert!(
+            !model.services.contains_key(&proxy_mode),
+            "ipMode Proxy is not captured"
+        );
+        assert_eq!(model.health_checks[&32000].local_endpoints, 1);
+        assert!(model.cluster_ips.contains(&"198.19.0.10".parse().unwrap()));
+    }
+
+    #[test]
     fn multi_port_service_gets_one_frontend_per_port() {
         let snapshot = Snapshot {
             services: vec![svc(vec![
