@@ -177,27 +177,40 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32, Dr
 }
 
 /// DNAT (and SNAT) of a client packet as its forward entry says; forwarded
-/// by FIB when translated.
+/// by FIB when translated. `egress`: the interface a new masqueraded flow
+/// was routed to (0: look it up).
 #[inline(never)]
-/// `egress`: the interface a new masqueraded flow was routed to (0: look up).
 fn translate_forward(ctx: &TcContext, pkt: &Packet, egress: u32) -> Result<i32, DropReason> {
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
     // An IPv6 backend behind an IPv4 frontend would need NAT46: never programmed.
     let backend = v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?;
     nat::rewrite(ctx, pkt, Side::Destination, backend, e.nat_port)?;
-    let (src, sport) = if e.flags & entry_flags::SNAT != 0 {
-        let node = v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?;
-        nat::rewrite(ctx, pkt, Side::Source, node, e.snat_port)?;
-        (node, e.snat_port)
-    } else {
-        (pkt.src, pkt.sport)
-    };
+    let (src, sport) = masquerade_side(ctx, pkt, e, Side::Source, (pkt.src, pkt.sport))?;
     stats::count_balanced(e.service_id, e.backend_id, ctx.len());
     let route = match egress {
         0 => forward::route(ctx, pkt, src, backend, sport, e.nat_port, false),
         ifindex => Some(Route { ifindex, src }),
     };
     forward::forward(ctx, pkt, route)
+}
+
+/// The masquerade half of a translation: a masqueraded flow's `side`
+/// becomes the entry's SNAT address and port (the node's on the way in,
+/// the client's on the way back); otherwise it stays `unchanged`.
+#[inline(always)]
+fn masquerade_side(
+    ctx: &TcContext,
+    pkt: &Packet,
+    e: &lb_common::CtEntry,
+    side: Side,
+    unchanged: (u32, u16),
+) -> Result<(u32, u16), DropReason> {
+    if e.flags & entry_flags::SNAT == 0 {
+        return Ok(unchanged);
+    }
+    let addr = v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?;
+    nat::rewrite(ctx, pkt, side, addr, e.snat_port)?;
+    Ok((addr, e.snat_port))
 }
 
 /// Backend → client: restore the frontend as the source (and the client as
@@ -216,13 +229,7 @@ fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Drop
     let e = unsafe { *entry };
     let frontend = v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?;
     nat::rewrite(ctx, pkt, Side::Source, frontend, e.nat_port)?;
-    let (client, client_port) = if e.flags & entry_flags::SNAT != 0 {
-        let client = v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?;
-        nat::rewrite(ctx, pkt, Side::Destination, client, e.snat_port)?;
-        (client, e.snat_port)
-    } else {
-        (pkt.dst, pkt.dport)
-    };
+    let (client, client_port) = masquerade_side(ctx, pkt, &e, Side::Destination, (pkt.dst, pkt.dport))?;
     // Forwarded by FIB: the restored source may be a node address (NodePort),
     // which the stack would refuse on input.
     let route = forward::route(ctx, pkt, frontend, client, e.nat_port, client_port, false);
