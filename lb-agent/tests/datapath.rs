@@ -921,3 +921,184 @@ fn icmp_errors_about_nated_flows_are_translated_back() {
     let (action, out) = h.run(&stray);
     assert_eq!((action, hex(&out)), (TC_ACT_OK, hex(&stray)));
 }
+
+/// Deterministic xorshift: the fuzz run is repeatable from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// A plausible packet to start from: to frontends, to cluster IPs on other
+/// ports, to random addresses, replies from backends, ICMP errors.
+fn fuzz_template(rng: &mut Rng) -> Vec<u8> {
+    let addrs = [
+        VIP,
+        UDP_VIP,
+        NODE_PORT_ADDR,
+        LB_IP,
+        SELF_VIP,
+        POD_A,
+        POD_B,
+        CLIENT,
+        NODE_ADDR,
+        [198, 19, 0, 12],
+        [198, 19, 9, 9],
+    ];
+    let ports = [8080, 53, 30080, 30081, 80, 9999, 61000, 40000];
+    let (src, mut dst) = (*rng.pick(&addrs), *rng.pick(&addrs));
+    let (sport, mut dport) = (*rng.pick(&ports), *rng.pick(&ports));
+    if rng.below(2) == 0 {
+        // Half of them aimed at a real frontend.
+        (dst, dport) = *rng.pick(&[
+            (VIP, 8080),
+            (NODE_PORT_ADDR, 30080),
+            (NODE_PORT_ADDR, 30081),
+            (LB_IP, 80),
+            (SELF_VIP, 8080),
+        ]);
+    }
+    let flags = *rng.pick(&[Tcp::Syn, Tcp::SynAck, Tcp::Ack]);
+    let mut ip_hdr = ip(src, dst);
+    if rng.below(8) == 0 {
+        ip_hdr.options = &[1, 1, 1, 0];
+    }
+    match rng.below(4) {
+        0 | 1 => tcp(ip_hdr, sport, dport, flags),
+        2 => udp(ip_hdr, sport, dport),
+        _ => {
+            let quoted = tcp(ip(dst, src), dport, sport, flags);
+            icmp_error(
+                src,
+                dst,
+                etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port),
+                &quoted[14..14 + 28],
+                64,
+            )
+        }
+    }
+}
+
+/// Breaks a packet the ways the wild does.
+fn fuzz_mutate(rng: &mut Rng, mut pkt: Vec<u8>) -> Vec<u8> {
+    for _ in 0..rng.below(4) {
+        match rng.below(9) {
+            0 => pkt.truncate(34 + rng.below(pkt.len().saturating_sub(34) as u64 + 1) as usize),
+            1 => pkt[14] = 0x40 | rng.below(16) as u8, // any IHL
+            2 => pkt[20] |= 0x20,                      // more fragments
+            3 => pkt[21] = rng.next() as u8,           // fragment offset bits
+            4 => {
+                let at = rng.below(pkt.len() as u64) as usize;
+                pkt[at] = rng.next() as u8; // any byte, checksums included
+            }
+            5 => {
+                // A VLAN tag in front of the IP header.
+                let tag = [0x81, 0x00, 0x00, 0x64];
+                pkt.splice(12..12, tag);
+            }
+            6 => {
+                // IPv6 with extension headers (hop-by-hop, routing) behind.
+                pkt[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+                pkt[14] = 0x60;
+                pkt[20] = 0; // next header: hop-by-hop
+            }
+            7 => pkt[23] = *rng.pick(&[1u8, 6, 17, 132, 47, 0]), // protocol
+            _ => pkt.extend((0..rng.below(64)).map(|_| rng.next() as u8)),
+        }
+    }
+    pkt
+}
+
+#[test]
+fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
+    let model = flow_model();
+    let mut h = Harness::new(&model);
+    h.datapath
+        .maps
+        .set_cidrs(&[
+            ("198.18.1.0/24".parse().unwrap(), lb_common::cidr_kind::CLUSTER),
+            ("198.19.0.0/16".parse().unwrap(), lb_common::cidr_kind::SERVICE),
+        ])
+        .unwrap();
+    let total_drops = |h: &Harness| -> u64 { DropReason::ALL.iter().map(|r| h.drops(*r)).sum() };
+    let mut rng = Rng(0x5eed_1b0a_d5ee_d001);
+    let (mut runs, mut refused, mut dropped, mut translated) = (0u32, 0u32, 0u32, 0u32);
+    for i in 0..100_000u32 {
+        let template = fuzz_template(&mut rng);
+        let pkt = fuzz_mutate(&mut rng, template);
+        let before = total_drops(&h);
+        let mut out = vec![0u8; pkt.len() + 256];
+        let prog = h.datapath.ingress_program().unwrap();
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(&pkt),
+            data_out: Some(&mut out),
+            ..Default::default()
+        });
+        let Ok(r) = result else {
+            // The kernel refuses some inputs (shorter than an IP header...)
+            // before the program runs.
+            refused += 1;
+            continue;
+        };
+        runs += 1;
+        out.truncate(r.data_size_out as usize);
+        match r.return_value {
+            TC_ACT_SHOT => {
+                dropped += 1;
+                assert_eq!(
+                    total_drops(&h),
+                    before + 1,
+                    "packet {i}: a drop without a counted reason: {}",
+                    hex(&pkt)
+                );
+            }
+            TC_ACT_OK | TC_ACT_REDIRECT => {}
+            other => panic!("packet {i}: verdict {other}"),
+        }
+        // A packet sent on to a frontend's port must go to one of its backends.
+        let ipv4 = pkt.len() >= 34 && pkt[12..14] == [0x08, 0x00] && pkt[14] == 0x45;
+        let l4 = pkt[23];
+        if r.return_value == TC_ACT_REDIRECT && ipv4 && out.len() >= 38 && out[23] == l4 && (l4 == 6 || l4 == 17) {
+            let dst: [u8; 4] = pkt[30..34].try_into().unwrap();
+            let dport = u16::from_be_bytes([pkt[36], pkt[37]]);
+            let proto = if l4 == 6 { Protocol::Tcp } else { Protocol::Udp };
+            let frontend = Frontend {
+                ip: v4(dst),
+                port: dport,
+                protocol: proto,
+            };
+            if let Some(sp) = model.services.get(&frontend) {
+                let new_dst: [u8; 4] = out[30..34].try_into().unwrap();
+                let new_dport = u16::from_be_bytes([out[36], out[37]]);
+                let to = Endpoint {
+                    ip: v4(new_dst),
+                    port: new_dport,
+                };
+                assert!(
+                    sp.endpoints.contains(&to),
+                    "packet {i} to {frontend} went to {to}: {}",
+                    hex(&pkt)
+                );
+                translated += 1;
+            }
+        }
+    }
+    eprintln!(
+        "fuzz: {runs} runs ({refused} refused by the kernel), {dropped} dropped (all counted), {translated} balanced"
+    );
+    assert!(
+        runs > 90_000 && dropped > 1_000 && translated > 1_000,
+        "the fuzz mix exercised too little"
+    );
+}
