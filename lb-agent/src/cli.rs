@@ -23,6 +23,15 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show the service ports programmed in the pinned maps of a running agent.
     Services(InspectArgs),
+    /// Remove an agent's programs, links and pins (the agent stopped).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CleanupArgs {
+    /// The agent's --bpf-root.
+    #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
+    pub bpf_root: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -82,6 +91,11 @@ pub struct RunArgs {
     /// system's cgroup2 mount, else one mounted on /run/lb-agent/cgroup2.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// On exit, detach the programs and remove the pins. By default the
+    /// datapath stays in place (pinned) and keeps serving until the next
+    /// agent takes it over, as kube-proxy's rules outlive kube-proxy.
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     pub masquerade_all: bool,

@@ -21,5 +21,10 @@ async fn main() -> anyhow::Result<()> {
             lb_agent::run::run(*args).await
         }
         Command::Services(args) => lb_agent::inspect::print_services(&args.bpf_root, &args.output),
+        Command::Cleanup(args) => {
+            lb_agent::datapath::load::remove_pins(&args.bpf_root);
+            tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");
+            Ok(())
+        }
     }
 }

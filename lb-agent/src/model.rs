@@ -37,6 +37,15 @@ impl Protocol {
         }
     }
 
+    pub fn from_ip_proto(p: u8) -> Option<Self> {
+        match p {
+            lb_common::proto::TCP => Some(Protocol::Tcp),
+            lb_common::proto::UDP => Some(Protocol::Udp),
+            lb_common::proto::SCTP => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
     pub fn ip_proto(self) -> u8 {
         match self {
             Protocol::Tcp => lb_common::proto::TCP,
@@ -735,11 +744,13 @@ impl Model {
                     if !frontend.external && node.cluster_cidr_known {
                         flags |= svc_flags::SNAT_OUTSIDE_CLUSTER;
                     }
-                    let source_ranges = if frontend.load_balancer {
+                    let mut source_ranges = if frontend.load_balancer {
                         svc.source_ranges.clone()
                     } else {
                         Vec::new()
                     };
+                    source_ranges.sort();
+                    source_ranges.dedup();
                     if !source_ranges.is_empty() {
                         flags |= svc_flags::SOURCE_RANGES;
                     }

@@ -26,7 +26,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         conntrack_max: args.conntrack_max,
     })?;
     let result = serve(&args, &mut datapath).await;
-    datapath.unpin();
+    if args.cleanup_on_exit {
+        datapath.remove_pins();
+    }
     result
 }
 
@@ -176,6 +178,16 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         }
     };
     let mut syncer = Syncer::new();
+    if datapath.reused_pins() {
+        // A restart: keep the ids the maps (and conntrack) already use.
+        let adopted = syncer
+            .adopt(&datapath.maps)
+            .context("reading the pinned maps of the previous agent")?;
+        info!(
+            service_ports = adopted,
+            "took over the pinned maps of the previous agent"
+        );
+    }
     let mut limiter = SyncLimiter::new(args.min_sync_period);
     limiter.take();
     let model = node.build_model(&snapshot);
@@ -191,9 +203,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
 
     datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
-    let mut attacher = attach::Attacher::new(args.interfaces.clone());
-    for iface in attach::list_interfaces().await? {
-        attacher.attach(datapath.ingress_program()?, &iface)?;
+    let mut attacher = attach::Attacher::new(args.interfaces.clone(), datapath.pin_root())?;
+    let interfaces = attach::list_interfaces().await?;
+    attacher.sweep_stale_pins(&interfaces);
+    for iface in &interfaces {
+        attacher.attach(datapath.ingress_program()?, iface)?;
     }
     if attacher.attached().next().is_none() {
         warn!("no interface to attach to yet; waiting for one to appear");
@@ -264,8 +278,12 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
             _ = sigterm.recv() => break Ok(()),
         }
     };
-    info!("shutting down: detaching programs");
-    attacher.detach_all(datapath.ingress_program()?);
+    if args.cleanup_on_exit {
+        info!("shutting down: detaching programs");
+        attacher.detach_all(datapath.ingress_program()?);
+    } else {
+        info!("shutting down: the datapath stays in place (pinned) for the next agent");
+    }
     result
 }
 

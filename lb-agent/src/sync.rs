@@ -20,7 +20,7 @@ use lb_common::{
 };
 use tracing::{debug, info};
 
-use crate::model::{Cidr, Endpoint, Frontend, Model, ServicePort};
+use crate::model::{Cidr, Endpoint, Frontend, Model, Protocol, ServicePort};
 use crate::tracker::{self, ChangeSet};
 
 /// A failed map operation, with the map's name.
@@ -62,6 +62,8 @@ pub trait DatapathMaps {
     /// A loadBalancerSourceRanges CIDR of a service port.
     fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError>;
     fn delete_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError>;
+    /// Every (service id, source range) entry.
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, MapOpError>;
     fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError>;
     fn dump_slots(&self) -> Result<Vec<(BackendSlotKey, BackendId)>, MapOpError>;
     fn dump_backends(&self) -> Result<Vec<(BackendId, Backend)>, MapOpError>;
@@ -148,6 +150,15 @@ impl IdAllocator {
 
     fn free(&mut self, id: u32) {
         self.used.remove(&id);
+    }
+
+    /// Marks an id found in the maps as taken (its counters are live).
+    fn reserve(&mut self, id: u32) {
+        if id > 0 && id < self.limit {
+            self.used.insert(id);
+            self.high_water = self.high_water.max(id);
+            self.next = self.high_water.saturating_add(1).min(self.limit - 1).max(1);
+        }
     }
 }
 
@@ -309,6 +320,69 @@ impl Syncer {
             }
         }
         first_error.map_or(Ok(report), Err)
+    }
+
+    /// Takes over what an earlier agent left in pinned maps: its service
+    /// ports, ids and revisions become this syncer's, so the first (full)
+    /// sync rewrites only what changed and established flows keep the
+    /// backend ids their conntrack entries name. Returns the service ports.
+    pub fn adopt(&mut self, maps: &impl DatapathMaps) -> Result<usize, SyncError> {
+        let actual = MapContents::read(maps)?;
+        let mut ranges: BTreeMap<u32, Vec<Cidr>> = BTreeMap::new();
+        for (id, cidr) in maps.dump_source_ranges()? {
+            ranges.entry(id).or_default().push(cidr);
+        }
+        for (key, value) in &actual.services {
+            let ip = crate::inspect::ip_of(&key.addr);
+            if value.flags & lb_common::svc_flags::ADDRESS_ONLY != 0 {
+                self.markers.insert(ip);
+                continue;
+            }
+            let Some(protocol) = Protocol::from_ip_proto(key.proto) else {
+                continue;
+            };
+            let mut backends = BTreeMap::new();
+            for slot in 0..value.backend_count {
+                let slot_key = BackendSlotKey {
+                    service_id: value.service_id,
+                    revision: value.revision,
+                    slot,
+                };
+                if let Some(&id) = actual.slots.get(&slot_key)
+                    && let Some(b) = actual.backends.get(&id)
+                {
+                    backends.insert(
+                        Endpoint {
+                            ip: crate::inspect::ip_of(&b.addr),
+                            port: b.port,
+                        },
+                        id,
+                    );
+                    self.backend_ids.reserve(id);
+                }
+            }
+            self.service_ids.reserve(value.service_id);
+            let mut source_ranges = ranges.remove(&value.service_id).unwrap_or_default();
+            source_ranges.sort();
+            self.programmed.insert(
+                Frontend {
+                    ip,
+                    port: key.port,
+                    protocol,
+                },
+                Programmed {
+                    service_id: value.service_id,
+                    revision: value.revision,
+                    slot_count: value.backend_count,
+                    affinity_timeout: value.affinity_timeout,
+                    flags: value.flags,
+                    source_ranges,
+                    backends,
+                },
+            );
+        }
+        self.needs_full_resync = true;
+        Ok(self.programmed.len())
     }
 
     /// Cluster IP markers: new ones written, gone ones deleted (all written
@@ -684,6 +758,9 @@ mod tests {
         fn delete_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError> {
             self.ranges.remove(&(service_id, *range));
             Ok(())
+        }
+        fn dump_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, MapOpError> {
+            Ok(self.ranges.iter().copied().collect())
         }
         fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError> {
             Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())

@@ -74,11 +74,20 @@ fn clusterip_balances_300_requests_over_all_pods_without_nat_rules() {
 }
 
 #[test]
-fn stopped_agent_detaches_its_programs_and_removes_its_pins() {
+fn stopped_agent_leaves_the_datapath_serving_and_cleanup_removes_it() {
     let (sandbox, agent) = example_sandbox();
     assert!(get(&sandbox, addr(NGINX_VIP, 8080)).is_ok());
     let status = agent.stop().unwrap();
     assert!(status.success(), "agent exit status {status}");
+    // Like kube-proxy's rules, the datapath outlives the agent (pinned).
+    assert_eq!(spread(&sandbox, addr(NGINX_VIP, 8080), 30).values().sum::<usize>(), 30);
+
+    let out = std::process::Command::new(lb_tests::agent::agent_bin())
+        .args(["cleanup", "--bpf-root"])
+        .arg(&sandbox.bpf_root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         !sandbox.bpf_root.exists(),
         "pins left under {}",
@@ -86,12 +95,74 @@ fn stopped_agent_detaches_its_programs_and_removes_its_pins() {
     );
     // Still-attached programs would keep translating from their maps.
     let via_vip = get(&sandbox, addr(NGINX_VIP, 8080));
-    assert!(
-        via_vip.is_err(),
-        "the VIP still answers after the agent stopped: {via_vip:?}"
-    );
+    assert!(via_vip.is_err(), "the VIP still answers after cleanup: {via_vip:?}");
     let pod_a = sandbox.pod("nginx-a").ip;
     assert_eq!(get(&sandbox, addr(pod_a, 80)).unwrap(), "nginx-a");
+}
+
+#[test]
+fn restarts_under_load_drop_no_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (sandbox, agent) = example_sandbox();
+    let target = addr(NGINX_VIP, 8080);
+    // Long-lived connections that must survive every restart on their pod.
+    let mut long_lived: Vec<(KeepAlive, String)> = (0..4)
+        .map(|_| {
+            let mut c = sandbox
+                .client()
+                .run(move || KeepAlive::connect(target))
+                .unwrap()
+                .unwrap();
+            let pod = c.get().unwrap();
+            (c, pod)
+        })
+        .collect();
+    // 32 clients making short connections all the time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let workers: Vec<_> = (0..32)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            sandbox
+                .client()
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match http_get(target) {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut agent = agent;
+    for round in 0..5 {
+        let status = agent.stop().unwrap();
+        assert!(status.success(), "round {round}: exit {status}");
+        agent = Agent::start(&sandbox, true).expect("restarted agent");
+        assert!(
+            agent.log().contains("took over the pinned maps"),
+            "round {round}: maps not reused"
+        );
+        for (conn, pod) in &mut long_lived {
+            assert_eq!(&conn.get().expect("established connection broken by a restart"), pod);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("restarts: {ok} connections succeeded, {failed} failed across 5 restarts");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed across restarts",
+        ok + failed
+    );
+    assert!(ok > 100, "too little load: {ok}");
 }
 
 #[test]

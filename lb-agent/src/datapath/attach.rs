@@ -4,8 +4,14 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Context;
-use aya::programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId};
+use anyhow::{Context, bail};
+use std::path::PathBuf;
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{
+    SchedClassifier, TcAttachType, tc,
+    tc::{SchedClassifierLink, SchedClassifierLinkId},
+};
 use futures::TryStreamExt;
 use rtnetlink::{
     MulticastGroup,
@@ -120,19 +126,38 @@ pub fn watch_interfaces() -> anyhow::Result<mpsc::UnboundedReceiver<LinkEvent>> 
     Ok(rx)
 }
 
+/// Subdirectory of the bpf root where TC and socket-hook links are pinned:
+/// pinned links outlive the agent, so the datapath keeps serving while it
+/// restarts, and a new agent swaps its program into them atomically.
+pub const LINK_DIR: &str = "links";
+
+/// A TC attachment: pinned (tcx link, survives the agent) or held by the
+/// program (clsact fallback, or no bpf root).
+enum TcAttachment {
+    Pinned(PinnedLink),
+    InProgram(SchedClassifierLinkId, Option<PathBuf>),
+}
+
 /// Which interfaces get the program, and the links made so far.
 pub struct Attacher {
     only: Option<Vec<String>>,
-    links: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+    link_dir: Option<PathBuf>,
+    links: BTreeMap<u32, (String, TcAttachment)>,
 }
 
 impl Attacher {
     /// `only`: attach to these names; None: every non-loopback interface.
-    pub fn new(only: Option<Vec<String>>) -> Self {
-        Attacher {
-            only,
-            links: BTreeMap::new(),
+    /// `bpf_root`: where links are pinned (None: not pinned).
+    pub fn new(only: Option<Vec<String>>, bpf_root: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let link_dir = bpf_root.map(|r| r.join(LINK_DIR));
+        if let Some(dir) = &link_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        Ok(Attacher {
+            only,
+            link_dir,
+            links: BTreeMap::new(),
+        })
     }
 
     fn wanted(&self, iface: &Interface) -> bool {
@@ -146,10 +171,52 @@ impl Attacher {
         self.links.values().map(|(n, _)| n.as_str())
     }
 
-    /// Attaches to `iface` unless it is unwanted or done already.
+    fn pin_path(&self, iface: &Interface) -> Option<PathBuf> {
+        self.link_dir
+            .as_ref()
+            .map(|d| d.join(format!("tc-ingress-{}", iface.index)))
+    }
+
+    /// Removes pinned links of interfaces that no longer exist.
+    pub fn sweep_stale_pins(&self, present: &[Interface]) {
+        let Some(dir) = &self.link_dir else { return };
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(index) = name.strip_prefix("tc-ingress-").and_then(|i| i.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !present.iter().any(|i| i.index == index) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Attaches to `iface` unless it is unwanted or done already. A link an
+    /// earlier agent pinned for it gets this program atomically.
     pub fn attach(&mut self, prog: &mut SchedClassifier, iface: &Interface) -> anyhow::Result<()> {
         if !self.wanted(iface) || self.links.contains_key(&iface.index) {
             return Ok(());
+        }
+        let pin = self.pin_path(iface);
+        if let Some(path) = &pin
+            && path.exists()
+        {
+            match PinnedLink::from_pin(path) {
+                Ok(pinned) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .with_context(|| format!("updating the link on {}", iface.name))?;
+                    info!(interface = %iface.name, index = iface.index, "took over the pinned TC link (program replaced atomically)");
+                    self.links
+                        .insert(iface.index, (iface.name.clone(), TcAttachment::InProgram(id, pin)));
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(interface = %iface.name, "stale pinned link ({e}); attaching anew");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
         }
         // `attach` picks tcx on 6.6+; the netlink (clsact) path needs the qdisc.
         let id = match prog.attach(&iface.name, TcAttachType::Ingress) {
@@ -164,23 +231,55 @@ impl Attacher {
                 .with_context(|| format!("attaching to {} (tcx failed first: {first})", iface.name))?
             }
         };
+        let attachment = match pin {
+            Some(path) => {
+                let link = prog.take_link(id)?;
+                match FdLink::try_from(link) {
+                    Ok(fd_link) => {
+                        let pinned = fd_link
+                            .pin(&path)
+                            .with_context(|| format!("pinning {}", path.display()))?;
+                        TcAttachment::Pinned(pinned)
+                    }
+                    // A netlink (clsact) filter: not a pinnable link.
+                    Err(e) => bail!("attached to {} without a link to pin: {e}", iface.name),
+                }
+            }
+            None => TcAttachment::InProgram(id, None),
+        };
         info!(interface = %iface.name, index = iface.index, "attached TC ingress");
-        self.links.insert(iface.index, (iface.name.clone(), id));
+        self.links.insert(iface.index, (iface.name.clone(), attachment));
         Ok(())
     }
 
     /// The interface is gone (its attachment went with it).
     pub fn forget(&mut self, prog: &mut SchedClassifier, index: u32) {
-        if let Some((name, id)) = self.links.remove(&index) {
-            let _ = prog.detach(id);
+        if let Some((name, attachment)) = self.links.remove(&index) {
+            detach(prog, attachment);
             info!(interface = %name, "interface removed");
         }
     }
 
+    /// Detaches everywhere and removes the pins.
     pub fn detach_all(&mut self, prog: &mut SchedClassifier) {
-        for (_, (name, id)) in std::mem::take(&mut self.links) {
+        for (_, (_, attachment)) in std::mem::take(&mut self.links) {
+            detach(prog, attachment);
+        }
+    }
+}
+
+fn detach(prog: &mut SchedClassifier, attachment: TcAttachment) {
+    match attachment {
+        TcAttachment::Pinned(pinned) => {
+            // Unpinned and closed: the kernel detaches the link.
+            let _ = pinned.unpin();
+        }
+        TcAttachment::InProgram(id, pin) => {
+            if let Some(path) = pin {
+                let _ = std::fs::remove_file(path);
+            }
             if let Err(e) = prog.detach(id) {
-                warn!(interface = %name, "detach failed: {e}");
+                warn!("detach failed: {e}");
             }
         }
     }

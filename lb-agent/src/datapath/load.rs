@@ -29,6 +29,9 @@ pub struct Datapath {
     pub ebpf: Ebpf,
     pub maps: BpfMaps,
     pinned: Option<PathBuf>,
+    reused_pins: bool,
+    /// Pinned socket-hook links (see `attach_socket_hooks`).
+    pub(super) sock_links: Vec<aya::programs::links::PinnedLink>,
 }
 
 fn is_bpffs(dir: &Path) -> bool {
@@ -42,23 +45,97 @@ fn is_bpffs(dir: &Path) -> bool {
     }
 }
 
+/// What the pinned maps' layout must match to be reused: every shared type's
+/// size and every map's capacity. A different agent version with another
+/// layout starts from fresh maps instead of misreading old ones.
+fn layout_signature(conntrack_max: u32) -> String {
+    use lb_common::*;
+    use std::mem::size_of;
+    format!(
+        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={} limits={}/{}/{}/{}/{}/{}/{}/{} ct_max={conntrack_max}",
+        size_of::<ServiceKey>(),
+        size_of::<ServiceValue>(),
+        size_of::<BackendSlotKey>(),
+        size_of::<Backend>(),
+        size_of::<CtKey>(),
+        size_of::<CtEntry>(),
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+        size_of::<SourceRange>(),
+        size_of::<sock::NodeConfig>(),
+        size_of::<sock::SockRevNat>(),
+        limits::MAX_SERVICES,
+        limits::MAX_BACKENDS,
+        limits::MAX_BACKEND_SLOTS,
+        limits::MAX_AFFINITY,
+        limits::MAX_CIDRS,
+        limits::MAX_SOURCE_RANGES,
+        limits::MAX_SOCK_REVNAT,
+        limits::DROP_REASONS,
+    )
+}
+
+/// FNV-1a: a stable hash for the layout marker's name.
+fn fnv64(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Bpffs holds only BPF objects and directories: the layout is recorded as
+/// the name of an empty directory.
+fn layout_marker(root: &Path, conntrack_max: u32) -> PathBuf {
+    root.join(format!("layout-{:016x}", fnv64(&layout_signature(conntrack_max))))
+}
+
+fn remove_layout_markers(root: &Path) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("layout-") {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+/// Prepares `root` for reuse: maps pinned there by an earlier agent are
+/// kept (a restart keeps conntrack, affinity and counters) when their
+/// layout matches this agent's, and removed otherwise.
+fn prepare_pins(root: &Path, conntrack_max: u32) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating bpf root {}", root.display()))?;
+    if !is_bpffs(root) {
+        bail!(
+            "{} is not on a bpf file system; mount one (`mount -t bpf bpf /sys/fs/bpf`) or pass --bpf-root under it",
+            root.display()
+        );
+    }
+    let marker = layout_marker(root, conntrack_max);
+    let reuse = marker.is_dir();
+    if !reuse {
+        for name in map_names::ALL {
+            let _ = std::fs::remove_file(root.join(name));
+        }
+        remove_layout_markers(root);
+        std::fs::create_dir(&marker).with_context(|| format!("creating {}", marker.display()))?;
+    }
+    Ok(reuse)
+}
+
 impl Datapath {
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
-        if let Some(root) = &opts.bpf_root {
-            std::fs::create_dir_all(root).with_context(|| format!("creating bpf root {}", root.display()))?;
-            if !is_bpffs(root) {
-                bail!(
-                    "{} is not on a bpf file system; mount one (`mount -t bpf bpf /sys/fs/bpf`) or pass --bpf-root under it",
-                    root.display()
-                );
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_max);
+        let mut reused = false;
+        let pin_paths: Vec<(&str, PathBuf)> = match &opts.bpf_root {
+            Some(root) => {
+                reused = prepare_pins(root, opts.conntrack_max)?;
+                map_names::ALL.iter().map(|n| (*n, root.join(n))).collect()
             }
-            // Pins left by an agent that died: this agent owns the root.
-            for name in map_names::ALL {
-                let _ = std::fs::remove_file(root.join(name));
-            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            // Reuses the pinned map when there is one, else creates and pins it.
+            loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_max)
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (needs root, BTF and a 6.x kernel)")?;
         let program: &mut SchedClassifier = ebpf
@@ -73,21 +150,24 @@ impl Datapath {
                 .try_into()?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
-        if let Some(root) = &opts.bpf_root {
-            for name in map_names::ALL {
-                let map = ebpf
-                    .map(name)
-                    .with_context(|| format!("map {name} missing from the object"))?;
-                map.pin(root.join(name))
-                    .with_context(|| format!("pinning {name} under {}", root.display()))?;
-            }
-        }
         let maps = BpfMaps::take(&mut ebpf)?;
         Ok(Datapath {
             ebpf,
             maps,
             pinned: opts.bpf_root.clone(),
+            reused_pins: reused,
+            sock_links: Vec::new(),
         })
+    }
+
+    /// The bpf root maps and links are pinned under, if any.
+    pub fn pin_root(&self) -> Option<&Path> {
+        self.pinned.as_deref()
+    }
+
+    /// Were the maps taken over from an earlier agent?
+    pub fn reused_pins(&self) -> bool {
+        self.reused_pins
     }
 
     pub fn ingress_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
@@ -98,13 +178,25 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// Removes the pins (the maps live on only while something holds them).
-    pub fn unpin(&mut self) {
+    /// Removes every pin under the bpf root — maps, links (which detaches
+    /// the programs once no process holds them) — and the root itself.
+    pub fn remove_pins(&mut self) {
+        for link in self.sock_links.drain(..) {
+            let _ = link.unpin();
+        }
         if let Some(root) = self.pinned.take() {
-            for name in map_names::ALL {
-                let _ = std::fs::remove_file(root.join(name));
-            }
-            let _ = std::fs::remove_dir(&root);
+            remove_pins(&root);
         }
     }
+}
+
+/// Removes what an agent pinned under `root` (also without a running agent:
+/// `lb-agent cleanup`).
+pub fn remove_pins(root: &Path) {
+    let _ = std::fs::remove_dir_all(root.join(super::attach::LINK_DIR));
+    for name in map_names::ALL {
+        let _ = std::fs::remove_file(root.join(name));
+    }
+    remove_layout_markers(root);
+    let _ = std::fs::remove_dir(root);
 }

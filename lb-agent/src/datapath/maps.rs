@@ -237,6 +237,18 @@ impl DatapathMaps for BpfMaps {
         let key = source_range_key(service_id, range);
         ignore_missing(self.source_ranges.remove(&key)).map_err(op_err(map_names::SOURCE_RANGES, "delete"))
     }
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, MapOpError> {
+        let mut out = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(op_err(map_names::SOURCE_RANGES, "iterate"))?;
+            let data = key.data();
+            let ip = crate::inspect::ip_of(&data.addr);
+            let bits = key.prefix_len() - 32;
+            let prefix = if ip.is_ipv4() { bits.saturating_sub(96) } else { bits } as u8;
+            out.push((u32::from_be(data.service_id_be), Cidr { addr: ip, prefix }));
+        }
+        Ok(out)
+    }
     fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError> {
         dump(&self.services, map_names::SERVICES)
     }

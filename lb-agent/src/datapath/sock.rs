@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use lb_common::sock::NodeConfig;
 use tracing::info;
@@ -83,8 +84,14 @@ pub fn cgroup2_root(wanted: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 impl Datapath {
     /// Records the node's netns cookie and attaches the socket hooks to the
-    /// cgroup2 root as links (alongside other programs there).
+    /// cgroup2 root as links (alongside other programs there). With a bpf
+    /// root the links are pinned so they outlive the agent; a restarted
+    /// agent attaches its own first, then unpins the old ones: no gap.
     pub fn attach_socket_hooks(&mut self, cgroup_root: &Path) -> anyhow::Result<()> {
+        let link_dir = self.pin_root().map(|r| r.join(super::attach::LINK_DIR));
+        if let Some(dir) = &link_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         let cookie = netns_cookie()?;
         self.maps
             .config
@@ -100,8 +107,17 @@ impl Datapath {
                 .try_into()?;
             // A bpf_link (kernel ≥ 5.7): links coexist with every other
             // program on the cgroup; link creation takes no multi flag.
-            prog.attach(&cgroup, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
+            if let Some(dir) = &link_dir {
+                let link = FdLink::try_from(prog.take_link(id)?)?;
+                let path = dir.join(format!("cgroup-{name}"));
+                // The previous agent's hook goes once this one is in place.
+                let _ = std::fs::remove_file(&path);
+                self.sock_links
+                    .push(link.pin(&path).with_context(|| format!("pinning {}", path.display()))?);
+            }
         }
         info!(cgroup = %cgroup_root.display(), netns_cookie = cookie, "socket hooks attached for host-network clients");
         Ok(())
