@@ -91,6 +91,12 @@ pub struct RunArgs {
     /// system's cgroup2 mount, else one mounted on /run/lb-agent/cgroup2.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Prometheus /metrics address ("" to disable).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// /healthz and /livez address ("" to disable).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
     /// On exit, detach the programs and remove the pins. By default the
     /// datapath stays in place (pinned) and keeps serving until the next
     /// agent takes it over, as kube-proxy's rules outlive kube-proxy.
@@ -132,6 +138,8 @@ struct ConfigFile {
     cluster_cidr: Option<Vec<String>>,
     service_cluster_ip_range: Option<Vec<String>>,
     masquerade_all: Option<bool>,
+    metrics_bind_address: Option<String>,
+    healthz_bind_address: Option<String>,
 }
 
 impl RunArgs {
@@ -172,6 +180,8 @@ impl RunArgs {
         take!(sync_period, duration);
         take!(manifests_debounce, duration);
         take!(masquerade_all);
+        take!(metrics_bind_address);
+        take!(healthz_bind_address);
         let cidrs = |key: &str, list: Vec<String>| -> anyhow::Result<Vec<Cidr>> {
             list.iter()
                 .map(|c| {

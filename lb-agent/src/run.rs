@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::cli::RunArgs;
 use crate::datapath::{Datapath, LoadOptions, attach};
 use crate::health::HealthServers;
+use crate::metrics::SharedStatus;
 use crate::model::{Cidr, Model, NodeContext, Snapshot};
 use crate::source::{self, SourceState};
 use crate::sync::Syncer;
@@ -163,6 +164,8 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     let cgroup_root = crate::datapath::sock::cgroup2_root(args.cgroup_root.as_deref())?;
     let state = Arc::new(SourceState::default());
     start_source(args, &node.name, state.clone())?;
+    let status: SharedStatus = Arc::default();
+    start_endpoints(args, &status)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut health = HealthServers::default();
 
@@ -195,6 +198,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         .sync(&mut datapath.maps, &model)
         .context("first sync of the datapath maps")?;
     health.update(&model.health_checks);
+    report_sync(&status, &syncer, &model, Duration::ZERO);
     info!(
         service_ports = model.services.len(),
         generation = applied_generation,
@@ -226,7 +230,10 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
             None
         };
         tokio::select! {
-            () = state.changed() => pending = true,
+            () = state.changed() => {
+                pending = true;
+                lock_status(&status).pending_since.get_or_insert_with(Instant::now);
+            }
             () = sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)), if sync_at.is_some() => {
                 limiter.take();
                 let ok = match state.snapshot() {
@@ -235,11 +242,13 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                         if generation == applied_generation && !node_changed && !syncer.full_resync_pending() => true,
                     Some((snapshot, generation)) => {
                         let model = node.build_model(&snapshot);
+                        let started = Instant::now();
                         let ok = sync_once(&mut syncer, datapath, &model, generation);
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
                             health.update(&model.health_checks);
+                            report_sync(&status, &syncer, &model, started.elapsed());
                         }
                         ok
                     }
@@ -285,6 +294,61 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         info!("shutting down: the datapath stays in place (pinned) for the next agent");
     }
     result
+}
+
+fn lock_status(status: &SharedStatus) -> std::sync::MutexGuard<'_, crate::metrics::AgentStatus> {
+    status.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a successful sync for /metrics and /healthz.
+fn report_sync(status: &SharedStatus, syncer: &Syncer, model: &Model, took: Duration) {
+    let mut st = lock_status(status);
+    st.last_sync = Some(std::time::SystemTime::now());
+    st.pending_since = None;
+    st.sync_seconds.observe(took.as_secs_f64());
+    st.service_ports = model.services.len();
+    st.services.clear();
+    st.backends.clear();
+    for (frontend, service_id, backends) in syncer.ids() {
+        let name = model
+            .services
+            .get(frontend)
+            .map_or_else(String::new, |sp| sp.name.clone());
+        for (endpoint, id) in backends {
+            st.backends.insert(id, (name.clone(), endpoint.to_string()));
+        }
+        st.services.insert(service_id, (name, frontend.to_string()));
+    }
+}
+
+/// Starts /metrics and /healthz (kube-proxy's ports) unless disabled.
+fn start_endpoints(args: &RunArgs, status: &SharedStatus) -> anyhow::Result<()> {
+    let parse = |flag: &str, v: &str| -> anyhow::Result<Option<std::net::SocketAddr>> {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        v.parse()
+            .map(Some)
+            .with_context(|| format!("--{flag} {v:?}: expected ADDRESS:PORT"))
+    };
+    if let Some(addr) = parse("metrics-bind-address", &args.metrics_bind_address)? {
+        let (status, root) = (status.clone(), args.bpf_root.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_metrics(addr, status, root).await {
+                error!("metrics server on {addr}: {e:#}");
+            }
+        });
+    }
+    if let Some(addr) = parse("healthz-bind-address", &args.healthz_bind_address)? {
+        // kube-proxy's healthz timeout: twice the sync period.
+        let (status, timeout) = (status.clone(), args.sync_period * 2);
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_health(addr, status, timeout).await {
+                error!("health server on {addr}: {e:#}");
+            }
+        });
+    }
+    Ok(())
 }
 
 /// One sync; false when it failed (the next one is then a full resync).

@@ -477,6 +477,13 @@ impl Syncer {
         self.needs_full_resync = true;
     }
 
+    /// Ids in use: (frontend, service id, [(endpoint, backend id)]).
+    pub fn ids(&self) -> impl Iterator<Item = (&Frontend, u32, Vec<(Endpoint, BackendId)>)> {
+        self.programmed
+            .iter()
+            .map(|(f, p)| (f, p.service_id, p.backends.iter().map(|(e, id)| (*e, *id)).collect()))
+    }
+
     /// Backends removed by the syncs since the last call.
     pub fn take_retired_backends(&mut self) -> Vec<BackendId> {
         std::mem::take(&mut self.retired_backends)

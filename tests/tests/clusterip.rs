@@ -332,3 +332,47 @@ fn invalid_manifest_is_reported_and_other_services_keep_working() {
     let counts = spread(&sandbox, addr(NGINX_VIP, 8080), 30);
     assert_eq!(counts.values().sum::<usize>(), 30);
 }
+
+/// A whole HTTP/1.0 response from inside the node namespace.
+fn node_get(sandbox: &Sandbox, port: u16, path: &'static str) -> String {
+    sandbox
+        .node
+        .run(move || -> anyhow::Result<String> {
+            use std::io::{Read, Write};
+            let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut out = String::new();
+            conn.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap()
+        .expect("request to the agent")
+}
+
+#[test]
+fn metrics_and_health_endpoints_report_the_datapath() {
+    let (sandbox, _agent) = example_sandbox();
+    spread(&sandbox, addr(NGINX_VIP, 8080), 30);
+    let metrics = node_get(&sandbox, 10249, "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("lbagent_service_packets_total{") && l.contains("198.19.0.10:8080/TCP"))
+        .unwrap_or_else(|| panic!("no per-service packet counter:\n{metrics}"));
+    let packets: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(packets >= 30 * 3, "{line}");
+    for needle in [
+        "lbagent_drops_total{reason=\"truncated\"} 0",
+        "lbagent_service_ports 2",
+        "lbagent_sync_duration_seconds_count",
+        "lbagent_map_capacity{map=\"CONNTRACK\"}",
+        "lbagent_backend_packets_total{",
+    ] {
+        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+    }
+    let health = node_get(&sandbox, 10256, "/healthz");
+    assert!(
+        health.starts_with("HTTP/1.0 200") && health.contains("\"lastUpdated\""),
+        "{health}"
+    );
+    assert!(node_get(&sandbox, 10256, "/livez").starts_with("HTTP/1.0 200"));
+}

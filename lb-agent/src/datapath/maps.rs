@@ -131,6 +131,21 @@ impl BpfMaps {
         Ok(stale.len())
     }
 
+    /// (map, entries, capacity) of the hash maps, for fill-ratio metrics.
+    pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+        fn count<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>) -> usize {
+            m.keys().filter(Result::is_ok).count()
+        }
+        use aya::maps::IterableMap as _;
+        let cap = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
+        vec![
+            (map_names::SERVICES, count(&self.services), cap(self.services.map())),
+            (map_names::BACKENDS, count(&self.backends), cap(self.backends.map())),
+            (map_names::BACKEND_SLOTS, count(&self.slots), cap(self.slots.map())),
+            (map_names::CONNTRACK, count(&self.conntrack), cap(self.conntrack.map())),
+        ]
+    }
+
     pub fn drops(&self, reason: DropReason) -> anyhow::Result<u64> {
         Ok(self.drop_stats.get(&(reason as u32), 0)?.iter().sum())
     }

@@ -1,0 +1,198 @@
+//! Operator endpoints, like kube-proxy's: Prometheus `/metrics`
+//! (`--metrics-bind-address`, default 127.0.0.1:10249) and `/healthz` +
+//! `/livez` (`--healthz-bind-address`, default 0.0.0.0:10256). Kernel
+//! counters are read from the pinned maps at scrape time; the agent's own
+//! numbers come from `AgentStatus`, which the sync loop updates.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing::{error, info};
+
+use crate::datapath::BpfMaps;
+
+/// What the sync loop reports.
+pub struct AgentStatus {
+    pub last_sync: Option<SystemTime>,
+    /// When a change arrived that is not programmed yet.
+    pub pending_since: Option<Instant>,
+    pub sync_seconds: Histogram,
+    pub service_ports: usize,
+    /// Service id → (service port name, frontend).
+    pub services: BTreeMap<u32, (String, String)>,
+    /// Backend id → (service port name, endpoint).
+    pub backends: BTreeMap<u32, (String, String)>,
+}
+
+impl Default for AgentStatus {
+    fn default() -> Self {
+        AgentStatus {
+            last_sync: None,
+            pending_since: None,
+            sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            service_ports: 0,
+            services: BTreeMap::new(),
+            backends: BTreeMap::new(),
+        }
+    }
+}
+
+pub type SharedStatus = Arc<Mutex<AgentStatus>>;
+
+fn lock(status: &SharedStatus) -> std::sync::MutexGuard<'_, AgentStatus> {
+    status.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Labels = Vec<(String, String)>;
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// The text exposition of everything, now.
+fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
+    let mut registry = Registry::with_prefix("lbagent");
+    let st = lock(status);
+    registry.register(
+        "sync_duration_seconds",
+        "Duration of syncs of the datapath maps",
+        st.sync_seconds.clone(),
+    );
+    let last = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    last.set(
+        st.last_sync
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
+    registry.register(
+        "last_sync_timestamp_seconds",
+        "Unix time of the last successful sync",
+        last,
+    );
+    let programmed = Gauge::<i64>::default();
+    programmed.set(st.service_ports as i64);
+    registry.register("service_ports", "Service ports (frontends) programmed", programmed);
+    let endpoints = Gauge::<i64>::default();
+    endpoints.set(st.backends.len() as i64);
+    registry.register("backends", "Backends programmed", endpoints);
+
+    let drops = counter_family(&mut registry, "drops", "Packets dropped by the datapath, by reason");
+    for reason in lb_common::DropReason::ALL {
+        if let Ok(n) = maps.drops(reason) {
+            drops
+                .get_or_create(&vec![("reason".into(), reason.name().into())])
+                .inc_by(n);
+        }
+    }
+    let svc_packets = counter_family(&mut registry, "service_packets", "Packets balanced, per service port");
+    let svc_bytes = counter_family(&mut registry, "service_bytes", "Bytes balanced, per service port");
+    for (&id, (name, frontend)) in &st.services {
+        if let Ok(c) = maps.service_counter(id) {
+            let labels = vec![("service".into(), name.clone()), ("frontend".into(), frontend.clone())];
+            svc_packets.get_or_create(&labels).inc_by(c.packets);
+            svc_bytes.get_or_create(&labels).inc_by(c.bytes);
+        }
+    }
+    let be_packets = counter_family(&mut registry, "backend_packets", "Packets sent, per backend");
+    for (&id, (name, endpoint)) in &st.backends {
+        if let Ok(c) = maps.backend_counter(id) {
+            let labels = vec![("service".into(), name.clone()), ("endpoint".into(), endpoint.clone())];
+            be_packets.get_or_create(&labels).inc_by(c.packets);
+        }
+    }
+    let entries = gauge_family(&mut registry, "map_entries", "Entries in a datapath map");
+    let capacity = gauge_family(&mut registry, "map_capacity", "Capacity of a datapath map");
+    for (map, count, max) in maps.fill() {
+        entries
+            .get_or_create(&vec![("map".into(), map.into())])
+            .set(count as i64);
+        capacity
+            .get_or_create(&vec![("map".into(), map.into())])
+            .set(max as i64);
+    }
+    drop(st);
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &registry) {
+        error!("encoding metrics: {e}");
+    }
+    out
+}
+
+/// Serves `/metrics` on `addr`, reading the maps pinned under `bpf_root`.
+pub async fn serve_metrics(addr: SocketAddr, status: SharedStatus, bpf_root: PathBuf) -> anyhow::Result<()> {
+    let maps = Arc::new(Mutex::new(BpfMaps::open_pinned(&bpf_root)?));
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let (status, maps) = (status.clone(), maps.clone());
+            async move {
+                let body = render(&status, &maps.lock().unwrap_or_else(|e| e.into_inner()));
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "metrics server listening");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// kube-proxy's health semantics: unhealthy when a change has waited for a
+/// sync longer than `timeout` (syncs stall), healthy otherwise.
+fn health(status: &SharedStatus, timeout: Duration) -> (StatusCode, String) {
+    let st = lock(status);
+    let healthy = st.last_sync.is_some() && st.pending_since.is_none_or(|t| t.elapsed() < timeout);
+    let fmt = |t: Option<SystemTime>| {
+        t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let body = serde_json::json!({
+        "lastUpdated": fmt(st.last_sync),
+        "currentTime": fmt(Some(SystemTime::now())),
+        "nodeEligible": true,
+    });
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body.to_string())
+}
+
+/// Serves `/healthz` and `/livez` on `addr`.
+pub async fn serve_health(addr: SocketAddr, status: SharedStatus, timeout: Duration) -> anyhow::Result<()> {
+    let answer = move |State(status): State<SharedStatus>| async move {
+        let (code, body) = health(&status, timeout);
+        (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    };
+    let app = Router::new()
+        .route("/healthz", get(answer))
+        .route("/livez", get(answer))
+        .with_state(status);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "health server listening");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
