@@ -23,6 +23,37 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show the service ports programmed in the pinned maps of a running agent.
     Services(InspectArgs),
+    /// Packets/bytes per service port and backend, and drops by reason.
+    Stats(InspectArgs),
+    /// The backends of one frontend, e.g. 198.19.0.10:8080/TCP.
+    Backends {
+        frontend: String,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
+    /// Conntrack entries (of one frontend with --service).
+    Conntrack {
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
+    /// Entries and capacity of the datapath maps.
+    Maps(InspectArgs),
+    /// Run one crafted packet through the loaded program on the live maps
+    /// and show what happens to it (run in the node's network namespace).
+    Trace {
+        /// Source IPv4[:PORT] (port default 40000).
+        #[arg(long)]
+        src: String,
+        /// Destination IPv4:PORT.
+        #[arg(long)]
+        dst: String,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        proto: String,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
     /// Remove an agent's programs, links and pins (the agent stopped).
     Cleanup(CleanupArgs),
 }

@@ -132,3 +132,180 @@ pub fn print_services(bpf_root: &Path, output: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Rows with named columns, printed like kubectl (table) or as JSON.
+pub struct Rows {
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Rows {
+    pub fn print(&self, output: &str) -> anyhow::Result<()> {
+        if output == "json" {
+            let items: Vec<serde_json::Map<String, serde_json::Value>> = self
+                .rows
+                .iter()
+                .map(|r| {
+                    self.columns
+                        .iter()
+                        .zip(r)
+                        .map(|(c, v)| {
+                            let value = v
+                                .parse::<u64>()
+                                .map(serde_json::Value::from)
+                                .unwrap_or_else(|_| v.clone().into());
+                            (c.to_lowercase(), value)
+                        })
+                        .collect()
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&items)?);
+            return Ok(());
+        }
+        let mut table = comfy_table::Table::new();
+        table
+            .load_preset(comfy_table::presets::NOTHING)
+            .set_header(self.columns.clone());
+        for r in &self.rows {
+            table.add_row(r.clone());
+        }
+        println!("{table}");
+        Ok(())
+    }
+}
+
+fn frontend_of(key: &lb_common::ServiceKey) -> String {
+    format!("{}/{}", endpoint(ip_of(&key.addr), key.port), proto_name(key.proto))
+}
+
+/// Packets and bytes per service port and per backend, and drops by reason:
+/// what `iptables -t nat -vnL` counted per chain.
+pub fn stats(maps: &BpfMaps) -> anyhow::Result<Rows> {
+    let mut rows = Vec::new();
+    let backends: HashMap<u32, lb_common::Backend> = dump(&maps.backends, map_names::BACKENDS)?.into_iter().collect();
+    for (key, value) in dump(&maps.services, map_names::SERVICES)? {
+        if value.flags & lb_common::svc_flags::ADDRESS_ONLY != 0 {
+            continue;
+        }
+        let c = maps.service_counter(value.service_id)?;
+        rows.push(vec![
+            "service".into(),
+            frontend_of(&key),
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+    }
+    for (id, b) in &backends {
+        let c = maps.backend_counter(*id)?;
+        rows.push(vec![
+            "backend".into(),
+            endpoint(ip_of(&b.addr), b.port),
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+    }
+    for reason in lb_common::DropReason::ALL {
+        rows.push(vec![
+            "drop".into(),
+            reason.name().into(),
+            maps.drops(reason)?.to_string(),
+            "-".into(),
+        ]);
+    }
+    rows.sort();
+    Ok(Rows {
+        columns: vec!["KIND", "NAME", "PACKETS", "BYTES"],
+        rows,
+    })
+}
+
+/// The backends of one frontend (`198.19.0.10:8080/TCP`) with their counters.
+pub fn backends_of(maps: &BpfMaps, frontend: &str) -> anyhow::Result<Rows> {
+    let slots: HashMap<BackendSlotKey, u32> = dump(&maps.slots, map_names::BACKEND_SLOTS)?.into_iter().collect();
+    let backends: HashMap<u32, lb_common::Backend> = dump(&maps.backends, map_names::BACKENDS)?.into_iter().collect();
+    let (_, value) = dump(&maps.services, map_names::SERVICES)?
+        .into_iter()
+        .find(|(k, v)| v.flags & lb_common::svc_flags::ADDRESS_ONLY == 0 && frontend_of(k) == frontend)
+        .ok_or_else(|| anyhow::anyhow!("no frontend {frontend} (see `lb-agent services`)"))?;
+    let mut rows = Vec::new();
+    for slot in 0..value.backend_count {
+        let key = BackendSlotKey {
+            service_id: value.service_id,
+            revision: value.revision,
+            slot,
+        };
+        let Some((id, b)) = slots.get(&key).and_then(|id| backends.get(id).map(|b| (*id, b))) else {
+            continue;
+        };
+        let c = maps.backend_counter(id)?;
+        rows.push(vec![
+            slot.to_string(),
+            id.to_string(),
+            endpoint(ip_of(&b.addr), b.port),
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+    }
+    Ok(Rows {
+        columns: vec!["SLOT", "ID", "ENDPOINT", "PACKETS", "BYTES"],
+        rows,
+    })
+}
+
+/// Conntrack entries, optionally only those of one frontend's service id.
+pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows> {
+    let wanted = match frontend {
+        Some(f) => Some(
+            dump(&maps.services, map_names::SERVICES)?
+                .into_iter()
+                .find(|(k, _)| frontend_of(k) == f)
+                .map(|(_, v)| v.service_id)
+                .ok_or_else(|| anyhow::anyhow!("no frontend {f}"))?,
+        ),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for (k, e) in dump(&maps.conntrack, map_names::CONNTRACK)? {
+        if wanted.is_some_and(|id| id != e.service_id) {
+            continue;
+        }
+        let kind = if k.kind == lb_common::CtKind::Forward as u8 {
+            "forward"
+        } else {
+            "reply"
+        };
+        let snat = if e.flags & lb_common::conntrack::entry_flags::SNAT != 0 {
+            endpoint(ip_of(&e.snat_addr), e.snat_port)
+        } else {
+            "-".into()
+        };
+        rows.push(vec![
+            kind.into(),
+            proto_name(k.proto),
+            endpoint(ip_of(&k.src_addr), k.src_port),
+            endpoint(ip_of(&k.dst_addr), k.dst_port),
+            endpoint(ip_of(&e.nat_addr), e.nat_port),
+            snat,
+            e.backend_id.to_string(),
+            e.expires_at.to_string(),
+        ]);
+    }
+    rows.sort();
+    Ok(Rows {
+        columns: vec!["DIR", "PROTO", "SRC", "DST", "NAT", "SNAT", "BACKEND", "EXPIRES"],
+        rows,
+    })
+}
+
+/// Entries and capacity of the maps.
+pub fn maps_fill(maps: &BpfMaps) -> Rows {
+    let rows = maps
+        .fill()
+        .into_iter()
+        .map(|(m, n, cap)| vec![m.to_string(), n.to_string(), cap.to_string()])
+        .collect();
+    Rows {
+        columns: vec!["MAP", "ENTRIES", "CAPACITY"],
+        rows,
+    }
+}

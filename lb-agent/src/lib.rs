@@ -9,4 +9,5 @@ pub mod model;
 pub mod run;
 pub mod source;
 pub mod sync;
+pub mod trace;
 pub mod tracker;

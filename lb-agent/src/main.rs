@@ -2,6 +2,7 @@ use std::io::IsTerminal;
 
 use clap::{CommandFactory, FromArgMatches};
 use lb_agent::cli::{Cli, Command};
+use lb_agent::datapath::BpfMaps;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -21,6 +22,51 @@ async fn main() -> anyhow::Result<()> {
             lb_agent::run::run(*args).await
         }
         Command::Services(args) => lb_agent::inspect::print_services(&args.bpf_root, &args.output),
+        Command::Stats(a) => lb_agent::inspect::stats(&BpfMaps::open_pinned(&a.bpf_root)?)?.print(&a.output),
+        Command::Backends { frontend, inspect: a } => {
+            lb_agent::inspect::backends_of(&BpfMaps::open_pinned(&a.bpf_root)?, &frontend)?.print(&a.output)
+        }
+        Command::Conntrack { service, inspect: a } => {
+            lb_agent::inspect::conntrack(&BpfMaps::open_pinned(&a.bpf_root)?, service.as_deref())?.print(&a.output)
+        }
+        Command::Trace {
+            src,
+            dst,
+            proto,
+            inspect: a,
+        } => {
+            let protocol = if proto == "udp" {
+                lb_common::proto::UDP
+            } else {
+                lb_common::proto::TCP
+            };
+            let t = lb_agent::trace::trace(
+                &a.bpf_root,
+                lb_agent::trace::parse_endpoint(&src, 40000)?,
+                lb_agent::trace::parse_endpoint(&dst, 0)?,
+                protocol,
+            )?;
+            if a.output == "json" {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("verdict:     {}", t.verdict);
+                println!(
+                    "frontend:    {}",
+                    t.frontend.as_deref().unwrap_or("<none: not a service>")
+                );
+                if let Some(r) = t.drop_reason {
+                    println!("drop reason: {r}");
+                }
+                println!(
+                    "out:         {} -> {}",
+                    t.out_src.as_deref().unwrap_or("?"),
+                    t.out_dst.as_deref().unwrap_or("?")
+                );
+                println!("masquerade:  {}", if t.masqueraded { "yes" } else { "no" });
+            }
+            Ok(())
+        }
+        Command::Maps(a) => lb_agent::inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?).print(&a.output),
         Command::Cleanup(args) => {
             lb_agent::datapath::load::remove_pins(&args.bpf_root);
             tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");

@@ -93,8 +93,17 @@ fn stopped_agent_leaves_the_datapath_serving_and_cleanup_removes_it() {
         "pins left under {}",
         sandbox.bpf_root.display()
     );
-    // Still-attached programs would keep translating from their maps.
-    let via_vip = get(&sandbox, addr(NGINX_VIP, 8080));
+    // Still-attached programs would keep translating from their maps. The
+    // kernel releases an unpinned link asynchronously (deferred put), with
+    // no event to wait on: poll, bounded.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let via_vip = loop {
+        let r = get(&sandbox, addr(NGINX_VIP, 8080));
+        if r.is_err() || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(via_vip.is_err(), "the VIP still answers after cleanup: {via_vip:?}");
     let pod_a = sandbox.pod("nginx-a").ip;
     assert_eq!(get(&sandbox, addr(pod_a, 80)).unwrap(), "nginx-a");
@@ -375,4 +384,75 @@ fn metrics_and_health_endpoints_report_the_datapath() {
         "{health}"
     );
     assert!(node_get(&sandbox, 10256, "/livez").starts_with("HTTP/1.0 200"));
+}
+
+/// `lb-agent ARGS --bpf-root ROOT -o json`, in the node namespace.
+fn agent_json(sandbox: &Sandbox, args: &[&str]) -> serde_json::Value {
+    let bin = lb_tests::agent::agent_bin();
+    let out = lb_tests::netns::run(
+        sandbox
+            .node
+            .command(bin.to_str().unwrap())
+            .args(args)
+            .arg("--bpf-root")
+            .arg(&sandbox.bpf_root)
+            .args(["-o", "json"]),
+    )
+    .unwrap_or_else(|e| panic!("lb-agent {args:?}: {e:#}"));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn inspect_and_trace_show_what_the_kernel_does() {
+    let (sandbox, _agent) = example_sandbox();
+    spread(&sandbox, addr(NGINX_VIP, 8080), 30);
+
+    let stats = agent_json(&sandbox, &["stats"]);
+    let row = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "198.19.0.10:8080/TCP")
+        .expect("service row");
+    assert!(row["packets"].as_u64().unwrap() >= 90, "{row}");
+    let backends = agent_json(&sandbox, &["backends", "198.19.0.10:8080/TCP"]);
+    assert_eq!(backends.as_array().unwrap().len(), 3, "{backends}");
+    let maps = agent_json(&sandbox, &["maps"]);
+    assert!(
+        maps.as_array().unwrap().iter().any(|m| m["map"] == "CONNTRACK"),
+        "{maps}"
+    );
+    let ct_before = agent_json(&sandbox, &["conntrack", "--service", "198.19.0.10:8080/TCP"])
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(ct_before > 0);
+
+    // A packet to the service: balanced to a pod, client kept; no trace left in conntrack.
+    let t = agent_json(
+        &sandbox,
+        &["trace", "--src", "198.18.2.10:41000", "--dst", "198.19.0.10:8080"],
+    );
+    assert_eq!(t["verdict"], "forward (redirect)", "{t}");
+    assert_eq!(t["frontend"], "198.19.0.10:8080/TCP", "{t}");
+    assert_eq!(t["out_src"], "198.18.2.10:41000", "{t}");
+    let to = t["out_dst"].as_str().unwrap();
+    assert!(
+        ["198.18.1.11:80", "198.18.1.12:80", "198.18.1.13:80"].contains(&to),
+        "{t}"
+    );
+    assert_eq!(t["masqueraded"], false);
+    let ct_after = agent_json(&sandbox, &["conntrack", "--service", "198.19.0.10:8080/TCP"])
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(ct_after, ct_before, "trace left conntrack entries");
+
+    // A cluster IP on a port it lacks: rejected.
+    let t = agent_json(
+        &sandbox,
+        &["trace", "--src", "198.18.2.10", "--dst", "198.19.0.10:9999"],
+    );
+    assert_eq!(t["drop_reason"], "rejected_no_endpoints", "{t}");
+    assert_eq!(t["frontend"], serde_json::Value::Null, "{t}");
 }

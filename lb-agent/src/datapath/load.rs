@@ -160,6 +160,34 @@ impl Datapath {
         })
     }
 
+    /// Loads the program over the maps a running agent pinned (for `trace`):
+    /// nothing is created, pinned or attached.
+    pub fn load_existing(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let root = opts.bpf_root.as_ref().context("no bpf root")?;
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            let path = root.join(name);
+            if !path.exists() {
+                bail!("{} missing: is an agent running with this --bpf-root?", path.display());
+            }
+            loader.map_pin_path(name, path);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .context("program lb_ingress missing from the object")?
+            .try_into()?;
+        program.load().context("verifying lb_ingress")?;
+        let maps = BpfMaps::take(&mut ebpf)?;
+        Ok(Datapath {
+            ebpf,
+            maps,
+            pinned: None,
+            reused_pins: true,
+            sock_links: Vec::new(),
+        })
+    }
+
     /// The bpf root maps and links are pinned under, if any.
     pub fn pin_root(&self) -> Option<&Path> {
         self.pinned.as_deref()
