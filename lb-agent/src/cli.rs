@@ -63,6 +63,10 @@ pub struct CleanupArgs {
     /// The agent's --bpf-root.
     #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
     pub bpf_root: PathBuf,
+    /// Also remove kube-proxy's KUBE-* chains (iptables-legacy,
+    /// iptables-nft) and nftables `kube-proxy` tables in this namespace.
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
 }
 
 #[derive(Args, Debug, Clone)]

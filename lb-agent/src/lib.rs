@@ -4,6 +4,7 @@ pub mod cli;
 pub mod datapath;
 pub mod health;
 pub mod inspect;
+pub mod kube_proxy;
 pub mod metrics;
 pub mod model;
 pub mod run;

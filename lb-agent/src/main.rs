@@ -69,6 +69,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Maps(a) => lb_agent::inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?).print(&a.output),
         Command::Cleanup(args) => {
             lb_agent::datapath::load::remove_pins(&args.bpf_root);
+            if args.cleanup_kube_proxy {
+                lb_agent::kube_proxy::cleanup()?;
+            }
             tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");
             Ok(())
         }
