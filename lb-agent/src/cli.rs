@@ -104,6 +104,21 @@ pub struct RunArgs {
     /// Conntrack table capacity (forward + reply entries).
     #[arg(long, default_value_t = lb_common::limits::DEFAULT_CONNTRACK_ENTRIES)]
     pub conntrack_max: u32,
+    /// Conntrack lifetime of established TCP flows.
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// Conntrack lifetime of TCP flows after FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close: Duration,
+    /// Conntrack lifetime of TCP flows that only sent SYN.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_syn: Duration,
+    /// Conntrack lifetime of idle UDP flows.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+    /// How often expired conntrack entries are deleted.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub conntrack_gc_interval: Duration,
     /// Minimum interval between syncs (two may run back to back, as in
     /// kube-proxy); 0 syncs on every change.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]

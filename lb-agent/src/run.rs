@@ -162,6 +162,14 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         .set_cidrs(&cidrs)
         .context("programming --cluster-cidr / --service-cluster-ip-range")?;
     let cgroup_root = crate::datapath::sock::cgroup2_root(args.cgroup_root.as_deref())?;
+    let secs = |d: Duration| d.as_secs().clamp(1, u32::MAX as u64) as u32;
+    datapath.maps.set_conntrack_timeouts(
+        secs(args.conntrack_tcp_timeout_syn),
+        secs(args.conntrack_tcp_timeout_established),
+        secs(args.conntrack_tcp_timeout_close),
+        secs(args.conntrack_udp_timeout),
+    )?;
+    start_conntrack_gc(args.bpf_root.clone(), args.conntrack_gc_interval);
     let state = Arc::new(SourceState::default());
     start_source(args, &node.name, state.clone())?;
     let status: SharedStatus = Arc::default();
@@ -319,6 +327,33 @@ fn report_sync(status: &SharedStatus, syncer: &Syncer, model: &Model, took: Dura
         }
         st.services.insert(service_id, (name, frontend.to_string()));
     }
+}
+
+/// The datapath's clock: CLOCK_MONOTONIC seconds (bpf_ktime_get_ns).
+pub fn monotonic_secs() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// Deletes expired conntrack entries every `interval`, on its own thread
+/// with its own handle on the pinned map (map operations are concurrent-safe).
+fn start_conntrack_gc(bpf_root: std::path::PathBuf, interval: Duration) {
+    std::thread::spawn(move || {
+        let mut maps = match crate::datapath::BpfMaps::open_pinned(&bpf_root) {
+            Ok(m) => m,
+            Err(e) => return error!("conntrack GC disabled: {e:#}"),
+        };
+        loop {
+            std::thread::sleep(interval);
+            match maps.purge_expired_conntrack(monotonic_secs()) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(entries = n, "conntrack GC"),
+                Err(e) => warn!("conntrack GC: {e}"),
+            }
+        }
+    });
 }
 
 /// Starts /metrics and /healthz (kube-proxy's ports) unless disabled.

@@ -203,10 +203,14 @@ fn enter_test_netns() -> Netns {
 
 impl Harness {
     fn new(model: &Model) -> Self {
+        Self::with_conntrack(model, 4096)
+    }
+
+    fn with_conntrack(model: &Model, conntrack_max: u32) -> Self {
         let netns = enter_test_netns();
         let datapath = Datapath::load(&LoadOptions {
             bpf_root: None,
-            conntrack_max: 4096,
+            conntrack_max,
         })
         .expect("loading the datapath (run as root)");
         let mut h = Harness {
@@ -1101,4 +1105,50 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
         runs > 90_000 && dropped > 1_000 && translated > 1_000,
         "the fuzz mix exercised too little"
     );
+}
+
+#[test]
+fn conntrack_lifetimes_follow_the_config_and_gc_removes_expired_entries() {
+    let mut h = Harness::new(&default_model());
+    h.datapath.maps.set_conntrack_timeouts(5, 700, 3, 9).unwrap();
+    let now = lb_agent::run::monotonic_secs();
+    h.run(&udp(ip(CLIENT, UDP_VIP), 50200, 53));
+    h.run(&tcp(ip(CLIENT, VIP), 44000, 8080, Tcp::Syn));
+    h.run(&tcp(ip(CLIENT, VIP), 44001, 8080, Tcp::Ack));
+    let lifetimes: Vec<(u8, u16, u32)> = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK")
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.kind == lb_common::CtKind::Forward as u8)
+        .map(|(k, e)| (k.proto, k.src_port, e.expires_at - now))
+        .collect();
+    let ttl = |proto: u8, sport: u16| lifetimes.iter().find(|l| l.0 == proto && l.1 == sport).unwrap().2;
+    assert!((9..=10).contains(&ttl(17, 50200)), "UDP: {lifetimes:?}");
+    assert!((5..=6).contains(&ttl(6, 44000)), "TCP SYN: {lifetimes:?}");
+    assert!((700..=701).contains(&ttl(6, 44001)), "TCP established: {lifetimes:?}");
+
+    // GC at a later time removes what expired by then, keeps the rest.
+    let removed = h.datapath.maps.purge_expired_conntrack(now + 100).unwrap();
+    assert_eq!(removed, 4, "UDP and SYN flows, both directions");
+    let left = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|(_, e)| e.expires_at >= now + 100));
+}
+
+#[test]
+fn a_full_conntrack_table_still_balances_new_flows() {
+    let b = |last| ([198, 18, 1, last], 80);
+    let mut h = Harness::with_conntrack(
+        &model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(11), b(12)])]),
+        64,
+    );
+    for sport in 20000..20500 {
+        let (action, out) = h.run(&tcp(ip(CLIENT, VIP), sport, 8080, Tcp::Syn));
+        assert_eq!(action, TC_ACT_REDIRECT, "flow {sport} with a full table");
+        assert!([[198, 18, 1, 11], [198, 18, 1, 12]].contains(&<[u8; 4]>::try_from(&out[30..34]).unwrap()));
+    }
+    let entries = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK")
+        .unwrap()
+        .len();
+    assert!(entries <= 64, "LRU holds at most its size: {entries}");
+    assert_eq!(DropReason::ALL.iter().map(|r| h.drops(*r)).sum::<u64>(), 0, "no drop");
 }

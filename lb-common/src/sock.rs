@@ -3,15 +3,20 @@
 
 use crate::{RawAddr, assert_size};
 
-/// CONFIG map (array of one): what the hooks need to know about the node.
+/// CONFIG map (array of one): node-wide settings of the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeConfig {
-    /// Cookie of the node's network namespace. The hooks sit in a cgroup
-    /// that sockets of every namespace share; they only act on this one's.
+    /// Cookie of the node's network namespace. The socket hooks sit in a
+    /// cgroup that sockets of every namespace share; they only act on this one's.
     pub netns_cookie: u64,
+    /// Conntrack lifetimes in seconds (0: the `ct_timeouts` default).
+    pub tcp_syn_timeout: u32,
+    pub tcp_established_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub udp_timeout: u32,
 }
-assert_size!(NodeConfig, 8);
+assert_size!(NodeConfig, 24);
 
 /// SOCK_REVNAT map: socket cookie → the frontend a host socket asked for
 /// and the backend it was connected to, to show the frontend again in

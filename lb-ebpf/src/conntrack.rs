@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{CONNTRACK, SCRATCH},
+    maps::{CONFIG, CONNTRACK, SCRATCH},
     parse::Packet,
 };
 
@@ -51,14 +51,17 @@ pub fn reply_key(backend_addr: &RawAddr, backend_port: u16, to_addr: u32, to_por
 /// How long a flow lives after a packet with `flags_seen` so far.
 #[inline(always)]
 fn lifetime(pkt_proto: u8, flags_seen: u8) -> u32 {
+    // The agent's --conntrack-* settings, else the defaults.
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    let pick = |configured: u32, default: u32| if configured != 0 { configured } else { default };
     if pkt_proto != proto::TCP {
-        ct_timeouts::NON_TCP
+        pick(cfg.udp_timeout, ct_timeouts::NON_TCP)
     } else if flags_seen & (ct_flags::FIN | ct_flags::RST) != 0 {
-        ct_timeouts::TCP_CLOSING
+        pick(cfg.tcp_closing_timeout, ct_timeouts::TCP_CLOSING)
     } else if flags_seen & ct_flags::ACK != 0 {
-        ct_timeouts::TCP_ESTABLISHED
+        pick(cfg.tcp_established_timeout, ct_timeouts::TCP_ESTABLISHED)
     } else {
-        ct_timeouts::TCP_SYN
+        pick(cfg.tcp_syn_timeout, ct_timeouts::TCP_SYN)
     }
 }
 

@@ -110,6 +110,32 @@ impl BpfMaps {
         Ok(())
     }
 
+    /// Conntrack lifetimes (seconds; 0 keeps the datapath's default).
+    pub fn set_conntrack_timeouts(&mut self, syn: u32, established: u32, closing: u32, udp: u32) -> anyhow::Result<()> {
+        let mut config = self.config.get(&0, 0).unwrap_or_default();
+        config.tcp_syn_timeout = syn;
+        config.tcp_established_timeout = established;
+        config.tcp_closing_timeout = closing;
+        config.udp_timeout = udp;
+        self.config.set(0, config, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
+    /// Deletes expired conntrack entries (`now`: the datapath's clock, in
+    /// seconds); returns how many. The LRU evicts under pressure anyway;
+    /// this keeps the table and `lb-agent conntrack` clean.
+    pub fn purge_expired_conntrack(&mut self, now: u32) -> Result<usize, MapOpError> {
+        let stale: Vec<CtKey> = dump(&self.conntrack, map_names::CONNTRACK)?
+            .into_iter()
+            .filter(|(_, e)| e.expires_at < now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            ignore_missing(self.conntrack.remove(key)).map_err(op_err(map_names::CONNTRACK, "delete"))?;
+        }
+        Ok(stale.len())
+    }
+
     /// Deletes the conntrack entries (both directions) of these backends, so
     /// their flows — UDP above all — start afresh on a live backend, as
     /// kube-proxy's flush of stale UDP entries does. Returns how many went.

@@ -93,10 +93,11 @@ impl Datapath {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let cookie = netns_cookie()?;
-        self.maps
-            .config
-            .set(0, NodeConfig { netns_cookie: cookie }, 0)
-            .context("writing CONFIG")?;
+        let config = NodeConfig {
+            netns_cookie: cookie,
+            ..self.maps.config.get(&0, 0).unwrap_or_default()
+        };
+        self.maps.config.set(0, config, 0).context("writing CONFIG")?;
         let cgroup =
             std::fs::File::open(cgroup_root).with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
         for name in SOCK_PROGRAMS {
