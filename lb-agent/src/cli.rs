@@ -101,6 +101,13 @@ pub struct RunArgs {
     /// including interfaces created later.
     #[arg(long, value_delimiter = ',')]
     pub interfaces: Option<Vec<String>>,
+    /// Capacity for service ports (frontends: cluster IPs, NodePorts ×
+    /// node addresses, external and load-balancer IPs) and cluster IPs.
+    #[arg(long, default_value_t = lb_common::limits::MAX_SERVICES)]
+    pub max_services: u32,
+    /// Capacity for backends (service port × endpoint).
+    #[arg(long, default_value_t = lb_common::limits::MAX_BACKENDS)]
+    pub max_backends: u32,
     /// Conntrack table capacity (forward + reply entries).
     #[arg(long, default_value_t = lb_common::limits::DEFAULT_CONNTRACK_ENTRIES)]
     pub conntrack_max: u32,

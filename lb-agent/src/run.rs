@@ -25,6 +25,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&LoadOptions {
         bpf_root: Some(args.bpf_root.clone()),
         conntrack_max: args.conntrack_max,
+        max_services: args.max_services,
+        max_backends: args.max_backends,
     })?;
     let result = serve(&args, &mut datapath).await;
     if args.cleanup_on_exit {
@@ -188,7 +190,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
             _ = sigterm.recv() => return Ok(()),
         }
     };
-    let mut syncer = Syncer::new();
+    let mut syncer = Syncer::with_limits(args.max_services, args.max_backends);
     if datapath.reused_pins() {
         // A restart: keep the ids the maps (and conntrack) already use.
         let adopted = syncer

@@ -261,11 +261,16 @@ impl Default for Syncer {
 
 impl Syncer {
     pub fn new() -> Self {
+        Self::with_limits(MAX_SERVICES, MAX_BACKENDS)
+    }
+
+    /// A syncer for maps of these capacities (`--max-services`, `--max-backends`).
+    pub fn with_limits(max_services: u32, max_backends: u32) -> Self {
         Syncer {
             applied: Model::default(),
             programmed: BTreeMap::new(),
-            service_ids: IdAllocator::new(MAX_SERVICES, "service ids", "raise lb_common::limits::MAX_SERVICES"),
-            backend_ids: IdAllocator::new(MAX_BACKENDS, "backend ids", "raise lb_common::limits::MAX_BACKENDS"),
+            service_ids: IdAllocator::new(max_services, "service ids", "raise --max-services"),
+            backend_ids: IdAllocator::new(max_backends, "backend ids", "raise --max-backends"),
             needs_full_resync: true,
             retired_backends: Vec::new(),
             markers: BTreeSet::new(),

@@ -44,10 +44,7 @@ pub fn trace(bpf_root: &Path, src: SocketAddrV4, dst: SocketAddrV4, protocol: u8
     if !bpf_root.join(map_names::SERVICES).exists() {
         bail!("no agent's maps under {} (is --bpf-root right?)", bpf_root.display());
     }
-    let mut dp = Datapath::load_existing(&LoadOptions {
-        bpf_root: Some(bpf_root.to_path_buf()),
-        conntrack_max: 0,
-    })?;
+    let mut dp = Datapath::load_existing(&LoadOptions::new(Some(bpf_root.to_path_buf()), 0))?;
     let input = packet(src, dst, protocol)?;
     let fwd_key = CtKey {
         src_addr: from_v4_word(u32::from_ne_bytes(src.ip().octets())),

@@ -208,11 +208,8 @@ impl Harness {
 
     fn with_conntrack(model: &Model, conntrack_max: u32) -> Self {
         let netns = enter_test_netns();
-        let datapath = Datapath::load(&LoadOptions {
-            bpf_root: None,
-            conntrack_max,
-        })
-        .expect("loading the datapath (run as root)");
+        let datapath =
+            Datapath::load(&LoadOptions::new(None, conntrack_max)).expect("loading the datapath (run as root)");
         let mut h = Harness {
             datapath,
             syncer: Syncer::new(),
@@ -1151,4 +1148,34 @@ fn a_full_conntrack_table_still_balances_new_flows() {
         .len();
     assert!(entries <= 64, "LRU holds at most its size: {entries}");
     assert_eq!(DropReason::ALL.iter().map(|r| h.drops(*r)).sum::<u64>(), 0, "no drop");
+}
+
+#[test]
+fn full_service_table_names_the_flag_and_the_other_services_keep_working() {
+    let netns = enter_test_netns();
+    let opts = LoadOptions {
+        max_services: 4,
+        max_backends: 16,
+        ..LoadOptions::new(None, 4096)
+    };
+    let datapath = Datapath::load(&opts).expect("loading the datapath");
+    let mut h = Harness {
+        datapath,
+        syncer: Syncer::with_limits(4, 16),
+        _netns: netns,
+    };
+    let vip = |last| [198, 19, 0, last];
+    let ports: Vec<ServicePort> = (1..=5)
+        .map(|i| service_port(vip(100 + i), 80, Protocol::Tcp, &[([198, 18, 1, 10 + i], 80)]))
+        .collect();
+    let err = h
+        .syncer
+        .sync(&mut h.datapath.maps, &model(ports))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--max-services"), "{err}");
+    // The service ports that fit are programmed and work.
+    let (action, out) = h.run(&tcp(ip(CLIENT, vip(101)), 45000, 80, Tcp::Syn));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &[198, 18, 1, 11]);
 }

@@ -22,6 +22,24 @@ pub struct LoadOptions {
     pub bpf_root: Option<PathBuf>,
     /// CONNTRACK capacity.
     pub conntrack_max: u32,
+    /// Service ports (frontends and cluster IP markers): SERVICES and
+    /// SERVICE_STATS capacity, `--max-services`.
+    pub max_services: u32,
+    /// Backends: BACKENDS and BACKEND_STATS capacity (BACKEND_SLOTS twice
+    /// that), `--max-backends`.
+    pub max_backends: u32,
+}
+
+impl LoadOptions {
+    /// Default capacities (the `lb_common::limits` sizes).
+    pub fn new(bpf_root: Option<PathBuf>, conntrack_max: u32) -> Self {
+        LoadOptions {
+            bpf_root,
+            conntrack_max,
+            max_services: lb_common::limits::MAX_SERVICES,
+            max_backends: lb_common::limits::MAX_BACKENDS,
+        }
+    }
 }
 
 /// A loaded datapath: the program (not yet attached) and its maps.
@@ -48,11 +66,11 @@ fn is_bpffs(dir: &Path) -> bool {
 /// What the pinned maps' layout must match to be reused: every shared type's
 /// size and every map's capacity. A different agent version with another
 /// layout starts from fresh maps instead of misreading old ones.
-fn layout_signature(conntrack_max: u32) -> String {
+fn layout_signature(opts: &LoadOptions) -> String {
     use lb_common::*;
     use std::mem::size_of;
     format!(
-        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={} limits={}/{}/{}/{}/{}/{}/{}/{} ct_max={conntrack_max}",
+        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={} limits={}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
         size_of::<ServiceKey>(),
         size_of::<ServiceValue>(),
         size_of::<BackendSlotKey>(),
@@ -72,6 +90,9 @@ fn layout_signature(conntrack_max: u32) -> String {
         limits::MAX_SOURCE_RANGES,
         limits::MAX_SOCK_REVNAT,
         limits::DROP_REASONS,
+        opts.conntrack_max,
+        opts.max_services,
+        opts.max_backends,
     )
 }
 
@@ -84,8 +105,8 @@ fn fnv64(text: &str) -> u64 {
 
 /// Bpffs holds only BPF objects and directories: the layout is recorded as
 /// the name of an empty directory.
-fn layout_marker(root: &Path, conntrack_max: u32) -> PathBuf {
-    root.join(format!("layout-{:016x}", fnv64(&layout_signature(conntrack_max))))
+fn layout_marker(root: &Path, opts: &LoadOptions) -> PathBuf {
+    root.join(format!("layout-{:016x}", fnv64(&layout_signature(opts))))
 }
 
 fn remove_layout_markers(root: &Path) {
@@ -99,7 +120,7 @@ fn remove_layout_markers(root: &Path) {
 /// Prepares `root` for reuse: maps pinned there by an earlier agent are
 /// kept (a restart keeps conntrack, affinity and counters) when their
 /// layout matches this agent's, and removed otherwise.
-fn prepare_pins(root: &Path, conntrack_max: u32) -> anyhow::Result<bool> {
+fn prepare_pins(root: &Path, opts: &LoadOptions) -> anyhow::Result<bool> {
     std::fs::create_dir_all(root).with_context(|| format!("creating bpf root {}", root.display()))?;
     if !is_bpffs(root) {
         bail!(
@@ -107,7 +128,7 @@ fn prepare_pins(root: &Path, conntrack_max: u32) -> anyhow::Result<bool> {
             root.display()
         );
     }
-    let marker = layout_marker(root, conntrack_max);
+    let marker = layout_marker(root, opts);
     let reuse = marker.is_dir();
     if !reuse {
         for name in map_names::ALL {
@@ -123,10 +144,15 @@ impl Datapath {
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_max);
+        loader.map_max_entries(map_names::SERVICES, opts.max_services);
+        loader.map_max_entries(map_names::SERVICE_STATS, opts.max_services);
+        loader.map_max_entries(map_names::BACKENDS, opts.max_backends);
+        loader.map_max_entries(map_names::BACKEND_STATS, opts.max_backends);
+        loader.map_max_entries(map_names::BACKEND_SLOTS, opts.max_backends.saturating_mul(2));
         let mut reused = false;
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.bpf_root {
             Some(root) => {
-                reused = prepare_pins(root, opts.conntrack_max)?;
+                reused = prepare_pins(root, opts)?;
                 map_names::ALL.iter().map(|n| (*n, root.join(n))).collect()
             }
             None => Vec::new(),

@@ -188,7 +188,13 @@ fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapOp
     move |e| {
         let message = match &e {
             MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                format!("map is full ({e})")
+                let flag = match map {
+                    map_names::SERVICES | map_names::SERVICE_STATS => "raise --max-services",
+                    map_names::BACKENDS | map_names::BACKEND_SLOTS | map_names::BACKEND_STATS => "raise --max-backends",
+                    map_names::CONNTRACK => "raise --conntrack-max",
+                    _ => "the map size is fixed",
+                };
+                format!("map is full: {flag} ({e})")
             }
             _ => e.to_string(),
         };
