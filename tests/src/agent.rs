@@ -241,6 +241,15 @@ impl Agent {
         self.terminate()
     }
 
+    /// SIGKILL: no chance to clean up anything.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id() as i32;
+        self.child.kill()?;
+        self.child.wait()?;
+        cleanup::untrack_pid(pid);
+        Ok(())
+    }
+
     fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id() as i32;
         // SAFETY: kill(2) on our child.

@@ -456,3 +456,27 @@ fn inspect_and_trace_show_what_the_kernel_does() {
     assert_eq!(t["drop_reason"], "rejected_no_endpoints", "{t}");
     assert_eq!(t["frontend"], serde_json::Value::Null, "{t}");
 }
+
+#[test]
+fn killed_agent_leaves_the_datapath_serving_and_the_next_one_reconciles() {
+    let (sandbox, agent) = example_sandbox();
+    agent.kill().unwrap();
+    // Nobody is watching: the last programmed state keeps serving.
+    assert_eq!(spread(&sandbox, addr(NGINX_VIP, 8080), 30).values().sum::<usize>(), 30);
+    // While the agent is gone, the UDP service is deleted and a pod leaves nginx-service.
+    let pods = example_pods();
+    sandbox
+        .write_manifest("net-test.yaml", &manifests::service(&nginx_service(&pods[..2])))
+        .unwrap();
+    let agent = Agent::start(&sandbox, true).expect("restarted agent");
+    assert!(agent.log().contains("took over the pinned maps"));
+    let view = agent.services().unwrap();
+    assert_eq!(
+        view.keys().collect::<Vec<_>>(),
+        ["198.19.0.10:8080/TCP"],
+        "stale service left: {view:?}"
+    );
+    assert_eq!(view["198.19.0.10:8080/TCP"], ["198.18.1.11:80", "198.18.1.12:80"]);
+    let counts = spread(&sandbox, addr(NGINX_VIP, 8080), 30);
+    assert!(!counts.contains_key("nginx-c"), "{counts:?}");
+}

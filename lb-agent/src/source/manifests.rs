@@ -481,4 +481,53 @@ endpoints:
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snap.services[0].namespace, "default");
     }
+
+    #[test]
+    fn malformed_objects_are_each_rejected_naming_object_and_field() {
+        let svc = |spec: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: net-test}}\nspec:\n  clusterIP: 198.19.0.50\n{spec}"
+            )
+        };
+        let slice = |body: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: bad-x, namespace: net-test, labels: {{kubernetes.io/service-name: bad}}}}\naddressType: IPv4\n{body}"
+            )
+        };
+        let cases = [
+            ("missing ports", svc(""), "spec.ports"),
+            ("port 0", svc("  ports: [{port: 0}]\n"), "spec.ports[0].port"),
+            ("huge port", svc("  ports: [{port: 99999999999}]\n"), "spec.ports[0].port"),
+            ("port not a number", svc("  ports: [{port: http}]\n"), "spec.ports[0].port"),
+            ("unknown protocol", svc("  ports: [{port: 80, protocol: QUIC}]\n"), "spec.ports[0].protocol"),
+            ("duplicate port names", svc("  ports: [{name: a, port: 80}, {name: a, port: 81}]\n"), "spec.ports[1].name"),
+            ("bad targetPort", svc("  ports: [{port: 80, targetPort: 0}]\n"), "spec.ports[0].targetPort"),
+            ("bad cluster IP", "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: net-test}\nspec:\n  clusterIP: 198.19.0.500\n  ports: [{port: 80}]\n".to_string(), "spec.clusterIP"),
+            ("bad endpoint address", slice("endpoints: [{addresses: [10.0.0.256]}]\n"), "endpoints[0].addresses[0]"),
+            ("endpoint of the wrong family", slice("endpoints: [{addresses: [\"fd00::1\"]}]\n"), "endpoints[0].addresses[0]"),
+            ("slice port out of range", slice("ports: [{port: 70000}]\nendpoints: []\n"), "ports[0].port"),
+        ];
+        for (what, yaml, field) in cases {
+            let dir = tempdir();
+            // The good example beside the bad object, in the same file.
+            write(&dir, "a.yaml", &format!("{GOOD}---\n{yaml}"));
+            let (snap, errors) = ManifestSource::new(&dir).load();
+            assert_eq!(errors.len(), 1, "{what}: {errors:?}");
+            let e = &errors[0];
+            assert_eq!(e.field.as_deref(), Some(field), "{what}: {e}");
+            assert!(
+                e.object
+                    .as_deref()
+                    .is_some_and(|o| o.ends_with("net-test/bad") || o.ends_with("net-test/bad-x")),
+                "{what}: {e}"
+            );
+            assert_eq!(e.document, 4, "{what}: {e}");
+            // Every other object is still read.
+            assert!(
+                snap.services.iter().any(|s| s.name == "web"),
+                "{what}: the good service is gone"
+            );
+            assert!(snap.slices.iter().any(|s| s.name == "web-1"), "{what}");
+        }
+    }
 }
