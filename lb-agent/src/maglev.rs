@@ -23,7 +23,7 @@ fn hash(seed: u64, bytes: &[u8]) -> u64 {
 }
 
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// The lookup table: `size` slots, each the index of a backend in
