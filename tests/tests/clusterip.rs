@@ -371,7 +371,9 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     assert!(packets >= 30 * 3, "{line}");
     for needle in [
         "lbagent_drops_total{reason=\"truncated\"} 0",
-        "lbagent_service_ports 2",
+        // nginx-service, udp-echo, and the NodePort service: its cluster IP
+        // plus the NodePort on the node address and on localhost.
+        "lbagent_service_ports 5",
         "lbagent_sync_duration_seconds_count",
         "lbagent_map_capacity{map=\"CONNTRACK\"}",
         "lbagent_backend_packets_total{",

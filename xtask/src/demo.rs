@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use lb_tests::client::{http_get, tally, udp_query};
-use lb_tests::manifests::{NGINX_VIP, UDP_VIP, example_pods};
+use lb_tests::manifests::{NGINX_VIP, NODE_PORT, UDP_VIP, example_pods};
+use lb_tests::sandbox::NODE_GATEWAY;
 use lb_tests::{Agent, Sandbox, cleanup, netns};
 
 use crate::step;
@@ -41,6 +42,12 @@ pub fn run() -> anyhow::Result<()> {
     ));
     let udp_counts = tally(sandbox.client(), UDP_QUERIES, udp, udp_query)?;
 
+    let node_port = SocketAddr::from((NODE_GATEWAY, NODE_PORT));
+    step(&format!(
+        "client 198.18.2.10: {REQUESTS} HTTP requests to NodePort {node_port} (nginx-service-nodeport, masqueraded)"
+    ));
+    let np_counts = tally(sandbox.client(), REQUESTS, node_port, http_get)?;
+
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
         "pod",
@@ -48,6 +55,7 @@ pub fn run() -> anyhow::Result<()> {
         &format!("HTTP via {http}"),
         "share",
         &format!("UDP via {udp}"),
+        &format!("HTTP via NodePort {node_port}"),
     ]);
     for (name, ip) in &pods {
         let n = tcp_counts.get(name).copied().unwrap_or(0);
@@ -57,6 +65,7 @@ pub fn run() -> anyhow::Result<()> {
             n.to_string(),
             format!("{:.1}%", 100.0 * n as f64 / REQUESTS as f64),
             udp_counts.get(name).copied().unwrap_or(0).to_string(),
+            np_counts.get(name).copied().unwrap_or(0).to_string(),
         ]);
     }
     println!("\n{table}\n");
@@ -70,15 +79,13 @@ pub fn run() -> anyhow::Result<()> {
             rules
         }
     );
-    let services = netns::run(
-        std::process::Command::new("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(sandbox.bpf_root.join("SERVICES")),
-    );
-    if let Ok(out) = services {
+    // What the kernel maps hold (also: `bpftool map dump pinned <root>/SERVICES`).
+    let root = sandbox.bpf_root.display().to_string();
+    for args in [["services", "--bpf-root", &root], ["stats", "--bpf-root", &root]] {
+        let out = netns::run(std::process::Command::new(lb_tests::agent::agent_bin()).args(args))?;
         println!(
-            "\nbpftool map dump pinned {}/SERVICES:\n{}",
-            sandbox.bpf_root.display(),
+            "\nlb-agent {}:\n{}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stdout)
         );
     }
