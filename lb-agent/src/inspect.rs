@@ -183,11 +183,13 @@ fn frontend_of(key: &lb_common::ServiceKey) -> String {
 pub fn stats(maps: &BpfMaps) -> anyhow::Result<Rows> {
     let mut rows = Vec::new();
     let backends: HashMap<u32, lb_common::Backend> = dump(&maps.backends, map_names::BACKENDS)?.into_iter().collect();
+    let mut frontends = HashMap::new();
     for (key, value) in dump(&maps.services, map_names::SERVICES)? {
         if value.flags & lb_common::svc_flags::ADDRESS_ONLY != 0 {
             continue;
         }
         let c = maps.service_counter(value.service_id)?;
+        frontends.insert(value.service_id, frontend_of(&key));
         rows.push(vec![
             "service".into(),
             frontend_of(&key),
@@ -197,12 +199,10 @@ pub fn stats(maps: &BpfMaps) -> anyhow::Result<Rows> {
     }
     for (id, b) in &backends {
         let c = maps.backend_counter(*id)?;
-        rows.push(vec![
-            "backend".into(),
-            endpoint(ip_of(&b.addr), b.port),
-            c.packets.to_string(),
-            c.bytes.to_string(),
-        ]);
+        // The same endpoint serves several frontends: name it by both.
+        let frontend = frontends.get(&b.service_id).map_or("?", String::as_str);
+        let name = format!("{frontend} -> {}", endpoint(ip_of(&b.addr), b.port));
+        rows.push(vec!["backend".into(), name, c.packets.to_string(), c.bytes.to_string()]);
     }
     for reason in lb_common::DropReason::ALL {
         rows.push(vec![
