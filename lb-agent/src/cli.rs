@@ -108,6 +108,14 @@ pub struct RunArgs {
     /// Capacity for backends (service port × endpoint).
     #[arg(long, default_value_t = lb_common::limits::MAX_BACKENDS)]
     pub max_backends: u32,
+    /// How new flows pick a backend: random (kube-proxy's choice) or maglev
+    /// (consistent hashing of the flow); per service the
+    /// `lb-agent.io/lb-algorithm` annotation overrides it.
+    #[arg(long, default_value = "random", value_parser = ["random", "maglev"])]
+    pub lb_algorithm: String,
+    /// Maglev table size per service port: a prime, ~100x its backends.
+    #[arg(long, default_value_t = lb_common::limits::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_prime)]
+    pub maglev_table_size: u32,
     /// Conntrack table capacity (forward + reply entries).
     #[arg(long, default_value_t = lb_common::limits::DEFAULT_CONNTRACK_ENTRIES)]
     pub conntrack_max: u32,
@@ -266,6 +274,15 @@ impl RunArgs {
             );
         }
         Ok(())
+    }
+}
+
+fn parse_prime(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if crate::maglev::is_prime(n) && n > 2 {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not a prime (try 251, 1021, 4093, 16381, 65521)"))
     }
 }
 

@@ -194,7 +194,32 @@ pub struct ServiceSpec {
     pub source_ranges: Vec<Cidr>,
     /// spec.healthCheckNodePort (LoadBalancer/NodePort with eTP Local).
     pub health_check_node_port: Option<u16>,
+    /// The LB_ALGORITHM_ANNOTATION, overriding --lb-algorithm.
+    pub lb_algorithm: Option<LbAlgorithm>,
 }
+
+/// How a new flow's backend is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbAlgorithm {
+    /// Uniform random (kube-proxy's statistic match).
+    Random,
+    /// Maglev consistent hashing of the flow.
+    Maglev,
+}
+
+impl std::str::FromStr for LbAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(LbAlgorithm::Random),
+            "maglev" => Ok(LbAlgorithm::Maglev),
+            other => Err(format!("unknown algorithm {other:?} (random or maglev)")),
+        }
+    }
+}
+
+/// Per-service override of --lb-algorithm.
+pub const LB_ALGORITHM_ANNOTATION: &str = "lb-agent.io/lb-algorithm";
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -367,6 +392,16 @@ impl ServiceSpec {
                     .map_err(|m| field_err(format!("spec.loadBalancerSourceRanges[{i}]"), m))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let lb_algorithm = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+            .map(|v| {
+                v.parse::<LbAlgorithm>()
+                    .map_err(|m| field_err(format!("metadata.annotations[{LB_ALGORITHM_ANNOTATION}]"), m))
+            })
+            .transpose()?;
         let health_check_node_port = spec
             .health_check_node_port
             .map(|p| port_number("spec.healthCheckNodePort", p))
@@ -385,6 +420,7 @@ impl ServiceSpec {
             load_balancer_ips,
             source_ranges,
             health_check_node_port,
+            lb_algorithm,
         })
     }
 }
@@ -577,6 +613,8 @@ pub struct ServicePort {
     pub affinity_timeout: u32,
     /// `lb_common::svc_flags` (masquerading, source ranges).
     pub flags: u32,
+    /// Maglev table size (0: uniform random pick).
+    pub table_size: u32,
     /// loadBalancerSourceRanges of a load-balancer frontend.
     pub source_ranges: Vec<Cidr>,
 }
@@ -590,6 +628,7 @@ impl ServicePort {
             endpoints,
             affinity_timeout: 0,
             flags: 0,
+            table_size: 0,
             source_ranges: Vec::new(),
         }
     }
@@ -644,6 +683,11 @@ pub struct NodeContext {
     pub masquerade_all: bool,
     /// --cluster-cidr given: sources outside it are masqueraded.
     pub cluster_cidr_known: bool,
+    /// Table size of services using Maglev (--maglev-table-size).
+    pub maglev_table_size: u32,
+    /// Table size for services without the annotation: the Maglev size
+    /// with --lb-algorithm maglev, 0 (random) otherwise.
+    pub default_table_size: u32,
 }
 
 impl NodeContext {
@@ -762,6 +806,11 @@ impl Model {
                             endpoints,
                             affinity_timeout: svc.affinity_timeout,
                             flags,
+                            table_size: match svc.lb_algorithm {
+                                Some(LbAlgorithm::Maglev) => node.maglev_table_size,
+                                Some(LbAlgorithm::Random) => 0,
+                                None => node.default_table_size,
+                            },
                             source_ranges,
                         },
                     );
@@ -958,6 +1007,7 @@ mod tests {
             load_balancer_ips: vec![],
             source_ranges: vec![],
             health_check_node_port: None,
+            lb_algorithm: None,
         }
     }
 

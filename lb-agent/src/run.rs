@@ -111,6 +111,9 @@ struct NodeSettings {
     nodeport_cidrs: Vec<Cidr>,
     masquerade_all: bool,
     cluster_cidr_known: bool,
+    maglev_table_size: u32,
+    /// --lb-algorithm maglev.
+    maglev_default: bool,
 }
 
 impl NodeSettings {
@@ -129,6 +132,8 @@ impl NodeSettings {
             ctx.nodeport_addrs.push(localhost);
         }
         ctx.masquerade_all = self.masquerade_all;
+        ctx.maglev_table_size = self.maglev_table_size;
+        ctx.default_table_size = if self.maglev_default { self.maglev_table_size } else { 0 };
         ctx.cluster_cidr_known = self.cluster_cidr_known;
         ctx
     }
@@ -152,6 +157,8 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         nodeport_cidrs: args.nodeport_addresses.clone(),
         masquerade_all: args.masquerade_all,
         cluster_cidr_known: !args.cluster_cidr.is_empty(),
+        maglev_table_size: args.maglev_table_size,
+        maglev_default: args.lb_algorithm == "maglev",
     };
     let cidrs: Vec<(Cidr, u32)> = args
         .cluster_cidr

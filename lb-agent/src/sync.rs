@@ -59,6 +59,9 @@ pub trait DatapathMaps {
     fn reset_service_stats(&mut self, id: u32) -> Result<(), MapOpError>;
     /// Zeroes the counters of a newly allocated backend id.
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), MapOpError>;
+    /// Replaces a service port's Maglev table (backend ids) in one update.
+    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapOpError>;
+    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapOpError>;
     /// A loadBalancerSourceRanges CIDR of a service port.
     fn put_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError>;
     fn delete_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError>;
@@ -170,6 +173,8 @@ struct Programmed {
     slot_count: u32,
     affinity_timeout: u32,
     flags: u32,
+    /// Maglev table size (0: random pick).
+    table_size: u32,
     source_ranges: Vec<Cidr>,
     backends: BTreeMap<Endpoint, BackendId>,
 }
@@ -192,6 +197,7 @@ impl Programmed {
             backend_count: self.slot_count,
             flags: self.flags,
             affinity_timeout: self.affinity_timeout,
+            table_size: self.table_size,
         }
     }
 
@@ -201,6 +207,7 @@ impl Programmed {
         self.backends.len() == sp.endpoints.len()
             && self.affinity_timeout == sp.affinity_timeout
             && self.flags == sp.flags
+            && self.table_size == if sp.endpoints.is_empty() { 0 } else { sp.table_size }
             && self.source_ranges == sp.source_ranges
             && actual.services.get(&service_key(&sp.frontend)) == Some(&self.value())
             && self.backends.iter().enumerate().all(|(slot, (ep, id))| {
@@ -251,6 +258,7 @@ const MARKER_VALUE: ServiceValue = ServiceValue {
     backend_count: 0,
     flags: lb_common::svc_flags::ADDRESS_ONLY,
     affinity_timeout: 0,
+    table_size: 0,
 };
 
 impl Default for Syncer {
@@ -381,6 +389,7 @@ impl Syncer {
                     slot_count: value.backend_count,
                     affinity_timeout: value.affinity_timeout,
                     flags: value.flags,
+                    table_size: value.table_size,
                     source_ranges,
                     backends,
                 },
@@ -523,6 +532,9 @@ impl Syncer {
         for range in &p.source_ranges {
             maps.delete_source_range(p.service_id, range)?;
         }
+        if p.table_size != 0 {
+            maps.delete_maglev(p.service_id)?;
+        }
         self.service_ids.free(p.service_id);
         self.programmed.remove(f);
         debug!(frontend = %f, "service port removed");
@@ -620,12 +632,24 @@ impl Syncer {
         for range in &sp.source_ranges {
             maps.put_source_range(service_id, range)?;
         }
+        // So is the Maglev table (swapped whole: a flow hash never meets half of one).
+        let table_size = if backends.is_empty() { 0 } else { sp.table_size };
+        if table_size != 0 {
+            let ids: Vec<BackendId> = backends.values().copied().collect();
+            let names: Vec<Vec<u8>> = backends.keys().map(|e| e.to_string().into_bytes()).collect();
+            let table: Vec<BackendId> = crate::maglev::table(&names, table_size)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect();
+            maps.put_maglev(service_id, &table)?;
+        }
         let programmed = Programmed {
             service_id,
             revision,
             slot_count: backends.len() as u32,
             affinity_timeout: sp.affinity_timeout,
             flags: sp.flags,
+            table_size,
             source_ranges: sp.source_ranges.clone(),
             backends,
         };
@@ -648,6 +672,9 @@ impl Syncer {
             for range in p.source_ranges.iter().filter(|r| !programmed.source_ranges.contains(r)) {
                 maps.delete_source_range(service_id, range)?;
             }
+            if p.table_size != 0 && table_size == 0 {
+                maps.delete_maglev(service_id)?;
+            }
         }
         debug!(service = %sp.name, frontend = %sp.frontend, backends = programmed.slot_count, revision, "service port programmed");
         Ok(programmed)
@@ -668,6 +695,7 @@ mod tests {
         slots: HashMap<BackendSlotKey, BackendId>,
         backends: HashMap<BackendId, Backend>,
         ranges: BTreeSet<(u32, Cidr)>,
+        maglev: HashMap<u32, Vec<BackendId>>,
         fail_backend_put_after: Option<usize>,
         writes: usize,
     }
@@ -773,6 +801,14 @@ mod tests {
         }
         fn dump_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, MapOpError> {
             Ok(self.ranges.iter().copied().collect())
+        }
+        fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapOpError> {
+            self.maglev.insert(service_id, table.to_vec());
+            Ok(())
+        }
+        fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapOpError> {
+            self.maglev.remove(&service_id);
+            Ok(())
         }
         fn dump_services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapOpError> {
             Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
@@ -936,6 +972,7 @@ mod tests {
                 backend_count: 0,
                 flags: 0,
                 affinity_timeout: 0,
+                table_size: 0,
             },
         );
         maps.slots.insert(

@@ -1179,3 +1179,41 @@ fn full_service_table_names_the_flag_and_the_other_services_keep_working() {
     assert_eq!(action, TC_ACT_REDIRECT);
     assert_eq!(&out[30..34], &[198, 18, 1, 11]);
 }
+
+#[test]
+fn maglev_keeps_flows_on_their_backend_even_without_conntrack() {
+    let b = |last| ([198, 18, 1, last], 80);
+    let maglev = |backends: &[([u8; 4], u16)]| {
+        let mut sp = service_port(VIP, 8080, Protocol::Tcp, backends);
+        sp.table_size = 251;
+        model(vec![sp])
+    };
+    let mut h = Harness::new(&maglev(&[b(11), b(12), b(13)]));
+    let flows = 20000u16..20600;
+    let pick = |h: &mut Harness| -> Vec<u8> { flows.clone().map(|sport| backend_of(h, sport, Tcp::Syn)[3]).collect() };
+    let first = pick(&mut h);
+    for last in [11, 12, 13] {
+        let share = first.iter().filter(|&&x| x == last).count();
+        assert!(share > 120, "backend .{last} got {share} of 600 flows");
+    }
+    // Conntrack forgotten: the same flows hash to the same backends.
+    h.datapath.maps.purge_expired_conntrack(u32::MAX).unwrap();
+    assert_eq!(pick(&mut h), first, "maglev is not a function of the flow");
+
+    // One backend leaves: only its flows move.
+    h.sync(&maglev(&[b(11), b(13)]));
+    h.datapath.maps.purge_expired_conntrack(u32::MAX).unwrap();
+    let after = pick(&mut h);
+    let kept: Vec<_> = first.iter().zip(&after).filter(|(was, _)| **was != 12).collect();
+    let moved = kept.iter().filter(|(was, now)| was != now).count();
+    eprintln!(
+        "maglev: removing 1 of 3 backends moved {moved} of {} other flows",
+        kept.len()
+    );
+    assert!(
+        moved * 20 < kept.len(),
+        "{moved} of {} flows of surviving backends moved",
+        kept.len()
+    );
+    assert!(after.iter().all(|&x| x != 12));
+}

@@ -48,7 +48,8 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
-    pub const ALL: [&str; 12] = [
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -61,6 +62,7 @@ pub mod map_names {
         SOURCE_RANGES,
         CONFIG,
         SOCK_REVNAT,
+        MAGLEV,
     ];
 }
 
@@ -87,6 +89,8 @@ pub mod limits {
     pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Sockets of host processes connected through a service (LRU).
     pub const MAX_SOCK_REVNAT: u32 = 65_536;
+    /// Cilium's default Maglev table size (prime); `--maglev-table-size`.
+    pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
     /// Number of drop-reason counters (`DropReason` discriminants are below it).
     pub const DROP_REASONS: u32 = 16;
 }

@@ -63,8 +63,11 @@ pub struct ServiceValue {
     /// ClientIP session affinity: seconds a client stays on its backend
     /// after its last new connection (0: no affinity).
     pub affinity_timeout: u32,
+    /// Maglev: size of the service's MAGLEV table, indexed by a flow hash
+    /// (0: uniform random pick from BACKEND_SLOTS).
+    pub table_size: u32,
 }
-assert_size!(ServiceValue, 20);
+assert_size!(ServiceValue, 24);
 
 /// What a CIDRS entry is. CIDRS is an LPM trie over `RawAddr` (IPv4
 /// prefixes are 96 + their length, as addresses are IPv4-mapped).

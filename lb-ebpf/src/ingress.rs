@@ -132,7 +132,8 @@ fn wants_snat(svc: &ServiceValue, pkt: &Packet, backend: &RawAddr) -> bool {
 /// Returns the egress ifindex already looked up for a masqueraded flow (0: none).
 fn new_flow(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32, DropReason> {
     let now = conntrack::now_secs();
-    let (backend_id, backend) = select::pick_backend_for(svc, from_v4_word(pkt.src), now)?;
+    let hash = select::flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
+    let (backend_id, backend) = select::pick_backend_for(svc, from_v4_word(pkt.src), now, hash)?;
     let backend_v4 = v4_word(&backend.addr).ok_or(DropReason::Rewrite)?;
     // Both entries are built in one scratch slot, one after the other.
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;

@@ -4,15 +4,16 @@
 //! (CONNTRACK's is overridden by the agent's `--conntrack-max`).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    bindings::BPF_F_INNER_MAP,
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, CtEntry, CtKey, RawAddr, ServiceKey, ServiceValue,
     SourceRange, TrafficCounter,
     limits::{
-        DEFAULT_CONNTRACK_ENTRIES, DROP_REASONS, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CIDRS,
-        MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DROP_REASONS, MAX_AFFINITY, MAX_BACKEND_SLOTS,
+        MAX_BACKENDS, MAX_CIDRS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     sock::{NodeConfig, SockRevNat},
 };
@@ -63,6 +64,15 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 /// connect/sendmsg hooks; LRU, so closed sockets age out.
 #[btf_map]
 pub static SOCK_REVNAT: LruHashMap<u64, SockRevNat, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
+
+/// Service id → its Maglev table (an array of backend ids indexed by flow
+/// hash % size), swapped whole by the agent on every change.
+#[btf_map]
+pub static MAGLEV: HashOfMaps<
+    u32,
+    Array<u32, { DEFAULT_MAGLEV_TABLE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    { MAX_SERVICES as usize },
+> = HashOfMaps::new();
 
 /// Service id → packets/bytes balanced (per CPU).
 #[btf_map]

@@ -8,7 +8,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKEND_SLOTS, BACKENDS, CIDRS, SERVICES, SOURCE_RANGES},
+    maps::{AFFINITY, BACKEND_SLOTS, BACKENDS, CIDRS, MAGLEV, SERVICES, SOURCE_RANGES},
     parse::Packet,
 };
 
@@ -30,22 +30,42 @@ pub fn lookup_frontend(addr: RawAddr, port: u16, proto: u8) -> Option<ServiceVal
     unsafe { SERVICES.get(&key).copied() }
 }
 
-/// Uniform random pick among the live revision's slots (the iptables
-/// `statistic mode random` cascade gives each of n endpoints 1/n).
+/// A hash of the flow's 5-tuple (murmur3's finalizer over the mixed
+/// words): the same flow always hashes the same, which is what Maglev needs.
 #[inline(always)]
-pub fn pick_backend(svc: &ServiceValue) -> Result<(BackendId, Backend), DropReason> {
+pub fn flow_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = src ^ dst.rotate_left(16) ^ ((sport as u32) << 16 | dport as u32) ^ ((proto as u32) << 8);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The backend for a new flow: Maglev (table indexed by the flow hash) when
+/// the service has a table, else a uniform random pick among the live
+/// revision's slots (the iptables `statistic mode random` cascade gives
+/// each of n endpoints 1/n).
+#[inline(always)]
+pub fn pick_backend(svc: &ServiceValue, hash: u32) -> Result<(BackendId, Backend), DropReason> {
     if svc.backend_count == 0 {
         return Err(DropReason::NoBackend);
     }
-    // SAFETY: plain helper call.
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-    let key = BackendSlotKey {
-        service_id: svc.service_id,
-        revision: svc.revision,
-        slot,
+    let id = if svc.table_size != 0 {
+        let index = hash % svc.table_size;
+        // SAFETY: copied out at once.
+        unsafe { MAGLEV.get_value(&svc.service_id, &index).copied() }.ok_or(DropReason::BackendSlotMissing)?
+    } else {
+        // SAFETY: plain helper call.
+        let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
+        let key = BackendSlotKey {
+            service_id: svc.service_id,
+            revision: svc.revision,
+            slot,
+        };
+        // SAFETY: values are copied out at once.
+        unsafe { BACKEND_SLOTS.get(&key).copied() }.ok_or(DropReason::BackendSlotMissing)?
     };
-    // SAFETY: values are copied out at once.
-    let id = unsafe { BACKEND_SLOTS.get(&key).copied() }.ok_or(DropReason::BackendSlotMissing)?;
     let backend = lookup_backend(id).ok_or(DropReason::BackendSlotMissing)?;
     Ok((id, backend))
 }
@@ -68,9 +88,14 @@ pub fn live_backend(id: BackendId, service_id: u32) -> Option<Backend> {
 /// pick. Either way the client's entry is refreshed (kube-proxy's `recent`
 /// match: --rcheck --seconds, then --set).
 #[inline(always)]
-pub fn pick_backend_for(svc: &ServiceValue, client: RawAddr, now: u32) -> Result<(BackendId, Backend), DropReason> {
+pub fn pick_backend_for(
+    svc: &ServiceValue,
+    client: RawAddr,
+    now: u32,
+    hash: u32,
+) -> Result<(BackendId, Backend), DropReason> {
     if svc.affinity_timeout == 0 {
-        return pick_backend(svc);
+        return pick_backend(svc, hash);
     }
     let key = AffinityKey {
         client,
@@ -82,7 +107,7 @@ pub fn pick_backend_for(svc: &ServiceValue, client: RawAddr, now: u32) -> Result
         .and_then(|a| live_backend(a.backend_id, svc.service_id).map(|b| (a.backend_id, b)));
     let (id, backend) = match remembered {
         Some(pick) => pick,
-        None => pick_backend(svc)?,
+        None => pick_backend(svc, hash)?,
     };
     // A failed update only costs stickiness for the next connection.
     let _ = AFFINITY.insert(

@@ -62,7 +62,11 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     }
     let now = conntrack::now_secs();
     // Host clients share one source (the node): one affinity entry.
-    let Ok((backend_id, backend)) = select::pick_backend_for(&svc, [0; 16], now) else {
+    // Host sockets have no source port yet: hash the socket cookie instead.
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let hash = select::flow_hash(cookie as u32, sa.user_ip4, (cookie >> 32) as u16, port, protocol);
+    let Ok((backend_id, backend)) = select::pick_backend_for(&svc, [0; 16], now, hash) else {
         return DENY;
     };
     let Some(backend_v4) = v4_word(&backend.addr) else {
@@ -70,8 +74,6 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     };
     sa.user_ip4 = backend_v4;
     sa.user_port = (backend.port.to_be()) as u32;
-    // SAFETY: plain helper call on our context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
     let revnat = SockRevNat {
         frontend,
         backend: backend.addr,

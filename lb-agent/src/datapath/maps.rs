@@ -5,7 +5,9 @@ use std::path::Path;
 use anyhow::Context;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
+    maps::{
+        Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey,
+    },
 };
 use lb_common::{
     Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, RawAddr, ServiceKey, ServiceValue, SourceRange,
@@ -14,6 +16,9 @@ use lb_common::{
 
 use crate::model::Cidr;
 use crate::sync::{DatapathMaps, MapOpError, raw_addr};
+
+/// Inner maps of MAGLEV may have their own size (the table size flag).
+const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 fn source_range_key(service_id: u32, range: &Cidr) -> LpmKey<SourceRange> {
     LpmKey::new(
@@ -36,6 +41,7 @@ pub struct BpfMaps {
     pub cidrs: LpmTrie<MapData, RawAddr, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub config: Array<MapData, NodeConfig>,
+    pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
 }
 
 /// LPM prefix length of a CIDR over a 16-byte (IPv4-mapped) address.
@@ -86,6 +92,7 @@ impl BpfMaps {
             cidrs: get(map_names::CIDRS)?.try_into()?,
             source_ranges: get(map_names::SOURCE_RANGES)?.try_into()?,
             config: get(map_names::CONFIG)?.try_into()?,
+            maglev: get(map_names::MAGLEV)?.try_into()?,
         })
     }
 
@@ -283,6 +290,19 @@ impl DatapathMaps for BpfMaps {
     fn delete_source_range(&mut self, service_id: u32, range: &Cidr) -> Result<(), MapOpError> {
         let key = source_range_key(service_id, range);
         ignore_missing(self.source_ranges.remove(&key)).map_err(op_err(map_names::SOURCE_RANGES, "delete"))
+    }
+    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapOpError> {
+        let err = op_err(map_names::MAGLEV, "insert");
+        // A fresh inner array, filled, then swapped in whole.
+        let mut inner: Array<MapData, u32> =
+            Array::create(table.len() as u32, BPF_F_INNER_MAP).map_err(op_err(map_names::MAGLEV, "create"))?;
+        for (i, id) in table.iter().enumerate() {
+            inner.set(i as u32, id, 0).map_err(op_err(map_names::MAGLEV, "fill"))?;
+        }
+        self.maglev.insert(service_id, &inner, 0).map_err(err)
+    }
+    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapOpError> {
+        ignore_missing(self.maglev.remove(&service_id)).map_err(op_err(map_names::MAGLEV, "delete"))
     }
     fn dump_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, MapOpError> {
         let mut out = Vec::new();
