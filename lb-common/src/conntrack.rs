@@ -76,12 +76,30 @@ pub mod entry_flags {
     pub const SNAT: u8 = 1 << 0;
 }
 
-/// Source ports for masquerading, above Linux's default ephemeral range
-/// (32768–60999) so they never meet the node's own connections, and above
-/// the NodePort range.
+/// Source ports for masquerading: 1024–29999 and 61000–65535, all but
+/// the NodePort range (30000–32767) and Linux's default ephemeral range
+/// (32768–60999), so a masqueraded flow never shares a tuple with the
+/// node's own connections. ~33,500 ports per backend address and port.
 pub mod snat_ports {
-    pub const FIRST: u16 = 61_000;
-    pub const COUNT: u32 = 4_536;
+    pub const LOW_FIRST: u16 = 1_024;
+    pub const LOW_COUNT: u32 = 28_976;
+    pub const HIGH_FIRST: u16 = 61_000;
+    pub const HIGH_COUNT: u32 = 4_536;
+    pub const COUNT: u32 = LOW_COUNT + HIGH_COUNT;
     /// Random tries before a new flow is dropped as `SnatPortsExhausted`.
     pub const TRIES: u32 = 8;
+
+    /// The `n`-th port of the range (`n < COUNT`).
+    #[inline(always)]
+    pub const fn nth(n: u32) -> u16 {
+        if n < LOW_COUNT {
+            LOW_FIRST + n as u16
+        } else {
+            HIGH_FIRST + (n - LOW_COUNT) as u16
+        }
+    }
+
+    pub const fn contains(port: u16) -> bool {
+        (port >= LOW_FIRST && port < LOW_FIRST + LOW_COUNT as u16) || port >= HIGH_FIRST
+    }
 }

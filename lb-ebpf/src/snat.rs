@@ -21,7 +21,7 @@ pub fn claim_port(
 ) -> Result<u16, DropReason> {
     for _ in 0..snat_ports::TRIES {
         // SAFETY: plain helper call.
-        let port = snat_ports::FIRST + (unsafe { bpf_get_prandom_u32() } % snat_ports::COUNT) as u16;
+        let port = snat_ports::nth(unsafe { bpf_get_prandom_u32() } % snat_ports::COUNT);
         let key = conntrack::reply_key(backend, backend_port, node_addr, port, proto);
         if CONNTRACK.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build | demo | test`.
 //! The only place where shell-like orchestration lives.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -25,6 +26,15 @@ enum Task {
     Build,
     /// Build, then balance real requests in a network-namespace sandbox.
     Demo,
+    /// Build, then compare this datapath with kube-proxy's iptables rules.
+    Bench {
+        /// Numbers of services to measure with (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 1000])]
+        services: Vec<usize>,
+        /// Seconds of load per case.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Build, then run every test: unit, kernel program and netns end-to-end.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -40,6 +50,10 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             build()?;
             demo::run()
+        }
+        Task::Bench { services, seconds } => {
+            build()?;
+            bench::run(&services, seconds)
         }
         Task::Test { args } => {
             build()?;
