@@ -212,6 +212,14 @@ pub fn stats(maps: &BpfMaps) -> anyhow::Result<Rows> {
             "-".into(),
         ]);
     }
+    for event in lb_common::FlowEvent::ALL {
+        rows.push(vec![
+            "event".into(),
+            event.name().into(),
+            maps.events(event)?.to_string(),
+            "-".into(),
+        ]);
+    }
     rows.sort();
     Ok(Rows {
         columns: vec!["KIND", "NAME", "PACKETS", "BYTES"],

@@ -106,6 +106,18 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
                 .inc_by(n);
         }
     }
+    let events = counter_family(
+        &mut registry,
+        "flow_events",
+        "Datapath events that are not drops, by event",
+    );
+    for event in lb_common::FlowEvent::ALL {
+        if let Ok(n) = maps.events(event) {
+            events
+                .get_or_create(&vec![("event".into(), event.name().into())])
+                .inc_by(n);
+        }
+    }
     let svc_packets = counter_family(&mut registry, "service_packets", "Packets balanced, per service port");
     let svc_bytes = counter_family(&mut registry, "service_bytes", "Bytes balanced, per service port");
     for (&id, (name, frontend)) in &st.services {

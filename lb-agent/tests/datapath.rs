@@ -10,7 +10,7 @@ use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder
 use lb_agent::datapath::{Datapath, LoadOptions};
 use lb_agent::model::{Endpoint, Frontend, Model, Protocol, ServicePort};
 use lb_agent::sync::Syncer;
-use lb_common::DropReason;
+use lb_common::{DropReason, FlowEvent};
 use lb_tests::netns::Netns;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1148,6 +1148,24 @@ fn a_full_conntrack_table_still_balances_new_flows() {
         .len();
     assert!(entries <= 64, "LRU holds at most its size: {entries}");
     assert_eq!(DropReason::ALL.iter().map(|r| h.drops(*r)).sum::<u64>(), 0, "no drop");
+
+    // Evictions become visible when an evicted flow sends again: the
+    // newest flow still has its entry (not counted), the first one lost it
+    // (counted, and balanced anew rather than dropped).
+    let misses = |h: &Harness| h.datapath.maps.events(FlowEvent::TcpMidFlowConntrackMiss).unwrap();
+    let (action, _) = h.run(&tcp(ip(CLIENT, VIP), 20499, 8080, Tcp::Ack));
+    assert_eq!(
+        (action, misses(&h)),
+        (TC_ACT_REDIRECT, 0),
+        "the newest flow kept its entry"
+    );
+    let (action, out) = h.run(&tcp(ip(CLIENT, VIP), 20000, 8080, Tcp::Ack));
+    assert_eq!(
+        (action, misses(&h)),
+        (TC_ACT_REDIRECT, 1),
+        "the evicted flow is counted"
+    );
+    assert!([[198, 18, 1, 11], [198, 18, 1, 12]].contains(&<[u8; 4]>::try_from(&out[30..34]).unwrap()));
 }
 
 #[test]

@@ -24,7 +24,7 @@ pub use conntrack::{CtEntry, CtKey, CtKind};
 pub use service::{
     AffinityKey, AffinityValue, ServiceKey, ServiceScope, ServiceValue, SourceRange, cidr_kind, svc_flags,
 };
-pub use stats::{DropReason, TrafficCounter};
+pub use stats::{DropReason, FlowEvent, TrafficCounter};
 
 /// IP protocol numbers used in keys.
 pub mod proto {
@@ -43,13 +43,14 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DROP_STATS: &str = "DROP_STATS";
+    pub const EVENT_STATS: &str = "EVENT_STATS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const CIDRS: &str = "CIDRS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const MAGLEV: &str = "MAGLEV";
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -57,6 +58,7 @@ pub mod map_names {
         SERVICE_STATS,
         BACKEND_STATS,
         DROP_STATS,
+        EVENT_STATS,
         AFFINITY,
         CIDRS,
         SOURCE_RANGES,
@@ -93,6 +95,8 @@ pub mod limits {
     pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
     /// Number of drop-reason counters (`DropReason` discriminants are below it).
     pub const DROP_REASONS: u32 = 16;
+    /// Number of event counters (`FlowEvent` discriminants are below it).
+    pub const FLOW_EVENTS: u32 = 8;
 }
 
 /// Compile-time assertion that a map type has exactly the expected size.

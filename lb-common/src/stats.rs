@@ -42,6 +42,27 @@ pub enum DropReason {
     NoRoute = 12,
 }
 
+/// Something the datapath did that is worth counting but is not a drop;
+/// the discriminant indexes EVENT_STATS.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// A TCP packet without SYN of a flow that has no conntrack entry: the
+    /// entry was evicted from a full (LRU) table, or the flow predates this
+    /// datapath. The flow is balanced anew (Maglev keeps its backend).
+    TcpMidFlowConntrackMiss = 1,
+}
+
+impl FlowEvent {
+    pub const ALL: [FlowEvent; 1] = [FlowEvent::TcpMidFlowConntrackMiss];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlowEvent::TcpMidFlowConntrackMiss => "tcp_mid_flow_conntrack_miss",
+        }
+    }
+}
+
 impl DropReason {
     pub const ALL: [DropReason; 12] = [
         DropReason::Truncated,

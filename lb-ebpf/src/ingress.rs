@@ -5,11 +5,11 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{
-    CtKind, DropReason, RawAddr, ServiceValue,
+    CtKind, DropReason, FlowEvent, RawAddr, ServiceValue,
     addr::{from_v4_word, v4_word},
     cidr_kind,
-    conntrack::entry_flags,
-    svc_flags,
+    conntrack::{ct_flags, entry_flags},
+    proto, svc_flags,
 };
 
 use crate::{
@@ -131,6 +131,9 @@ fn wants_snat(svc: &ServiceValue, pkt: &Packet, backend: &RawAddr) -> bool {
 #[inline(never)]
 /// Returns the egress ifindex already looked up for a masqueraded flow (0: none).
 fn new_flow(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32, DropReason> {
+    if pkt.proto == proto::TCP && pkt.tcp_flags & ct_flags::SYN == 0 {
+        stats::count_event(FlowEvent::TcpMidFlowConntrackMiss);
+    }
     let now = conntrack::now_secs();
     let hash = select::flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
     let (backend_id, backend) = select::pick_backend_for(svc, from_v4_word(pkt.src), now, hash)?;

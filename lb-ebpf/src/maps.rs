@@ -12,8 +12,8 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, CtEntry, CtKey, RawAddr, ServiceKey, ServiceValue,
     SourceRange, TrafficCounter,
     limits::{
-        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DROP_REASONS, MAX_AFFINITY, MAX_BACKEND_SLOTS,
-        MAX_BACKENDS, MAX_CIDRS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DROP_REASONS, FLOW_EVENTS, MAX_AFFINITY,
+        MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CIDRS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     sock::{NodeConfig, SockRevNat},
 };
@@ -85,3 +85,7 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounter, { MAX_BACKENDS as usize }>
 /// DropReason → packets dropped for it (per CPU).
 #[btf_map]
 pub static DROP_STATS: PerCpuArray<u64, { DROP_REASONS as usize }> = PerCpuArray::new();
+
+/// FlowEvent → times it happened (per CPU): counted, not dropped.
+#[btf_map]
+pub static EVENT_STATS: PerCpuArray<u64, { FLOW_EVENTS as usize }> = PerCpuArray::new();

@@ -1,8 +1,8 @@
 //! Counter updates. Per-CPU slots, so plain adds need no atomics.
 
-use lb_common::{DropReason, TrafficCounter};
+use lb_common::{DropReason, FlowEvent, TrafficCounter};
 
-use crate::maps::{BACKEND_STATS, DROP_STATS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, DROP_STATS, EVENT_STATS, SERVICE_STATS};
 
 #[inline(always)]
 fn add(counter: Option<*mut TrafficCounter>, bytes: u32) {
@@ -24,6 +24,14 @@ pub fn count_balanced(service_id: u32, backend_id: u32, bytes: u32) {
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: as above.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_event(event: FlowEvent) {
+    if let Some(c) = EVENT_STATS.get_ptr_mut(event as u32) {
         // SAFETY: as above.
         unsafe { *c += 1 };
     }

@@ -70,7 +70,7 @@ fn layout_signature(opts: &LoadOptions) -> String {
     use lb_common::*;
     use std::mem::size_of;
     format!(
-        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={} limits={}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
+        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={} limits={}/{}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
         size_of::<ServiceKey>(),
         size_of::<ServiceValue>(),
         size_of::<BackendSlotKey>(),
@@ -90,6 +90,7 @@ fn layout_signature(opts: &LoadOptions) -> String {
         limits::MAX_SOURCE_RANGES,
         limits::MAX_SOCK_REVNAT,
         limits::DROP_REASONS,
+        limits::FLOW_EVENTS,
         opts.conntrack_max,
         opts.max_services,
         opts.max_backends,

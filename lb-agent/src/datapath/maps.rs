@@ -10,8 +10,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, RawAddr, ServiceKey, ServiceValue, SourceRange,
-    TrafficCounter, map_names, sock::NodeConfig,
+    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, FlowEvent, RawAddr, ServiceKey, ServiceValue,
+    SourceRange, TrafficCounter, map_names, sock::NodeConfig,
 };
 
 use crate::model::Cidr;
@@ -38,6 +38,7 @@ pub struct BpfMaps {
     pub service_stats: PerCpuArray<MapData, TrafficCounter>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounter>,
     pub drop_stats: PerCpuArray<MapData, u64>,
+    pub event_stats: PerCpuArray<MapData, u64>,
     pub cidrs: LpmTrie<MapData, RawAddr, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub config: Array<MapData, NodeConfig>,
@@ -89,6 +90,7 @@ impl BpfMaps {
             service_stats: get(map_names::SERVICE_STATS)?.try_into()?,
             backend_stats: get(map_names::BACKEND_STATS)?.try_into()?,
             drop_stats: get(map_names::DROP_STATS)?.try_into()?,
+            event_stats: get(map_names::EVENT_STATS)?.try_into()?,
             cidrs: get(map_names::CIDRS)?.try_into()?,
             source_ranges: get(map_names::SOURCE_RANGES)?.try_into()?,
             config: get(map_names::CONFIG)?.try_into()?,
@@ -181,6 +183,10 @@ impl BpfMaps {
 
     pub fn drops(&self, reason: DropReason) -> anyhow::Result<u64> {
         Ok(self.drop_stats.get(&(reason as u32), 0)?.iter().sum())
+    }
+
+    pub fn events(&self, event: FlowEvent) -> anyhow::Result<u64> {
+        Ok(self.event_stats.get(&(event as u32), 0)?.iter().sum())
     }
 }
 
