@@ -114,10 +114,15 @@ fn restarts_under_load_drop_no_connection() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let (sandbox, agent) = example_sandbox();
-    let target = addr(NGINX_VIP, 8080);
+    // Through the ClusterIP and through the (masqueraded) NodePort.
+    let targets = [
+        addr(NGINX_VIP, 8080),
+        addr(lb_tests::sandbox::NODE_GATEWAY, manifests::NODE_PORT),
+    ];
     // Long-lived connections that must survive every restart on their pod.
     let mut long_lived: Vec<(KeepAlive, String)> = (0..4)
-        .map(|_| {
+        .map(|i| {
+            let target = targets[i % 2];
             let mut c = sandbox
                 .client()
                 .run(move || KeepAlive::connect(target))
@@ -131,7 +136,8 @@ fn restarts_under_load_drop_no_connection() {
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let workers: Vec<_> = (0..32)
-        .map(|_| {
+        .map(|i| {
+            let target = targets[i % 2];
             let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
             sandbox
                 .client()
