@@ -15,6 +15,21 @@ use crate::model::Cidr;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log verbosity, klog-style like kube-proxy's --v: 0–1 info, 2–4
+    /// debug (each sync's changes), 5+ trace. RUST_LOG overrides it.
+    #[arg(short = 'v', long = "v", global = true, default_value_t = 0, value_name = "LEVEL")]
+    pub verbosity: u8,
+}
+
+impl Cli {
+    /// The tracing level for `--v`.
+    pub fn log_level(&self) -> &'static str {
+        match self.verbosity {
+            0..=1 => "info",
+            2..=4 => "debug",
+            _ => "trace",
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -23,7 +38,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show the service ports programmed in the pinned maps of a running agent.
     Services(InspectArgs),
-    /// Packets/bytes per service port and backend, and drops by reason.
+    /// Packets/bytes per service port and backend, drops by reason, and
+    /// datapath events (evicted flows seen again).
     Stats(InspectArgs),
     /// The backends of one frontend, e.g. 198.19.0.10:8080/TCP.
     Backends {
@@ -33,7 +49,8 @@ pub enum Command {
     },
     /// Conntrack entries (of one frontend with --service).
     Conntrack {
-        #[arg(long)]
+        /// Only entries of this frontend, e.g. 198.19.0.10:8080/TCP.
+        #[arg(long, value_name = "FRONTEND")]
         service: Option<String>,
         #[command(flatten)]
         inspect: InspectArgs,
@@ -354,6 +371,19 @@ mod tests {
             "{err}"
         );
         assert!(run_args(&[], "bogusKey: 1\n").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn verbosity_maps_klog_levels_and_is_accepted_after_the_subcommand() {
+        let level = |argv: &[&str]| {
+            Cli::try_parse_from(argv)
+                .map(|c| c.log_level())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(level(&["lb-agent", "stats"]), Ok("info"));
+        assert_eq!(level(&["lb-agent", "--v=2", "stats"]), Ok("debug"));
+        assert_eq!(level(&["lb-agent", "run", "-v", "6"]), Ok("trace"));
+        assert!(level(&["lb-agent", "stats", "--v", "loud"]).is_err());
     }
 
     #[test]
