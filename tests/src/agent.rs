@@ -52,6 +52,11 @@ impl Agent {
         Self::spawn(sandbox, source_args, echo)?.ready()
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until the agent has done its first sync and attached.
     pub fn ready(self) -> anyhow::Result<Self> {
         self.wait_for_log(0, " ready", Duration::from_secs(30))

@@ -23,7 +23,7 @@ use crate::step;
 
 const CLIENTS: usize = 32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Datapath {
     Ebpf,
     IptablesNft,
@@ -44,8 +44,9 @@ fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
-/// Services the benchmark can create: each needs its own NodePort.
-const MAX_SERVICES: usize = 2700;
+/// Services the benchmark can create: each has its own NodePort, from
+/// 30000 up (a widened --service-node-port-range, as large clusters use).
+const MAX_SERVICES: usize = 20_000;
 
 fn node_port(i: usize) -> u16 {
     30000 + i as u16
@@ -140,6 +141,11 @@ fn iptables_restore(sandbox: &Sandbox, tool: &str, rules: &str) -> anyhow::Resul
 }
 
 struct Measured {
+    /// From nothing to all N services programmed: iptables-restore of
+    /// the rules, or the agent's start until its first sync is done.
+    program: Duration,
+    /// The agent's resident memory with N services (eBPF only).
+    agent_rss_kib: Option<u64>,
     conns_per_sec: f64,
     p50: Duration,
     p99: Duration,
@@ -183,6 +189,8 @@ fn load(sandbox: &Sandbox, target: SocketAddr, duration: Duration) -> anyhow::Re
             .unwrap_or_default()
     };
     Ok(Measured {
+        program: Duration::ZERO,
+        agent_rss_kib: None,
         conns_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
         p50: pct(0.5),
         p99: pct(0.99),
@@ -196,7 +204,8 @@ fn run_case(datapath: Datapath, n: usize, duration: Duration) -> anyhow::Result<
     let sandbox = Sandbox::new("lbbench-", &names)?;
     // The last service: kube-proxy's KUBE-SERVICES walk is longest for it.
     let target = SocketAddr::from((NODE_GATEWAY, node_port(n - 1)));
-    let _agent = match datapath {
+    let programming = Instant::now();
+    let agent = match datapath {
         Datapath::Ebpf => {
             sandbox.write_manifest("services.yaml", &manifests(n))?;
             Some(Agent::start(&sandbox, false)?)
@@ -210,9 +219,22 @@ fn run_case(datapath: Datapath, n: usize, duration: Duration) -> anyhow::Result<
             None
         }
     };
+    let program = programming.elapsed();
     // Warm up (ARP, first connections), then measure.
     load(&sandbox, target, Duration::from_millis(300))?;
-    load(&sandbox, target, duration)
+    let measured = load(&sandbox, target, duration)?;
+    Ok(Measured {
+        program,
+        agent_rss_kib: agent.as_ref().and_then(|a| rss_kib(a.pid())),
+        ..measured
+    })
+}
+
+/// VmRSS of a process, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub fn run(services: &[usize], seconds: u64) -> anyhow::Result<()> {
@@ -220,29 +242,42 @@ pub fn run(services: &[usize], seconds: u64) -> anyhow::Result<()> {
     cleanup::on_interrupt();
     cleanup::sweep_stale("lbbench-");
     if let Some(&n) = services.iter().find(|&&n| n == 0 || n > MAX_SERVICES) {
-        bail!("--services {n}: choose 1..={MAX_SERVICES} (one NodePort each, in 30000–32699)");
+        bail!("--services {n}: choose 1..={MAX_SERVICES} (one NodePort each, from 30000 up)");
     }
     let duration = Duration::from_secs(seconds);
     let mut table = String::from(
-        "| services | datapath | new conns/s (NodePort, masqueraded, 32 clients) | p50 | p99 | failed | vs kube-proxy nft |\n|---:|---|---:|---:|---:|---:|---:|\n",
+        "| services | datapath | programmed in | agent RSS | new conns/s (NodePort, masqueraded, 32 clients) | p50 | p99 | failed | vs kube-proxy nft | vs kube-proxy legacy | vs own at 1st N |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let mut first_n_rate = std::collections::HashMap::new();
     for &n in services {
-        let mut nft_rate = None;
+        let mut cases = Vec::new();
         for dp in [Datapath::IptablesNft, Datapath::IptablesLegacy, Datapath::Ebpf] {
-            step(&format!("{n} services, {}: {seconds} s of load", dp.name()));
+            step(&format!(
+                "{n} services, {}: program, then {seconds} s of load",
+                dp.name()
+            ));
             let m = run_case(dp, n, duration).with_context(|| format!("{} with {n} services", dp.name()))?;
-            if dp == Datapath::IptablesNft {
-                nft_rate = Some(m.conns_per_sec);
-            }
-            let ratio = nft_rate.map_or("-".to_string(), |r| format!("{:.2}x", m.conns_per_sec / r));
+            cases.push((dp, m));
+        }
+        let rates: std::collections::HashMap<Datapath, f64> =
+            cases.iter().map(|(dp, m)| (*dp, m.conns_per_sec)).collect();
+        for (dp, m) in cases {
+            let first = *first_n_rate.entry(dp).or_insert(m.conns_per_sec);
+            let ratio = |base: Option<&f64>| base.map_or("-".to_string(), |r| format!("{:.2}x", m.conns_per_sec / r));
             let _ = writeln!(
                 table,
-                "| {n} | {} | {:.0} | {:.2} ms | {:.2} ms | {} | {ratio} |",
+                "| {n} | {} | {:.0} ms | {} | {:.0} | {:.2} ms | {:.2} ms | {} | {} | {} | {:.2}x |",
                 dp.name(),
+                m.program.as_secs_f64() * 1000.0,
+                m.agent_rss_kib
+                    .map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
                 m.conns_per_sec,
                 m.p50.as_secs_f64() * 1000.0,
                 m.p99.as_secs_f64() * 1000.0,
-                m.failed
+                m.failed,
+                ratio(rates.get(&Datapath::IptablesNft)),
+                ratio(rates.get(&Datapath::IptablesLegacy)),
+                m.conns_per_sec / first,
             );
         }
     }

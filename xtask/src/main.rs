@@ -29,7 +29,7 @@ enum Task {
     /// Build, then compare this datapath with kube-proxy's iptables rules.
     Bench {
         /// Numbers of services to measure with (comma-separated).
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 1000])]
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 1000, 10000])]
         services: Vec<usize>,
         /// Seconds of load per case.
         #[arg(long, default_value_t = 5)]
