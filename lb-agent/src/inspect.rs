@@ -204,21 +204,10 @@ pub fn stats(maps: &BpfMaps) -> anyhow::Result<Rows> {
         let name = format!("{frontend} -> {}", endpoint(ip_of(&b.addr), b.port));
         rows.push(vec!["backend".into(), name, c.packets.to_string(), c.bytes.to_string()]);
     }
-    for reason in lb_common::DropReason::ALL {
-        rows.push(vec![
-            "drop".into(),
-            reason.name().into(),
-            maps.drops(reason)?.to_string(),
-            "-".into(),
-        ]);
-    }
-    for event in lb_common::FlowEvent::ALL {
-        rows.push(vec![
-            "event".into(),
-            event.name().into(),
-            maps.events(event)?.to_string(),
-            "-".into(),
-        ]);
+    let drops = lb_common::DropReason::ALL.map(|r| ("drop", r.name(), maps.drops(r)));
+    let events = lb_common::FlowEvent::ALL.map(|e| ("event", e.name(), maps.events(e)));
+    for (kind, name, count) in drops.into_iter().chain(events) {
+        rows.push(vec![kind.into(), name.into(), count?.to_string(), "-".into()]);
     }
     rows.sort();
     Ok(Rows {

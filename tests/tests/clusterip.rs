@@ -423,6 +423,17 @@ fn inspect_and_trace_show_what_the_kernel_does() {
         .find(|r| r["name"] == "198.19.0.10:8080/TCP")
         .expect("service row");
     assert!(row["packets"].as_u64().unwrap() >= 90, "{row}");
+    // Drops and events are listed by name, also when zero.
+    for (kind, name) in [("drop", "no_route"), ("event", "tcp_mid_flow_conntrack_miss")] {
+        assert!(
+            stats
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["kind"] == kind && r["name"] == name),
+            "{kind} {name} missing: {stats}"
+        );
+    }
     let backends = agent_json(&sandbox, &["backends", "198.19.0.10:8080/TCP"]);
     assert_eq!(backends.as_array().unwrap().len(), 3, "{backends}");
     let maps = agent_json(&sandbox, &["maps"]);
