@@ -221,6 +221,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         generation = applied_generation,
         "first sync done"
     );
+    release_freed_memory();
 
     datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
@@ -395,6 +396,17 @@ fn start_endpoints(args: &RunArgs, status: &SharedStatus) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Hands memory freed after a big read or sync back to the kernel. glibc
+/// keeps freed memory in per-thread arenas (64 MiB each): without this the
+/// agent held ~270 MiB after programming 10,000 services from manifests.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free pages of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// One sync; false when it failed (the next one is then a full resync).
 fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, generation: u64) -> bool {
     let started = Instant::now();
@@ -419,6 +431,7 @@ fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, genera
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "synced"
             );
+            release_freed_memory();
             true
         }
         Err(e) => {

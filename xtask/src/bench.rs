@@ -239,6 +239,10 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 pub fn run(services: &[usize], seconds: u64) -> anyhow::Result<()> {
     crate::setup::require_root("the benchmark loads eBPF programs and creates network namespaces")?;
+    let release_agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent");
+    // SAFETY: set before any thread of the benchmark (or its interrupt
+    // handler) starts; the agent processes it spawns read it.
+    unsafe { std::env::set_var("LB_AGENT_BIN", &release_agent) };
     cleanup::on_interrupt();
     cleanup::sweep_stale("lbbench-");
     if let Some(&n) = services.iter().find(|&&n| n == 0 || n > MAX_SERVICES) {

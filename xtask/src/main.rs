@@ -52,7 +52,9 @@ fn main() -> anyhow::Result<()> {
             demo::run()
         }
         Task::Bench { services, seconds } => {
-            build()?;
+            setup::run()?;
+            step("building lb-agent --release (what the benchmark measures)");
+            cmd("cargo", &["build", "--release", "--package", "lb-agent"])?;
             bench::run(&services, seconds)
         }
         Task::Test { args } => {

@@ -145,8 +145,17 @@ impl ManifestSource {
     pub fn watch(&self) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
         use notify::{RecursiveMode, Watcher};
         let (tx, rx) = mpsc::unbounded_channel();
+        // For a file, only events naming it count: the directory may hold
+        // other files that change all the time (logs beside the manifest).
+        let file_name = (!self.path.is_dir()).then(|| self.path.file_name().map(|n| n.to_os_string()));
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
+            let relevant = event.is_ok_and(|e| {
+                !e.kind.is_access()
+                    && file_name
+                        .as_ref()
+                        .is_none_or(|name| e.paths.iter().any(|p| p.file_name() == name.as_deref()))
+            });
+            if relevant {
                 let _ = tx.send(());
             }
         })?;
@@ -402,6 +411,22 @@ endpoints:
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[tokio::test]
+    async fn a_watched_file_ignores_its_neighbours_and_sees_its_own_changes() {
+        use std::time::Duration;
+        let dir = tempdir();
+        let file = write(&dir, "a.yaml", GOOD);
+        let (_watcher, mut changes) = ManifestSource::new(&file).watch().unwrap();
+        // A log beside the manifest, written all the time, must not make the
+        // agent re-read the manifest (it did: a read loop for big files).
+        write(&dir, "agent.log", "line\n");
+        let neighbour = tokio::time::timeout(Duration::from_millis(300), changes.recv()).await;
+        assert!(neighbour.is_err(), "a neighbour's change was taken for the manifest's");
+        write(&dir, "a.yaml", GOOD);
+        let own = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+        assert_eq!(own, Ok(Some(())), "the manifest's own change");
     }
 
     #[test]
