@@ -65,6 +65,21 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Lab
     family
 }
 
+/// One counter family `name`, one series per `(label value, count)`; a
+/// count that could not be read is left out.
+fn labelled_counters(
+    registry: &mut Registry,
+    (name, help, label): (&str, &str, &str),
+    counts: impl IntoIterator<Item = (&'static str, anyhow::Result<u64>)>,
+) {
+    let family = counter_family(registry, name, help);
+    for (value, count) in counts {
+        if let Ok(n) = count {
+            family.get_or_create(&vec![(label.into(), value.into())]).inc_by(n);
+        }
+    }
+}
+
 fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
     let family = Family::<Labels, Gauge>::default();
     registry.register(name, help, family.clone());
@@ -98,26 +113,16 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
     endpoints.set(st.backends.len() as i64);
     registry.register("backends", "Backends programmed", endpoints);
 
-    let drops = counter_family(&mut registry, "drops", "Packets dropped by the datapath, by reason");
-    for reason in lb_common::DropReason::ALL {
-        if let Ok(n) = maps.drops(reason) {
-            drops
-                .get_or_create(&vec![("reason".into(), reason.name().into())])
-                .inc_by(n);
-        }
-    }
-    let events = counter_family(
+    labelled_counters(
         &mut registry,
-        "flow_events",
-        "Datapath events that are not drops, by event",
+        ("drops", "Packets dropped by the datapath, by reason", "reason"),
+        lb_common::DropReason::ALL.map(|r| (r.name(), maps.drops(r))),
     );
-    for event in lb_common::FlowEvent::ALL {
-        if let Ok(n) = maps.events(event) {
-            events
-                .get_or_create(&vec![("event".into(), event.name().into())])
-                .inc_by(n);
-        }
-    }
+    labelled_counters(
+        &mut registry,
+        ("flow_events", "Datapath events that are not drops, by event", "event"),
+        lb_common::FlowEvent::ALL.map(|e| (e.name(), maps.events(e))),
+    );
     let svc_packets = counter_family(&mut registry, "service_packets", "Packets balanced, per service port");
     let svc_bytes = counter_family(&mut registry, "service_bytes", "Bytes balanced, per service port");
     for (&id, (name, frontend)) in &st.services {

@@ -22,17 +22,19 @@ pub fn count_balanced(service_id: u32, backend_id: u32, bytes: u32) {
 }
 
 #[inline(always)]
-pub fn count_drop(reason: DropReason) {
-    if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
+fn increment(counter: Option<*mut u64>) {
+    if let Some(c) = counter {
         // SAFETY: as above.
         unsafe { *c += 1 };
     }
 }
 
 #[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    increment(DROP_STATS.get_ptr_mut(reason as u32));
+}
+
+#[inline(always)]
 pub fn count_event(event: FlowEvent) {
-    if let Some(c) = EVENT_STATS.get_ptr_mut(event as u32) {
-        // SAFETY: as above.
-        unsafe { *c += 1 };
-    }
+    increment(EVENT_STATS.get_ptr_mut(event as u32));
 }
