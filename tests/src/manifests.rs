@@ -64,13 +64,7 @@ pub fn nodeport_service(endpoints: &[(String, Ipv4Addr)]) -> ServiceDef {
     ServiceDef {
         name: "nginx-service-nodeport",
         cluster_ip: Ipv4Addr::new(198, 19, 0, 12),
-        ports: vec![PortDef {
-            name: "",
-            protocol: "TCP",
-            port: 8080,
-            target_port: 80,
-        }],
-        endpoints: endpoints.to_vec(),
+        ..nginx_service(endpoints)
     }
 }
 

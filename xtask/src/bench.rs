@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use lb_tests::manifests::{PortDef, ServiceDef, example_pods, typed_service};
+use lb_tests::manifests::{ServiceDef, example_pods, nginx_service, typed_service};
 use lb_tests::sandbox::NODE_GATEWAY;
 use lb_tests::{Agent, Sandbox, cleanup};
 
@@ -57,16 +57,11 @@ fn manifests(n: usize) -> String {
     let pods = example_pods();
     let docs: Vec<String> = (0..n)
         .map(|i| {
+            // The seed's nginx service (TCP 8080 → 80), renamed and readdressed.
             let def = ServiceDef {
                 name: Box::leak(format!("svc-{i}").into_boxed_str()),
                 cluster_ip: vip(i),
-                ports: vec![PortDef {
-                    name: "",
-                    protocol: "TCP",
-                    port: 8080,
-                    target_port: 80,
-                }],
-                endpoints: pods.clone(),
+                ..nginx_service(&pods)
             };
             typed_service(&def, "NodePort", Some(node_port(i)))
         })
@@ -146,6 +141,11 @@ struct Measured {
     program: Duration,
     /// The agent's resident memory with N services (eBPF only).
     agent_rss_kib: Option<u64>,
+    load: Load,
+}
+
+/// What the clients saw.
+struct Load {
     conns_per_sec: f64,
     p50: Duration,
     p99: Duration,
@@ -154,7 +154,7 @@ struct Measured {
 
 /// `CLIENTS` threads in the client namespace opening a connection, one
 /// request, closing — for `duration`.
-fn load(sandbox: &Sandbox, target: SocketAddr, duration: Duration) -> anyhow::Result<Measured> {
+fn load(sandbox: &Sandbox, target: SocketAddr, duration: Duration) -> anyhow::Result<Load> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let workers: Vec<_> = (0..CLIENTS)
@@ -188,9 +188,7 @@ fn load(sandbox: &Sandbox, target: SocketAddr, duration: Duration) -> anyhow::Re
             .copied()
             .unwrap_or_default()
     };
-    Ok(Measured {
-        program: Duration::ZERO,
-        agent_rss_kib: None,
+    Ok(Load {
         conns_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
         p50: pct(0.5),
         p99: pct(0.99),
@@ -222,11 +220,11 @@ fn run_case(datapath: Datapath, n: usize, duration: Duration) -> anyhow::Result<
     let program = programming.elapsed();
     // Warm up (ARP, first connections), then measure.
     load(&sandbox, target, Duration::from_millis(300))?;
-    let measured = load(&sandbox, target, duration)?;
+    let load = load(&sandbox, target, duration)?;
     Ok(Measured {
         program,
         agent_rss_kib: agent.as_ref().and_then(|a| rss_kib(a.pid())),
-        ..measured
+        load,
     })
 }
 
@@ -238,16 +236,19 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 pub fn run(services: &[usize], seconds: u64) -> anyhow::Result<()> {
+    if let Some(&n) = services.iter().find(|&&n| n == 0 || n > MAX_SERVICES) {
+        bail!("--services {n}: choose 1..={MAX_SERVICES} (one NodePort each, from 30000 up)");
+    }
     crate::setup::require_root("the benchmark loads eBPF programs and creates network namespaces")?;
+    crate::setup::run()?;
+    step("building lb-agent --release (what the benchmark measures)");
+    crate::cmd("cargo", &["build", "--release", "--package", "lb-agent"])?;
     let release_agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent");
     // SAFETY: set before any thread of the benchmark (or its interrupt
     // handler) starts; the agent processes it spawns read it.
     unsafe { std::env::set_var("LB_AGENT_BIN", &release_agent) };
     cleanup::on_interrupt();
     cleanup::sweep_stale("lbbench-");
-    if let Some(&n) = services.iter().find(|&&n| n == 0 || n > MAX_SERVICES) {
-        bail!("--services {n}: choose 1..={MAX_SERVICES} (one NodePort each, from 30000 up)");
-    }
     let duration = Duration::from_secs(seconds);
     let mut table = String::from(
         "| services | datapath | programmed in | agent RSS | new conns/s (NodePort, masqueraded, 32 clients) | p50 | p99 | failed | vs kube-proxy nft | vs kube-proxy legacy | vs own at 1st N |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -264,17 +265,24 @@ pub fn run(services: &[usize], seconds: u64) -> anyhow::Result<()> {
             cases.push((dp, m));
         }
         let rates: std::collections::HashMap<Datapath, f64> =
-            cases.iter().map(|(dp, m)| (*dp, m.conns_per_sec)).collect();
-        for (dp, m) in cases {
+            cases.iter().map(|(dp, m)| (*dp, m.load.conns_per_sec)).collect();
+        for (
+            dp,
+            Measured {
+                program,
+                agent_rss_kib,
+                load: m,
+            },
+        ) in cases
+        {
             let first = *first_n_rate.entry(dp).or_insert(m.conns_per_sec);
             let ratio = |base: Option<&f64>| base.map_or("-".to_string(), |r| format!("{:.2}x", m.conns_per_sec / r));
             let _ = writeln!(
                 table,
                 "| {n} | {} | {:.0} ms | {} | {:.0} | {:.2} ms | {:.2} ms | {} | {} | {} | {:.2}x |",
                 dp.name(),
-                m.program.as_secs_f64() * 1000.0,
-                m.agent_rss_kib
-                    .map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+                program.as_secs_f64() * 1000.0,
+                agent_rss_kib.map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
                 m.conns_per_sec,
                 m.p50.as_secs_f64() * 1000.0,
                 m.p99.as_secs_f64() * 1000.0,

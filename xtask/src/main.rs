@@ -51,12 +51,7 @@ fn main() -> anyhow::Result<()> {
             build()?;
             demo::run()
         }
-        Task::Bench { services, seconds } => {
-            setup::run()?;
-            step("building lb-agent --release (what the benchmark measures)");
-            cmd("cargo", &["build", "--release", "--package", "lb-agent"])?;
-            bench::run(&services, seconds)
-        }
+        Task::Bench { services, seconds } => bench::run(&services, seconds),
         Task::Test { args } => {
             build()?;
             test(&args)
