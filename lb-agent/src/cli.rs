@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::datapath::xdp::XdpModeArg;
 use crate::model::Cidr;
 
 #[derive(Parser, Debug)]
@@ -118,6 +119,21 @@ pub struct RunArgs {
     /// including interfaces created later.
     #[arg(long, value_delimiter = ',')]
     pub interfaces: Option<Vec<String>>,
+    /// XDP fast path for NodePort / LoadBalancer / externalIP traffic on
+    /// --xdp-interfaces: native (driver mode, generic where the driver has
+    /// no XDP), generic (skb mode), or off. What XDP cannot finish goes to
+    /// the TC path.
+    #[arg(long, value_enum, default_value = "off")]
+    pub xdp_mode: XdpModeArg,
+    /// The node's external interfaces, where XDP runs (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub xdp_interfaces: Vec<String>,
+    /// In native mode, further devices XDP may redirect frames to
+    /// (comma-separated, a trailing `*` matches a prefix), e.g. pod veths
+    /// whose pod-side peers take XDP frames (GRO on or an XDP program).
+    /// Other flows are forwarded by the TC path.
+    #[arg(long, value_delimiter = ',')]
+    pub xdp_redirect_interfaces: Vec<String>,
     /// Capacity for service ports (frontends: cluster IPs, NodePorts ×
     /// node addresses, external and load-balancer IPs) and cluster IPs.
     #[arg(long, default_value_t = lb_common::limits::MAX_SERVICES)]
@@ -212,6 +228,9 @@ struct ConfigFile {
     kubeconfig: Option<PathBuf>,
     bpf_root: Option<PathBuf>,
     interfaces: Option<Vec<String>>,
+    xdp_mode: Option<XdpModeArg>,
+    xdp_interfaces: Option<Vec<String>>,
+    xdp_redirect_interfaces: Option<Vec<String>>,
     conntrack_max: Option<u32>,
     min_sync_period: Option<String>,
     sync_period: Option<String>,
@@ -257,6 +276,9 @@ impl RunArgs {
         take!(kubeconfig);
         take!(bpf_root);
         take!(interfaces);
+        take!(xdp_mode);
+        take!(xdp_interfaces);
+        take!(xdp_redirect_interfaces);
         take!(conntrack_max);
         take!(min_sync_period, duration);
         take!(sync_period, duration);

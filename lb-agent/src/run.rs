@@ -10,6 +10,7 @@ use tokio::time::{Duration, sleep_until};
 use tracing::{error, info, warn};
 
 use crate::cli::RunArgs;
+use crate::datapath::xdp::{XdpModeArg, XdpPath};
 use crate::datapath::{Datapath, LoadOptions, attach};
 use crate::health::HealthServers;
 use crate::metrics::SharedStatus;
@@ -22,6 +23,12 @@ use lb_common::cidr_kind;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.xdp_mode != XdpModeArg::Off && args.xdp_interfaces.is_empty() {
+        anyhow::bail!(
+            "--xdp-mode {:?} needs --xdp-interfaces: the node's external interfaces (e.g. eth0)",
+            args.xdp_mode
+        );
+    }
     let mut datapath = Datapath::load(&LoadOptions {
         bpf_root: Some(args.bpf_root.clone()),
         conntrack_max: args.conntrack_max,
@@ -225,12 +232,19 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
 
     datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
-    let mut attacher = attach::Attacher::new(args.interfaces.clone(), datapath.pin_root())?;
+    let mut attacher = attach::Attacher::new(attach::TcIngress, args.interfaces.clone(), datapath.pin_root())?;
     let interfaces = attach::list_interfaces().await?;
     attacher.sweep_stale_pins(&interfaces);
     for iface in &interfaces {
         attacher.attach(datapath.ingress_program()?, iface)?;
     }
+    let mut xdp = XdpPath::new(
+        args.xdp_mode,
+        &args.xdp_interfaces,
+        &args.xdp_redirect_interfaces,
+        datapath.pin_root(),
+    )?;
+    xdp.start(datapath, &interfaces)?;
     if attacher.attached().next().is_none() {
         warn!("no interface to attach to yet; waiting for one to appear");
     }
@@ -281,14 +295,17 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                 next_full = tokio::time::Instant::now() + args.sync_period;
             }
             Some(event) = links.recv() => {
-                let prog = datapath.ingress_program()?;
                 match event {
                     attach::LinkEvent::Added(iface) => {
-                        if let Err(e) = attacher.attach(prog, &iface) {
+                        if let Err(e) = attacher.attach(datapath.ingress_program()?, &iface) {
                             error!(interface = %iface.name, "attach failed: {e:#}");
                         }
+                        xdp.link_added(datapath, iface)?;
                     }
-                    attach::LinkEvent::Removed(index) => attacher.forget(prog, index),
+                    attach::LinkEvent::Removed(index) => {
+                        attacher.forget(datapath.ingress_program()?, index);
+                        xdp.link_removed(datapath, index)?;
+                    }
                     attach::LinkEvent::AddressesChanged => match attach::list_addresses().await {
                         Ok(addrs) if addrs != node.addrs => {
                             info!(node_addresses = ?addrs, "node addresses changed");
@@ -307,6 +324,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     };
     if args.cleanup_on_exit {
         info!("shutting down: detaching programs");
+        xdp.detach_all(datapath)?;
         attacher.detach_all(datapath.ingress_program()?);
     } else {
         info!("shutting down: the datapath stays in place (pinned) for the next agent");

@@ -172,7 +172,7 @@ fn default_model() -> Model {
 struct Harness {
     datapath: Datapath,
     syncer: Syncer,
-    _netns: Netns,
+    netns: Netns,
 }
 
 static NETNS_COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -213,7 +213,7 @@ impl Harness {
         let mut h = Harness {
             datapath,
             syncer: Syncer::new(),
-            _netns: netns,
+            netns,
         };
         h.sync(model);
         h
@@ -1180,7 +1180,7 @@ fn full_service_table_names_the_flag_and_the_other_services_keep_working() {
     let mut h = Harness {
         datapath,
         syncer: Syncer::with_limits(4, 16),
-        _netns: netns,
+        netns,
     };
     let vip = |last| [198, 19, 0, last];
     let ports: Vec<ServicePort> = (1..=5)
@@ -1234,4 +1234,269 @@ fn maglev_keeps_flows_on_their_backend_even_without_conntrack() {
         kept.len()
     );
     assert!(after.iter().all(|&x| x != 12));
+}
+
+// ---- XDP fast path ----------------------------------------------------------
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// The test device's MAC, and the resolved neighbours behind it. POD_B has
+/// no neighbour entry: XDP cannot send to it and leaves its flows to TC.
+const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
+const POD_A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+
+fn xdp_model() -> Model {
+    use lb_common::svc_flags;
+    let mut m = Vec::new();
+    for (port, protocol, flags, backends) in [
+        (30080, Protocol::Tcp, svc_flags::SNAT_ALWAYS, &[(POD_A, 80)][..]),
+        // externalTrafficPolicy Local: the client stays the source.
+        (30081, Protocol::Tcp, 0, &[(POD_A, 80)][..]),
+        (30082, Protocol::Udp, svc_flags::SNAT_ALWAYS, &[(POD_A, 5353)][..]),
+        (30083, Protocol::Tcp, svc_flags::SNAT_ALWAYS, &[(POD_B, 80)][..]),
+        (30084, Protocol::Tcp, svc_flags::SNAT_ALWAYS, &[][..]),
+    ] {
+        let mut p = service_port(NODE_PORT_ADDR, port, protocol, backends);
+        p.flags = flags;
+        m.push(p);
+    }
+    let mut lb = service_port(LB_IP, 80, Protocol::Tcp, &[(POD_A, 80)]);
+    lb.flags = svc_flags::SNAT_ALWAYS | svc_flags::SOURCE_RANGES;
+    lb.source_ranges = vec!["198.18.3.0/24".parse().unwrap()];
+    m.push(lb);
+    model(m)
+}
+
+/// As the XDP path sends it: Ethernet addresses of the next hop.
+fn via(mut pkt: Vec<u8>, dst_mac: [u8; 6]) -> Vec<u8> {
+    pkt[..6].copy_from_slice(&dst_mac);
+    pkt[6..12].copy_from_slice(&NODE_MAC);
+    pkt
+}
+
+fn mac_arg(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl Harness {
+    /// The test device gets a fixed MAC, the client and POD_A resolved
+    /// neighbours, and becomes the XDP path's (only) egress device.
+    fn prepare_xdp(&mut self) -> u32 {
+        let ns = &self.netns;
+        ns.ip(&["link", "set", "lbk0", "address", &mac_arg(NODE_MAC)]).unwrap();
+        for (addr, mac) in [(CLIENT, CLIENT_MAC), (POD_A, POD_A_MAC)] {
+            let addr = Ipv4Addr::from(addr).to_string();
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &mac_arg(mac),
+                "dev",
+                "lbk0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+        }
+        // SAFETY: NUL-terminated name; this thread is in the test namespace.
+        let ifindex = unsafe { libc::if_nametoindex(c"lbk0".as_ptr()) };
+        assert_ne!(ifindex, 0, "lbk0 missing");
+        self.datapath.maps.set_xdp_egress(&[ifindex]).unwrap();
+        ifindex
+    }
+
+    /// Runs `lb_xdp` on `pkt` as if received on `ifindex`.
+    fn run_xdp(&mut self, ifindex: u32, pkt: &[u8]) -> (u32, Vec<u8>) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, pkt.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|w: &u32| w.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = self
+            .datapath
+            .xdp_program()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (xdp)");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn event(&self, event: FlowEvent) -> u64 {
+        self.datapath.maps.events(event).unwrap()
+    }
+
+    fn conntrack_entries(&self) -> usize {
+        lb_agent::datapath::maps::dump(&self.datapath.maps.conntrack, "CONNTRACK")
+            .unwrap()
+            .len()
+    }
+}
+
+/// The masquerade port the node chose, read from a translated packet.
+fn sport_of(pkt: &[u8]) -> u16 {
+    u16::from_be_bytes([pkt[34], pkt[35]])
+}
+
+#[test]
+fn xdp_translates_nodeport_flows_both_ways_and_sends_them_back_out() {
+    let mut h = Harness::new(&xdp_model());
+    let dev = h.prepare_xdp();
+    let forwarded_before = h.event(FlowEvent::XdpForwarded);
+
+    // externalTrafficPolicy Local: DNAT only; the reply gets the NodePort back.
+    let syn = tcp(ip(CLIENT, NODE_PORT_ADDR), 40000, 30081, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &syn);
+    assert_eq!(action, XDP_TX, "backend behind the ingress device: XDP_TX");
+    assert_eq!(
+        hex(&out),
+        hex(&via(tcp(ip(CLIENT, POD_A).forwarded(), 40000, 80, Tcp::Syn), POD_A_MAC))
+    );
+    let (action, out) = h.run_xdp(dev, &tcp(ip(POD_A, CLIENT), 80, 40000, Tcp::SynAck));
+    assert_eq!(action, XDP_TX, "reply");
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            tcp(ip(NODE_PORT_ADDR, CLIENT).forwarded(), 30081, 40000, Tcp::SynAck),
+            CLIENT_MAC
+        ))
+    );
+
+    // eTP Cluster: masqueraded as the node, on a port of the SNAT range.
+    let (action, out) = h.run_xdp(dev, &tcp(ip(CLIENT, NODE_PORT_ADDR), 40001, 30080, Tcp::Syn));
+    assert_eq!(action, XDP_TX);
+    let port = sport_of(&out);
+    assert!(lb_common::conntrack::snat_ports::contains(port), "SNAT port {port}");
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            tcp(ip(NODE_ADDR, POD_A).forwarded(), port, 80, Tcp::Syn),
+            POD_A_MAC
+        ))
+    );
+    let (action, out) = h.run_xdp(dev, &tcp(ip(POD_A, NODE_ADDR), 80, port, Tcp::SynAck));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            tcp(ip(NODE_PORT_ADDR, CLIENT).forwarded(), 30080, 40001, Tcp::SynAck),
+            CLIENT_MAC
+        ))
+    );
+    // The next packet of the flow uses the same entry (and port).
+    let (_, out) = h.run_xdp(dev, &tcp(ip(CLIENT, NODE_PORT_ADDR), 40001, 30080, Tcp::Ack));
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            tcp(ip(NODE_ADDR, POD_A).forwarded(), port, 80, Tcp::Ack),
+            POD_A_MAC
+        ))
+    );
+
+    // UDP, with a checksum and without one (which must stay 0).
+    for (sport, strip) in [(40002u16, false), (40003, true)] {
+        let maybe_strip = |p: Vec<u8>| if strip { without_udp_checksum(p) } else { p };
+        let (action, out) = h.run_xdp(dev, &maybe_strip(udp(ip(CLIENT, NODE_PORT_ADDR), sport, 30082)));
+        assert_eq!(action, XDP_TX, "UDP {sport}");
+        let port = sport_of(&out);
+        let want = maybe_strip(udp(ip(NODE_ADDR, POD_A).forwarded(), port, 5353));
+        assert_eq!(hex(&out), hex(&via(want, POD_A_MAC)), "UDP {sport}");
+        let (_, out) = h.run_xdp(dev, &maybe_strip(udp(ip(POD_A, NODE_ADDR), 5353, port)));
+        let want = maybe_strip(udp(ip(NODE_PORT_ADDR, CLIENT).forwarded(), 30082, sport));
+        assert_eq!(hex(&out), hex(&via(want, CLIENT_MAC)), "UDP reply {sport}");
+    }
+    assert_eq!(
+        h.event(FlowEvent::XdpForwarded) - forwarded_before,
+        9,
+        "every packet above went by XDP"
+    );
+}
+
+#[test]
+fn xdp_hands_what_it_cannot_finish_to_tc_untouched() {
+    let mut h = Harness::new(&xdp_model());
+    let dev = h.prepare_xdp();
+    let passed_before = h.event(FlowEvent::XdpPassedToStack);
+    let untouched = |h: &mut Harness, name: &str, pkt: &[u8]| {
+        let (action, out) = h.run_xdp(dev, pkt);
+        assert_eq!(action, XDP_PASS, "{name}: action");
+        assert_eq!(hex(&out), hex(pkt), "{name}: packet untouched");
+    };
+
+    // Next hop not resolved: XDP passes, TC forwards with the entries XDP made.
+    let to_b = tcp(ip(CLIENT, NODE_PORT_ADDR), 41000, 30083, Tcp::Syn);
+    untouched(&mut h, "unresolved neighbour", &to_b);
+    let entries = h.conntrack_entries();
+    let (action, out) = h.run(&to_b);
+    assert_eq!(action, TC_ACT_REDIRECT, "TC forwards it");
+    assert_eq!(h.conntrack_entries(), entries, "TC used the flow XDP recorded");
+    assert_eq!(&out[30..34], &POD_B, "to POD_B");
+
+    // A flow TC started continues on XDP.
+    let (action, _) = h.run(&tcp(ip(CLIENT, NODE_PORT_ADDR), 41001, 30081, Tcp::Syn));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let (action, out) = h.run_xdp(dev, &tcp(ip(CLIENT, NODE_PORT_ADDR), 41001, 30081, Tcp::Ack));
+    assert_eq!(action, XDP_TX, "established by TC, continued by XDP");
+    assert_eq!(
+        hex(&out),
+        hex(&via(tcp(ip(CLIENT, POD_A).forwarded(), 41001, 80, Tcp::Ack), POD_A_MAC))
+    );
+
+    // Egress device not in XDP_EGRESS.
+    h.datapath.maps.set_xdp_egress(&[]).unwrap();
+    untouched(
+        &mut h,
+        "egress not allowed",
+        &tcp(ip(CLIENT, NODE_PORT_ADDR), 41002, 30081, Tcp::Syn),
+    );
+    h.datapath.maps.set_xdp_egress(&[dev]).unwrap();
+
+    // TTL about to expire: the stack answers with ICMP time exceeded.
+    let mut last_hop = ip(CLIENT, NODE_PORT_ADDR);
+    last_hop.ttl = 1;
+    untouched(&mut h, "TTL 1", &tcp(last_hop, 41003, 30081, Tcp::Syn));
+    // No endpoints: TC rejects.
+    let empty = tcp(ip(CLIENT, NODE_PORT_ADDR), 41004, 30084, Tcp::Syn);
+    untouched(&mut h, "no endpoints", &empty);
+    assert_eq!(h.run(&empty).0, TC_ACT_REDIRECT, "TC sends the ICMP reject back");
+    assert_eq!(h.event(FlowEvent::XdpPassedToStack) - passed_before, 4);
+
+    // Not for XDP at all (no event): a fragment, ICMP, not a service.
+    let mut fragment = ip(CLIENT, NODE_PORT_ADDR);
+    fragment.more_fragments = true;
+    untouched(&mut h, "first fragment", &tcp(fragment, 41005, 30081, Tcp::Syn));
+    untouched(
+        &mut h,
+        "ICMP",
+        &icmp_error(
+            POD_A,
+            CLIENT,
+            etherparse::Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit),
+            &[0; 28],
+            64,
+        ),
+    );
+    untouched(&mut h, "not a frontend", &tcp(ip(CLIENT, POD_A), 41006, 80, Tcp::Syn));
+    assert_eq!(h.event(FlowEvent::XdpPassedToStack) - passed_before, 4);
+
+    // Drops are counted under the same reasons as at TC.
+    let source_ranges = h.drops(DropReason::SourceRange);
+    let (action, _) = h.run_xdp(dev, &tcp(ip(CLIENT, LB_IP), 41007, 80, Tcp::Syn));
+    assert_eq!(action, XDP_DROP, "outside loadBalancerSourceRanges");
+    assert_eq!(h.drops(DropReason::SourceRange), source_ranges + 1);
+    let truncated = h.drops(DropReason::Truncated);
+    let mut short = tcp(ip(CLIENT, NODE_PORT_ADDR), 41008, 30081, Tcp::Syn);
+    short.truncate(14 + 20 + 10);
+    let (action, _) = h.run_xdp(dev, &short);
+    assert_eq!(action, XDP_DROP, "truncated TCP header");
+    assert_eq!(h.drops(DropReason::Truncated), truncated + 1);
 }

@@ -50,7 +50,8 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const MAGLEV: &str = "MAGLEV";
-    pub const ALL: [&str; 14] = [
+    pub const XDP_EGRESS: &str = "XDP_EGRESS";
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -65,6 +66,7 @@ pub mod map_names {
         CONFIG,
         SOCK_REVNAT,
         MAGLEV,
+        XDP_EGRESS,
     ];
 }
 
@@ -93,6 +95,8 @@ pub mod limits {
     pub const MAX_SOCK_REVNAT: u32 = 65_536;
     /// Cilium's default Maglev table size (prime); `--maglev-table-size`.
     pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+    /// Interfaces the XDP path may send frames out of.
+    pub const MAX_XDP_EGRESS: u32 = 256;
     /// Number of drop-reason counters (`DropReason` discriminants are below it).
     pub const DROP_REASONS: u32 = 16;
     /// Number of event counters (`FlowEvent` discriminants are below it).

@@ -51,14 +51,26 @@ pub enum FlowEvent {
     /// entry was evicted from a full (LRU) table, or the flow predates this
     /// datapath. The flow is balanced anew (Maglev keeps its backend).
     TcpMidFlowConntrackMiss = 1,
+    /// A packet the XDP path translated and sent itself (XDP_TX/REDIRECT).
+    XdpForwarded = 2,
+    /// A packet of a balanced flow the XDP path handed to TC untouched: next
+    /// hop not resolved yet, egress device not allowed for XDP frames, TTL
+    /// about to expire, or a service without endpoints (TC rejects).
+    XdpPassedToStack = 3,
 }
 
 impl FlowEvent {
-    pub const ALL: [FlowEvent; 1] = [FlowEvent::TcpMidFlowConntrackMiss];
+    pub const ALL: [FlowEvent; 3] = [
+        FlowEvent::TcpMidFlowConntrackMiss,
+        FlowEvent::XdpForwarded,
+        FlowEvent::XdpPassedToStack,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             FlowEvent::TcpMidFlowConntrackMiss => "tcp_mid_flow_conntrack_miss",
+            FlowEvent::XdpForwarded => "xdp_forwarded",
+            FlowEvent::XdpPassedToStack => "xdp_passed_to_stack",
         }
     }
 }

@@ -14,23 +14,31 @@ use aya_ebpf::{
 };
 use lb_common::DropReason;
 
-use crate::parse::{IP_CSUM_OFF, IP_TTL_OFF, Packet};
+use crate::{
+    ctx::PacketCtx,
+    parse::{IP_CSUM_OFF, IP_TTL_OFF, Packet},
+};
 
 const AF_INET: u8 = 2;
 
 /// Where the FIB sends a packet: the egress interface and, when asked,
-/// the node address the kernel would use as source toward it.
+/// the node address the kernel would use as source toward it; with the
+/// next hop's MAC when the neighbour is resolved (what XDP needs).
 #[derive(Clone, Copy)]
 pub struct Route {
     pub ifindex: u32,
     pub src: u32,
+    /// Ethernet source and destination of the next hop, valid when `resolved`.
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub resolved: bool,
 }
 
 /// FIB lookup for a packet from `src`:`sport` to `dst`:`dport` (ports in
 /// host order). `None`: not forwardable (local, blackhole, no route).
 #[inline(always)]
 pub fn route(
-    ctx: &TcContext,
+    ctx: &impl PacketCtx,
     pkt: &Packet,
     src: u32,
     dst: u32,
@@ -47,19 +55,10 @@ pub fn route(
     p.__bindgen_anon_1.tot_len = pkt.tot_len;
     p.__bindgen_anon_3.ipv4_src = src;
     p.__bindgen_anon_4.ipv4_dst = dst;
-    // The device the packet arrived on (at TC ingress, skb->ifindex is it).
-    // SAFETY: reading the context's own field.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.ifindex = ctx.ingress_ifindex();
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: params on our stack, size given.
-    let ret = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            flags,
-        )
-    };
+    let ret = unsafe { bpf_fib_lookup(ctx.raw(), &mut p, core::mem::size_of::<FibParams>() as i32, flags) };
     if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return None;
     }
@@ -67,6 +66,9 @@ pub fn route(
     Some(Route {
         ifindex: p.ifindex,
         src: unsafe { p.__bindgen_anon_3.ipv4_src },
+        smac: p.smac,
+        dmac: p.dmac,
+        resolved: ret == BPF_FIB_LKUP_RET_SUCCESS as i64,
     })
 }
 
@@ -74,8 +76,8 @@ pub fn route(
 /// next hop's MAC; without a route, or with TTL about to expire, the stack
 /// handles it (and sends any ICMP error).
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Packet, route: Option<Route>) -> Result<i32, DropReason> {
-    let Some(route) = route else {
+pub fn forward(ctx: &TcContext, pkt: &Packet, egress: Option<u32>) -> Result<i32, DropReason> {
+    let Some(ifindex) = egress else {
         return Ok(TC_ACT_OK as i32);
     };
     if pkt.ttl <= 1 {
@@ -90,6 +92,6 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, route: Option<Route>) -> Result<i3
         .map_err(|_| DropReason::Rewrite)?;
     // SAFETY: plain helper call; no neighbour params: the kernel looks the
     // next hop up itself.
-    let ret = unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) };
+    let ret = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
     Ok(ret as i32)
 }

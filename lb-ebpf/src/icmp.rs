@@ -157,6 +157,6 @@ pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason>
     if masq && pkt.dst != client {
         replace(ctx, IP_DST_OFF, (IP_CSUM_OFF, 0), pkt.dst, client)?;
     }
-    let route = forward::route(ctx, pkt, frontend, client, 0, 0, false);
-    forward::forward(ctx, pkt, route)
+    let egress = forward::route(ctx, pkt, frontend, client, 0, 0, false).map(|r| r.ifindex);
+    forward::forward(ctx, pkt, egress)
 }

@@ -14,8 +14,8 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    forward::{self, Route},
-    icmp,
+    ctx::PacketCtx,
+    forward, icmp,
     nat::{self, Side},
     parse::{self, Fragment, Packet},
     reject, select, snat, stats,
@@ -61,7 +61,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
 }
 
 /// What a packet to a frontend is.
-enum Flow {
+pub enum Flow {
     /// Part of a known flow; its forward entry is in the scratch slot.
     Established,
     /// Starts a flow.
@@ -87,7 +87,7 @@ fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
 /// Client → frontend: is the packet part of a flow whose backend is still
 /// in the service? Its forward entry is then copied to the scratch slot.
 #[inline(never)]
-fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> {
+pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> {
     if svc.flags & svc_flags::SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, pkt.src) {
         return Err(DropReason::SourceRange);
     }
@@ -128,9 +128,9 @@ fn wants_snat(svc: &ServiceValue, pkt: &Packet, backend: &RawAddr) -> bool {
 
 /// Balances a new flow: picks the backend, decides on masquerading, records
 /// both conntrack entries; leaves the forward entry in the scratch slot.
-#[inline(never)]
 /// Returns the egress ifindex already looked up for a masqueraded flow (0: none).
-fn new_flow(ctx: &TcContext, pkt: &Packet, svc: &ServiceValue) -> Result<u32, DropReason> {
+#[inline(never)]
+pub fn new_flow(ctx: &impl PacketCtx, pkt: &Packet, svc: &ServiceValue) -> Result<u32, DropReason> {
     if pkt.proto == proto::TCP && pkt.tcp_flags & ct_flags::SYN == 0 {
         stats::count_event(FlowEvent::TcpMidFlowConntrackMiss);
     }
@@ -191,11 +191,11 @@ fn translate_forward(ctx: &TcContext, pkt: &Packet, egress: u32) -> Result<i32, 
     nat::rewrite(ctx, pkt, Side::Destination, backend, e.nat_port)?;
     let (src, sport) = masquerade_side(ctx, pkt, e, Side::Source, (pkt.src, pkt.sport))?;
     stats::count_balanced(e.service_id, e.backend_id, ctx.len());
-    let route = match egress {
-        0 => forward::route(ctx, pkt, src, backend, sport, e.nat_port, false),
-        ifindex => Some(Route { ifindex, src }),
+    let egress = match egress {
+        0 => forward::route(ctx, pkt, src, backend, sport, e.nat_port, false).map(|r| r.ifindex),
+        ifindex => Some(ifindex),
     };
-    forward::forward(ctx, pkt, route)
+    forward::forward(ctx, pkt, egress)
 }
 
 /// The masquerade half of a translation: a masqueraded flow's `side`
@@ -236,6 +236,6 @@ fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Drop
     let (client, client_port) = masquerade_side(ctx, pkt, &e, Side::Destination, (pkt.dst, pkt.dport))?;
     // Forwarded by FIB: the restored source may be a node address (NodePort),
     // which the stack would refuse on input.
-    let route = forward::route(ctx, pkt, frontend, client, e.nat_port, client_port, false);
-    Ok(Some(forward::forward(ctx, pkt, route)?))
+    let egress = forward::route(ctx, pkt, frontend, client, e.nat_port, client_port, false).map(|r| r.ifindex);
+    Ok(Some(forward::forward(ctx, pkt, egress)?))
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod conntrack;
+mod ctx;
 mod forward;
 mod icmp;
 mod ingress;
@@ -15,11 +16,12 @@ mod select;
 mod snat;
 mod sock;
 mod stats;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    bindings::{TC_ACT_SHOT, xdp_action::XDP_DROP},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// TC ingress on every node interface: balances traffic to service VIPs and
@@ -31,6 +33,19 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
         Err(reason) => {
             stats::count_drop(reason);
             TC_ACT_SHOT
+        }
+    }
+}
+
+/// XDP on the node's external interfaces: the NodePort/LoadBalancer fast
+/// path; what it cannot finish passes to `lb_ingress`.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match xdp::try_xdp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::count_drop(reason);
+            XDP_DROP
         }
     }
 }

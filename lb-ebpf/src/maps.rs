@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -13,7 +13,7 @@ use lb_common::{
     SourceRange, TrafficCounter,
     limits::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DROP_REASONS, FLOW_EVENTS, MAX_AFFINITY,
-        MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CIDRS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+        MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CIDRS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_XDP_EGRESS,
     },
     sock::{NodeConfig, SockRevNat},
 };
@@ -89,3 +89,10 @@ pub static DROP_STATS: PerCpuArray<u64, { DROP_REASONS as usize }> = PerCpuArray
 /// FlowEvent → times it happened (per CPU): counted, not dropped.
 #[btf_map]
 pub static EVENT_STATS: PerCpuArray<u64, { FLOW_EVENTS as usize }> = PerCpuArray::new();
+
+/// Ifindex → that device: where the XDP path may send translated frames
+/// (XDP_TX when it is the ingress device, XDP_REDIRECT otherwise). The agent
+/// lists only devices that take XDP frames (see `--xdp-mode`); a flow whose
+/// next hop is elsewhere goes to the TC path.
+#[btf_map]
+pub static XDP_EGRESS: DevMapHash<{ MAX_XDP_EGRESS as usize }> = DevMapHash::new();

@@ -1,7 +1,7 @@
 //! Bounded header parsing: Ethernet → IPv4 → TCP/UDP. Every read goes
 //! through `ptr_at`; the L4 offset comes from IHL, so IP options are skipped.
 
-use aya_ebpf::programs::TcContext;
+use crate::ctx::PacketCtx;
 use core::mem::size_of;
 use lb_common::{DropReason, proto};
 
@@ -9,7 +9,9 @@ pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 /// Largest header stack we read (Ethernet + IPv4 with options + TCP): what we
 /// ask the kernel to make linear before parsing.
-const MAX_HDR_LEN: u32 = (ETH_HDR_LEN + 60 + 20) as u32;
+const MAX_HDR_LEN: u32 = (MAX_L4_OFF + 20) as u32;
+/// Where L4 starts at the latest: Ethernet + IPv4 header with all options.
+const MAX_L4_OFF: usize = ETH_HDR_LEN + 60;
 
 pub const IP_TTL_OFF: usize = ETH_HDR_LEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
@@ -74,11 +76,23 @@ impl Packet {
             self.l4_off + 6
         }
     }
+
+    /// `l4_off` with its bound restated for the verifier, which forgets it
+    /// when the packet is handed to another BPF function: needed for
+    /// direct packet access at that offset.
+    #[inline(always)]
+    pub fn checked_l4_off(&self) -> Result<usize, DropReason> {
+        let off = self.l4_off;
+        if off > MAX_L4_OFF {
+            return Err(DropReason::BadIpHeader);
+        }
+        Ok(off)
+    }
 }
 
 /// The one bounds-checked accessor into packet data.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, DropReason> {
+pub fn ptr_at<T>(ctx: &impl PacketCtx, offset: usize) -> Result<*const T, DropReason> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -90,18 +104,13 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, DropReason>
 /// `Ok(None)`: not IPv4 TCP/UDP (or a later fragment), not ours: pass it.
 /// `Err`: an IPv4 packet too broken to forward safely.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
-    // Headers of a GSO/non-linear skb may sit outside the linear area; make
-    // them directly readable. Failure just leaves the packet as it is.
-    let linear = (ctx.data_end() - ctx.data()) as u32;
-    let want = if ctx.len() < MAX_HDR_LEN {
+pub fn parse(ctx: &impl PacketCtx) -> Result<Option<Packet>, DropReason> {
+    // Headers of a GSO/non-linear skb may sit outside the linear area.
+    ctx.make_readable(if ctx.len() < MAX_HDR_LEN {
         ctx.len()
     } else {
         MAX_HDR_LEN
-    };
-    if linear < want {
-        let _ = ctx.pull_data(want);
-    }
+    });
 
     let Ok(eth_type) = ptr_at::<u16>(ctx, 12) else {
         return Ok(None); // shorter than Ethernet: not an IP packet we know

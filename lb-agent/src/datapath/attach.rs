@@ -1,16 +1,19 @@
-//! TC attachment: tcx where the kernel has it (6.6+), clsact otherwise; on
-//! every non-loopback interface (or the ones named), including interfaces
-//! that appear later (rtnetlink link notifications).
+//! Attachment per interface: TC ingress (tcx where the kernel has it, 6.6+,
+//! clsact otherwise) on every non-loopback interface (or the ones named),
+//! XDP on the named external interfaces; including interfaces that appear
+//! later (rtnetlink link notifications). Links are pinned so they outlive
+//! the agent.
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use std::path::PathBuf;
 
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
-    SchedClassifier, TcAttachType, tc,
+    SchedClassifier, TcAttachType, Xdp, XdpMode, tc,
     tc::{SchedClassifierLink, SchedClassifierLinkId},
+    xdp::{XdpLink, XdpLinkId},
 };
 use futures::TryStreamExt;
 use rtnetlink::{
@@ -131,29 +134,122 @@ pub fn watch_interfaces() -> anyhow::Result<mpsc::UnboundedReceiver<LinkEvent>> 
 /// restarts, and a new agent swaps its program into them atomically.
 pub const LINK_DIR: &str = "links";
 
-/// A TC attachment: pinned (tcx link, survives the agent) or held by the
-/// program (clsact fallback, or no bpf root).
-enum TcAttachment {
+/// A program kind attached per interface through a link that can be pinned
+/// and later taken over (TC ingress via tcx, XDP via bpf_link).
+pub trait Hook {
+    type Program;
+    type LinkId;
+    /// Pin file name prefix (`<prefix><ifindex>` under LINK_DIR).
+    const PIN_PREFIX: &'static str;
+    /// For logs.
+    const WHAT: &'static str;
+    /// Attaches anew.
+    fn attach(&self, prog: &mut Self::Program, iface: &Interface) -> anyhow::Result<Self::LinkId>;
+    /// Swaps this program into a link an earlier agent pinned.
+    fn take_over(prog: &mut Self::Program, pinned: PinnedLink) -> anyhow::Result<Self::LinkId>;
+    /// The link behind `id`, to pin (an error if it is not an fd link).
+    fn take_fd_link(prog: &mut Self::Program, id: Self::LinkId) -> anyhow::Result<FdLink>;
+    fn detach(prog: &mut Self::Program, id: Self::LinkId) -> anyhow::Result<()>;
+}
+
+/// TC ingress: tcx where the kernel has it, clsact otherwise.
+pub struct TcIngress;
+
+impl Hook for TcIngress {
+    type Program = SchedClassifier;
+    type LinkId = SchedClassifierLinkId;
+    const PIN_PREFIX: &'static str = "tc-ingress-";
+    const WHAT: &'static str = "TC ingress";
+
+    fn attach(&self, prog: &mut SchedClassifier, iface: &Interface) -> anyhow::Result<SchedClassifierLinkId> {
+        // `attach` picks tcx on 6.6+; the netlink (clsact) path needs the qdisc.
+        match prog.attach(&iface.name, TcAttachType::Ingress) {
+            Ok(id) => Ok(id),
+            Err(first) => {
+                let _ = tc::qdisc_add_clsact(&iface.name);
+                prog.attach_with_options(
+                    &iface.name,
+                    TcAttachType::Ingress,
+                    tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+                )
+                .with_context(|| format!("attaching to {} (tcx failed first: {first})", iface.name))
+            }
+        }
+    }
+
+    fn take_over(prog: &mut SchedClassifier, pinned: PinnedLink) -> anyhow::Result<SchedClassifierLinkId> {
+        Ok(prog.attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)?)
+    }
+
+    fn take_fd_link(prog: &mut SchedClassifier, id: SchedClassifierLinkId) -> anyhow::Result<FdLink> {
+        FdLink::try_from(prog.take_link(id)?).map_err(|e| anyhow::anyhow!("a netlink (clsact) filter, not a link: {e}"))
+    }
+
+    fn detach(prog: &mut SchedClassifier, id: SchedClassifierLinkId) -> anyhow::Result<()> {
+        Ok(prog.detach(id)?)
+    }
+}
+
+/// XDP in the given mode; native (driver) mode falls back to generic (skb)
+/// where the driver has no XDP support.
+pub struct XdpHook(pub XdpMode);
+
+impl Hook for XdpHook {
+    type Program = Xdp;
+    type LinkId = XdpLinkId;
+    const PIN_PREFIX: &'static str = "xdp-";
+    const WHAT: &'static str = "XDP";
+
+    fn attach(&self, prog: &mut Xdp, iface: &Interface) -> anyhow::Result<XdpLinkId> {
+        match prog.attach_to_if_index(iface.index, self.0) {
+            Ok(id) => Ok(id),
+            Err(native) if self.0 == XdpMode::Driver => {
+                warn!(interface = %iface.name, "no native XDP ({native}); using generic mode there");
+                prog.attach_to_if_index(iface.index, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP to {} (native failed first: {native})", iface.name))
+            }
+            Err(e) => Err(e).with_context(|| format!("attaching XDP ({:?} mode) to {}", self.0, iface.name)),
+        }
+    }
+
+    fn take_over(prog: &mut Xdp, pinned: PinnedLink) -> anyhow::Result<XdpLinkId> {
+        Ok(prog.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?)
+    }
+
+    fn take_fd_link(prog: &mut Xdp, id: XdpLinkId) -> anyhow::Result<FdLink> {
+        FdLink::try_from(prog.take_link(id)?).map_err(|e| anyhow::anyhow!("a netlink XDP attachment, not a link: {e}"))
+    }
+
+    fn detach(prog: &mut Xdp, id: XdpLinkId) -> anyhow::Result<()> {
+        Ok(prog.detach(id)?)
+    }
+}
+
+/// An attachment: pinned (survives the agent) or held by the program
+/// (clsact fallback, or no bpf root).
+enum Attachment<Id> {
     Pinned(PinnedLink),
-    InProgram(SchedClassifierLinkId, Option<PathBuf>),
+    InProgram(Id, Option<PathBuf>),
 }
 
 /// Which interfaces get the program, and the links made so far.
-pub struct Attacher {
+pub struct Attacher<H: Hook> {
+    hook: H,
     only: Option<Vec<String>>,
     link_dir: Option<PathBuf>,
-    links: BTreeMap<u32, (String, TcAttachment)>,
+    links: BTreeMap<u32, (String, Attachment<H::LinkId>)>,
 }
 
-impl Attacher {
+impl<H: Hook> Attacher<H> {
     /// `only`: attach to these names; None: every non-loopback interface.
     /// `bpf_root`: where links are pinned (None: not pinned).
-    pub fn new(only: Option<Vec<String>>, bpf_root: Option<&std::path::Path>) -> anyhow::Result<Self> {
+    pub fn new(hook: H, only: Option<Vec<String>>, bpf_root: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let link_dir = bpf_root.map(|r| r.join(LINK_DIR));
         if let Some(dir) = &link_dir {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         Ok(Attacher {
+            hook,
             only,
             link_dir,
             links: BTreeMap::new(),
@@ -171,21 +267,26 @@ impl Attacher {
         self.links.values().map(|(n, _)| n.as_str())
     }
 
+    pub fn attached_indexes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.links.keys().copied()
+    }
+
     fn pin_path(&self, iface: &Interface) -> Option<PathBuf> {
         self.link_dir
             .as_ref()
-            .map(|d| d.join(format!("tc-ingress-{}", iface.index)))
+            .map(|d| d.join(format!("{}{}", H::PIN_PREFIX, iface.index)))
     }
 
-    /// Removes pinned links of interfaces that no longer exist.
+    /// Removes pinned links of interfaces that no longer exist, or that this
+    /// agent does not want (e.g. XDP turned off): unpinning detaches them.
     pub fn sweep_stale_pins(&self, present: &[Interface]) {
         let Some(dir) = &self.link_dir else { return };
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(index) = name.strip_prefix("tc-ingress-").and_then(|i| i.parse::<u32>().ok()) else {
+            let Some(index) = name.strip_prefix(H::PIN_PREFIX).and_then(|i| i.parse::<u32>().ok()) else {
                 continue;
             };
-            if !present.iter().any(|i| i.index == index) {
+            if !present.iter().any(|i| i.index == index && self.wanted(i)) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -193,7 +294,7 @@ impl Attacher {
 
     /// Attaches to `iface` unless it is unwanted or done already. A link an
     /// earlier agent pinned for it gets this program atomically.
-    pub fn attach(&mut self, prog: &mut SchedClassifier, iface: &Interface) -> anyhow::Result<()> {
+    pub fn attach(&mut self, prog: &mut H::Program, iface: &Interface) -> anyhow::Result<()> {
         if !self.wanted(iface) || self.links.contains_key(&iface.index) {
             return Ok(());
         }
@@ -203,83 +304,64 @@ impl Attacher {
         {
             match PinnedLink::from_pin(path) {
                 Ok(pinned) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
-                    let id = prog
-                        .attach_to_link(link)
-                        .with_context(|| format!("updating the link on {}", iface.name))?;
-                    info!(interface = %iface.name, index = iface.index, "took over the pinned TC link (program replaced atomically)");
+                    let id = H::take_over(prog, pinned)
+                        .with_context(|| format!("updating the {} link on {}", H::WHAT, iface.name))?;
+                    info!(interface = %iface.name, index = iface.index, "took over the pinned {} link (program replaced atomically)", H::WHAT);
                     self.links
-                        .insert(iface.index, (iface.name.clone(), TcAttachment::InProgram(id, pin)));
+                        .insert(iface.index, (iface.name.clone(), Attachment::InProgram(id, pin)));
                     return Ok(());
                 }
                 Err(e) => {
-                    warn!(interface = %iface.name, "stale pinned link ({e}); attaching anew");
+                    warn!(interface = %iface.name, "stale pinned {} link ({e}); attaching anew", H::WHAT);
                     let _ = std::fs::remove_file(path);
                 }
             }
         }
-        // `attach` picks tcx on 6.6+; the netlink (clsact) path needs the qdisc.
-        let id = match prog.attach(&iface.name, TcAttachType::Ingress) {
-            Ok(id) => id,
-            Err(first) => {
-                let _ = tc::qdisc_add_clsact(&iface.name);
-                prog.attach_with_options(
-                    &iface.name,
-                    TcAttachType::Ingress,
-                    tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
-                )
-                .with_context(|| format!("attaching to {} (tcx failed first: {first})", iface.name))?
-            }
-        };
+        let id = self.hook.attach(prog, iface)?;
         let attachment = match pin {
             Some(path) => {
-                let link = prog.take_link(id)?;
-                match FdLink::try_from(link) {
-                    Ok(fd_link) => {
-                        let pinned = fd_link
-                            .pin(&path)
-                            .with_context(|| format!("pinning {}", path.display()))?;
-                        TcAttachment::Pinned(pinned)
-                    }
-                    // A netlink (clsact) filter: not a pinnable link.
-                    Err(e) => bail!("attached to {} without a link to pin: {e}", iface.name),
-                }
+                let fd_link = H::take_fd_link(prog, id)
+                    .with_context(|| format!("attached {} to {} without a link to pin", H::WHAT, iface.name))?;
+                let pinned = fd_link
+                    .pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                Attachment::Pinned(pinned)
             }
-            None => TcAttachment::InProgram(id, None),
+            None => Attachment::InProgram(id, None),
         };
-        info!(interface = %iface.name, index = iface.index, "attached TC ingress");
+        info!(interface = %iface.name, index = iface.index, "attached {}", H::WHAT);
         self.links.insert(iface.index, (iface.name.clone(), attachment));
         Ok(())
     }
 
     /// The interface is gone (its attachment went with it).
-    pub fn forget(&mut self, prog: &mut SchedClassifier, index: u32) {
+    pub fn forget(&mut self, prog: &mut H::Program, index: u32) {
         if let Some((name, attachment)) = self.links.remove(&index) {
-            detach(prog, attachment);
+            detach::<H>(prog, attachment);
             info!(interface = %name, "interface removed");
         }
     }
 
     /// Detaches everywhere and removes the pins.
-    pub fn detach_all(&mut self, prog: &mut SchedClassifier) {
+    pub fn detach_all(&mut self, prog: &mut H::Program) {
         for (_, (_, attachment)) in std::mem::take(&mut self.links) {
-            detach(prog, attachment);
+            detach::<H>(prog, attachment);
         }
     }
 }
 
-fn detach(prog: &mut SchedClassifier, attachment: TcAttachment) {
+fn detach<H: Hook>(prog: &mut H::Program, attachment: Attachment<H::LinkId>) {
     match attachment {
-        TcAttachment::Pinned(pinned) => {
+        Attachment::Pinned(pinned) => {
             // Unpinned and closed: the kernel detaches the link.
             let _ = pinned.unpin();
         }
-        TcAttachment::InProgram(id, pin) => {
+        Attachment::InProgram(id, pin) => {
             if let Some(path) = pin {
                 let _ = std::fs::remove_file(path);
             }
-            if let Err(e) = prog.detach(id) {
-                warn!("detach failed: {e}");
+            if let Err(e) = H::detach(prog, id) {
+                warn!("{} detach failed: {e}", H::WHAT);
             }
         }
     }

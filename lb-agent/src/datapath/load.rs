@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
 use lb_common::map_names;
 
 use super::maps::BpfMaps;
@@ -13,6 +16,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the TC ingress program in the object.
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
+pub const XDP_PROGRAM: &str = "lb_xdp";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -170,6 +174,11 @@ impl Datapath {
             .context("program lb_ingress missing from the object")?
             .try_into()?;
         program.load().context("verifying lb_ingress")?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .context("program lb_xdp missing from the object")?
+            .try_into()?;
+        xdp.load().context("verifying lb_xdp")?;
         for name in super::sock::SOCK_PROGRAMS {
             let prog: &mut aya::programs::CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -230,6 +239,14 @@ impl Datapath {
             .ebpf
             .program_mut(INGRESS_PROGRAM)
             .context("program lb_ingress missing")?
+            .try_into()?)
+    }
+
+    pub fn xdp_program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .context("program lb_xdp missing")?
             .try_into()?)
     }
 

@@ -6,7 +6,8 @@ use anyhow::Context;
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey,
+        Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::Key as LpmKey,
     },
 };
 use lb_common::{
@@ -43,6 +44,7 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub config: Array<MapData, NodeConfig>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    pub xdp_egress: DevMapHash<MapData>,
 }
 
 /// LPM prefix length of a CIDR over a 16-byte (IPv4-mapped) address.
@@ -95,6 +97,7 @@ impl BpfMaps {
             source_ranges: get(map_names::SOURCE_RANGES)?.try_into()?,
             config: get(map_names::CONFIG)?.try_into()?,
             maglev: get(map_names::MAGLEV)?.try_into()?,
+            xdp_egress: get(map_names::XDP_EGRESS)?.try_into()?,
         })
     }
 
@@ -179,6 +182,26 @@ impl BpfMaps {
             (map_names::BACKEND_SLOTS, count(&self.slots), cap(self.slots.map())),
             (map_names::CONNTRACK, count(&self.conntrack), cap(self.conntrack.map())),
         ]
+    }
+
+    /// Makes XDP_EGRESS exactly `ifindexes`: the devices the XDP path may
+    /// send frames out of.
+    pub fn set_xdp_egress(&mut self, ifindexes: &[u32]) -> anyhow::Result<()> {
+        let stale: Vec<u32> = self
+            .xdp_egress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ifindexes.contains(k))
+            .collect();
+        for k in stale {
+            self.xdp_egress.remove(k).context("removing from XDP_EGRESS")?;
+        }
+        for &k in ifindexes {
+            self.xdp_egress
+                .insert(k, k, None, 0)
+                .with_context(|| format!("adding interface {k} to XDP_EGRESS"))?;
+        }
+        Ok(())
     }
 
     pub fn drops(&self, reason: DropReason) -> anyhow::Result<u64> {
