@@ -1240,7 +1240,7 @@ fn maglev_keeps_flows_on_their_backend_even_without_conntrack() {
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 /// The test device's MAC, and the resolved neighbours behind it. POD_B has
 /// no neighbour entry: XDP cannot send to it and leaves its flows to TC.
 const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
@@ -1356,13 +1356,16 @@ fn xdp_translates_nodeport_flows_both_ways_and_sends_them_back_out() {
     // externalTrafficPolicy Local: DNAT only; the reply gets the NodePort back.
     let syn = tcp(ip(CLIENT, NODE_PORT_ADDR), 40000, 30081, Tcp::Syn);
     let (action, out) = h.run_xdp(dev, &syn);
-    assert_eq!(action, XDP_TX, "backend behind the ingress device: XDP_TX");
+    assert_eq!(
+        action, XDP_REDIRECT,
+        "backend behind the ingress device: redirected back out"
+    );
     assert_eq!(
         hex(&out),
         hex(&via(tcp(ip(CLIENT, POD_A).forwarded(), 40000, 80, Tcp::Syn), POD_A_MAC))
     );
     let (action, out) = h.run_xdp(dev, &tcp(ip(POD_A, CLIENT), 80, 40000, Tcp::SynAck));
-    assert_eq!(action, XDP_TX, "reply");
+    assert_eq!(action, XDP_REDIRECT, "reply");
     assert_eq!(
         hex(&out),
         hex(&via(
@@ -1373,7 +1376,7 @@ fn xdp_translates_nodeport_flows_both_ways_and_sends_them_back_out() {
 
     // eTP Cluster: masqueraded as the node, on a port of the SNAT range.
     let (action, out) = h.run_xdp(dev, &tcp(ip(CLIENT, NODE_PORT_ADDR), 40001, 30080, Tcp::Syn));
-    assert_eq!(action, XDP_TX);
+    assert_eq!(action, XDP_REDIRECT);
     let port = sport_of(&out);
     assert!(lb_common::conntrack::snat_ports::contains(port), "SNAT port {port}");
     assert_eq!(
@@ -1384,7 +1387,7 @@ fn xdp_translates_nodeport_flows_both_ways_and_sends_them_back_out() {
         ))
     );
     let (action, out) = h.run_xdp(dev, &tcp(ip(POD_A, NODE_ADDR), 80, port, Tcp::SynAck));
-    assert_eq!(action, XDP_TX);
+    assert_eq!(action, XDP_REDIRECT);
     assert_eq!(
         hex(&out),
         hex(&via(
@@ -1406,7 +1409,7 @@ fn xdp_translates_nodeport_flows_both_ways_and_sends_them_back_out() {
     for (sport, strip) in [(40002u16, false), (40003, true)] {
         let maybe_strip = |p: Vec<u8>| if strip { without_udp_checksum(p) } else { p };
         let (action, out) = h.run_xdp(dev, &maybe_strip(udp(ip(CLIENT, NODE_PORT_ADDR), sport, 30082)));
-        assert_eq!(action, XDP_TX, "UDP {sport}");
+        assert_eq!(action, XDP_REDIRECT, "UDP {sport}");
         let port = sport_of(&out);
         let want = maybe_strip(udp(ip(NODE_ADDR, POD_A).forwarded(), port, 5353));
         assert_eq!(hex(&out), hex(&via(want, POD_A_MAC)), "UDP {sport}");
@@ -1445,7 +1448,7 @@ fn xdp_hands_what_it_cannot_finish_to_tc_untouched() {
     let (action, _) = h.run(&tcp(ip(CLIENT, NODE_PORT_ADDR), 41001, 30081, Tcp::Syn));
     assert_eq!(action, TC_ACT_REDIRECT);
     let (action, out) = h.run_xdp(dev, &tcp(ip(CLIENT, NODE_PORT_ADDR), 41001, 30081, Tcp::Ack));
-    assert_eq!(action, XDP_TX, "established by TC, continued by XDP");
+    assert_eq!(action, XDP_REDIRECT, "established by TC, continued by XDP");
     assert_eq!(
         hex(&out),
         hex(&via(tcp(ip(CLIENT, POD_A).forwarded(), 41001, 80, Tcp::Ack), POD_A_MAC))

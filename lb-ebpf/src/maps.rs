@@ -91,7 +91,7 @@ pub static DROP_STATS: PerCpuArray<u64, { DROP_REASONS as usize }> = PerCpuArray
 pub static EVENT_STATS: PerCpuArray<u64, { FLOW_EVENTS as usize }> = PerCpuArray::new();
 
 /// Ifindex → that device: where the XDP path may send translated frames
-/// (XDP_TX when it is the ingress device, XDP_REDIRECT otherwise). The agent
+/// (XDP_REDIRECT, also back out of the ingress device). The agent
 /// lists only devices that take XDP frames (see `--xdp-mode`); a flow whose
 /// next hop is elsewhere goes to the TC path.
 #[btf_map]

@@ -1,15 +1,15 @@
 //! The XDP fast path on the node's external interfaces (NodePort,
 //! LoadBalancer, externalIPs): the TC path's lookup, conntrack, backend
 //! choice and NAT on the same maps, before the kernel builds an skb. The
-//! translated frame leaves by XDP_TX (back out of the interface it came in
-//! on: a backend on another node, or a reply to an external client) or
-//! XDP_REDIRECT (to another device in XDP_EGRESS, e.g. a local pod's veth).
+//! translated frame leaves by XDP_REDIRECT through XDP_EGRESS: back out of
+//! the interface it came in on (a backend on another node, or a reply to an
+//! external client) or to another device (e.g. a local pod's veth).
 //! What it cannot finish goes XDP_PASS, untouched, to the TC path, which
 //! stays the reference semantics and finds the conntrack entries made here:
 //! ICMP, fragments, other protocols, services without endpoints (REJECT),
 //! next hops not resolved yet, egress devices outside XDP_EGRESS, TTL ≤ 1.
 
-use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX};
+use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::programs::XdpContext;
 use lb_common::{CtKind, DropReason, FlowEvent, addr::v4_word, conntrack::entry_flags, proto, svc_flags};
 
@@ -146,9 +146,10 @@ fn send(ctx: &XdpContext, pkt: &Packet, to: &Tuple) -> Result<u32, DropReason> {
         smac.write_unaligned(route.smac);
     }
     stats::count_event(FlowEvent::XdpForwarded);
-    if route.ifindex == PacketCtx::ingress_ifindex(ctx) {
-        return Ok(XDP_TX);
-    }
-    // Present a moment ago; gone now only if the agent just removed it.
+    // Also back out of the ingress device by redirect rather than XDP_TX:
+    // a veth flushes XDP_TX frames to its peer only when the peer runs an
+    // XDP program, while the devmap redirect works wherever the device
+    // takes XDP frames at all, and is bulked like XDP_TX. The entry was
+    // present a moment ago; gone now only if the agent just removed it.
     XDP_EGRESS.redirect(route.ifindex, 0).map_err(|_| DropReason::NoRoute)
 }

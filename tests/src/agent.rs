@@ -174,6 +174,20 @@ impl Agent {
         Ok(started.elapsed())
     }
 
+    /// A datapath counter (`lb-agent stats`), e.g. ("event", "xdp_forwarded").
+    pub fn counter(&self, kind: &str, name: &str) -> anyhow::Result<u64> {
+        let out = crate::netns::run(
+            std::process::Command::new(agent_bin())
+                .args(["stats", "-o", "json", "--bpf-root"])
+                .arg(&self.bpf_root),
+        )?;
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        rows.iter()
+            .find(|r| r["kind"] == kind && r["name"] == name)
+            .and_then(|r| r["packets"].as_u64())
+            .with_context(|| format!("no {kind} counter {name} in `lb-agent stats`"))
+    }
+
     /// What the kernel maps hold (`lb-agent services -o json`):
     /// frontend → backends.
     pub fn services(&self) -> anyhow::Result<BTreeMap<String, Vec<String>>> {

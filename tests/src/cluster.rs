@@ -48,8 +48,17 @@ pub struct ClusterPod {
     pub ns: Netns,
 }
 
+/// How the agents run the XDP fast path on the nodes' underlay interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    Off,
+    Native,
+    Generic,
+}
+
 pub struct Cluster {
     pub id: String,
+    xdp: XdpMode,
     pub pods: Vec<ClusterPod>,
     /// External clients (outside the cluster CIDR), by address.
     pub externals: Vec<(Ipv4Addr, Netns)>,
@@ -84,6 +93,7 @@ impl Cluster {
         underlay.ip(&["link", "set", "br0", "up"])?;
         let mut cluster = Cluster {
             id: id.clone(),
+            xdp: XdpMode::Off,
             pods: Vec::new(),
             externals: Vec::new(),
             nodes: Vec::new(),
@@ -151,6 +161,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// Agents started later run XDP on `ul0` in `mode`. The virtual wires
+    /// are made to behave like physical ones: every sender's veth transmits
+    /// complete checksums (XDP sees frames as a NIC delivers them, never a
+    /// CHECKSUM_PARTIAL skb), and in native mode the veths XDP sends into
+    /// (the nodes' bridge ports, the pods' ends) run NAPI to take XDP frames.
+    pub fn enable_xdp(&mut self, mode: XdpMode) -> anyhow::Result<()> {
+        use crate::netns::Offload;
+        self.xdp = mode;
+        for (_, ns) in &self.externals {
+            ns.set_offload("eth0", Offload::TxChecksum, false)?;
+        }
+        for pod in &self.pods {
+            pod.ns.set_offload("eth0", Offload::TxChecksum, false)?;
+        }
+        if mode == XdpMode::Native {
+            for pod in &self.pods {
+                pod.ns.set_offload("eth0", Offload::Gro, true)?;
+            }
+            for i in 1..=self.nodes.len() {
+                self.underlay.set_offload(&format!("u-n{i}"), Offload::Gro, true)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn pod(&self, name: &str) -> &ClusterPod {
         self.pods
             .iter()
@@ -184,7 +219,7 @@ impl Cluster {
             .nodes
             .iter()
             .map(|n| {
-                let args: Vec<std::ffi::OsString> = vec![
+                let mut args: Vec<std::ffi::OsString> = vec![
                     "--manifests".into(),
                     n.manifests_dir.clone().into(),
                     "--cluster-cidr".into(),
@@ -192,6 +227,24 @@ impl Cluster {
                     "--service-cluster-ip-range".into(),
                     SERVICE_CIDR.into(),
                 ];
+                let xdp_mode = match self.xdp {
+                    XdpMode::Off => None,
+                    XdpMode::Native => Some("native"),
+                    XdpMode::Generic => Some("generic"),
+                };
+                if let Some(mode) = xdp_mode {
+                    // Pods' host-side veths are veth0, veth1, ... (their peers take XDP frames).
+                    for a in [
+                        "--xdp-mode",
+                        mode,
+                        "--xdp-interfaces",
+                        "ul0",
+                        "--xdp-redirect-interfaces",
+                        "veth*",
+                    ] {
+                        args.push(a.into());
+                    }
+                }
                 let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
                 Agent::spawn_in(&n.ns, &n.name, &n.bpf_root, &args, echo)
             })

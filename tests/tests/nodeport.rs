@@ -8,8 +8,9 @@ use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use lb_tests::agent::Agent;
 use lb_tests::client::{http_get_seen, udp_query};
-use lb_tests::cluster::Cluster;
+use lb_tests::cluster::{Cluster, XdpMode};
 use lb_tests::netns::Netns;
 
 const NODE1: [&str; 1] = ["web-1a"];
@@ -179,11 +180,46 @@ fn check(c: &Cluster, case: &Case) {
 const N1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 const N2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 
+/// The cluster with agents running the XDP fast path in `xdp` mode.
+fn cluster_with_agents(xdp: XdpMode) -> (Cluster, Vec<Agent>) {
+    let mut cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    if xdp != XdpMode::Off {
+        cluster.enable_xdp(xdp).expect("preparing the veths for XDP");
+    }
+    cluster.write_manifest("services.yaml", &manifests(&cluster)).unwrap();
+    let agents = cluster.start_agents(true).expect("agents");
+    (cluster, agents)
+}
+
+/// With XDP on, it must have carried traffic on these agents' nodes (else
+/// a test passing "with XDP" would only show the TC path again).
+fn assert_xdp_used(xdp: XdpMode, agents: &[Agent]) {
+    for (i, agent) in agents.iter().enumerate() {
+        let forwarded = agent.counter("event", "xdp_forwarded").unwrap();
+        match xdp {
+            XdpMode::Off => assert_eq!(forwarded, 0, "node {i}: XDP is off"),
+            _ => assert!(forwarded > 0, "node {i}: XDP ({xdp:?}) forwarded nothing"),
+        }
+    }
+}
+
 #[test]
 fn packet_flows_through_nodeports_load_balancers_and_cluster_ips() {
-    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
-    cluster.write_manifest("services.yaml", &manifests(&cluster)).unwrap();
-    let _agents = cluster.start_agents(true).expect("agents");
+    packet_flows(XdpMode::Off);
+}
+
+#[test]
+fn packet_flows_with_xdp_native() {
+    packet_flows(XdpMode::Native);
+}
+
+#[test]
+fn packet_flows_with_xdp_generic() {
+    packet_flows(XdpMode::Generic);
+}
+
+fn packet_flows(xdp: XdpMode) {
+    let (cluster, agents) = cluster_with_agents(xdp);
     let both: &'static [&'static str] = &["web-1a", "web-2a"];
     let cases = [
         Case {
@@ -276,13 +312,21 @@ fn packet_flows_through_nodeports_load_balancers_and_cluster_ips() {
     }
     let rules = cluster.nat_rules().unwrap();
     assert!(rules.is_empty(), "NAT rules in a node:\n{rules}");
+    assert_xdp_used(xdp, &agents);
 }
 
 #[test]
 fn udp_nodeport_affinity_health_checks_and_a_thousand_parallel_connections() {
-    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
-    cluster.write_manifest("services.yaml", &manifests(&cluster)).unwrap();
-    let _agents = cluster.start_agents(true).expect("agents");
+    udp_affinity_health_and_load(XdpMode::Off);
+}
+
+#[test]
+fn udp_affinity_health_and_load_with_xdp_native() {
+    udp_affinity_health_and_load(XdpMode::Native);
+}
+
+fn udp_affinity_health_and_load(xdp: XdpMode) {
+    let (cluster, agents) = cluster_with_agents(xdp);
     let (ext, _) = (&cluster.externals[0].1, cluster.externals[0].0);
 
     // UDP through a NodePort.
@@ -347,6 +391,8 @@ fn udp_nodeport_affinity_health_checks_and_a_thousand_parallel_connections() {
         })
         .unwrap();
     assert_eq!(failures, 0, "{failures} of 1000 connections failed");
+    // External traffic above went to node 1's NodePorts only.
+    assert_xdp_used(xdp, &agents[..1]);
 }
 
 /// A whole HTTP/1.0 response, status line included.

@@ -3,7 +3,7 @@
 //! the devices it may send translated frames out of:
 //! - generic mode: every interface (generic XDP transmits through the
 //!   normal device queue, which any device takes);
-//! - native mode: the XDP interfaces themselves (XDP_TX, and redirects
+//! - native mode: the XDP interfaces themselves (back out, and redirects
 //!   between them) plus `--xdp-redirect-interfaces`. A native redirect to a
 //!   device that cannot take XDP frames is dropped by the kernel — for a
 //!   veth, when its peer has neither GRO nor an XDP program — so such
