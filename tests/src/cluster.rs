@@ -215,41 +215,53 @@ impl Cluster {
 
     /// One agent per node, on its manifests, with the cluster's CIDRs.
     pub fn start_agents(&self, echo: bool) -> anyhow::Result<Vec<Agent>> {
-        let spawned = self
-            .nodes
-            .iter()
-            .map(|n| {
-                let mut args: Vec<std::ffi::OsString> = vec![
-                    "--manifests".into(),
-                    n.manifests_dir.clone().into(),
-                    "--cluster-cidr".into(),
-                    CLUSTER_CIDR.into(),
-                    "--service-cluster-ip-range".into(),
-                    SERVICE_CIDR.into(),
-                ];
-                let xdp_mode = match self.xdp {
-                    XdpMode::Off => None,
-                    XdpMode::Native => Some("native"),
-                    XdpMode::Generic => Some("generic"),
-                };
-                if let Some(mode) = xdp_mode {
-                    // Pods' host-side veths are veth0, veth1, ... (their peers take XDP frames).
-                    for a in [
-                        "--xdp-mode",
-                        mode,
-                        "--xdp-interfaces",
-                        "ul0",
-                        "--xdp-redirect-interfaces",
-                        "veth*",
-                    ] {
-                        args.push(a.into());
-                    }
-                }
-                let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-                Agent::spawn_in(&n.ns, &n.name, &n.bpf_root, &args, echo)
-            })
+        let spawned = (0..self.nodes.len())
+            .map(|i| self.spawn_agent(i, echo))
             .collect::<anyhow::Result<Vec<_>>>()?;
         spawned.into_iter().map(Agent::ready).collect()
+    }
+
+    /// The agent of node `i`, started and ready.
+    pub fn start_agent(&self, i: usize, echo: bool) -> anyhow::Result<Agent> {
+        self.spawn_agent(i, echo)?.ready()
+    }
+
+    fn spawn_agent(&self, i: usize, echo: bool) -> anyhow::Result<Agent> {
+        let n = &self.nodes[i];
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--manifests".into(),
+            n.manifests_dir.clone().into(),
+            "--cluster-cidr".into(),
+            CLUSTER_CIDR.into(),
+            "--service-cluster-ip-range".into(),
+            SERVICE_CIDR.into(),
+        ];
+        let xdp_mode = match self.xdp {
+            XdpMode::Off => None,
+            XdpMode::Native => Some("native"),
+            XdpMode::Generic => Some("generic"),
+        };
+        if let Some(mode) = xdp_mode {
+            // Pods' host-side veths are veth0, veth1, ... (their peers take XDP frames).
+            for a in [
+                "--xdp-mode",
+                mode,
+                "--xdp-interfaces",
+                "ul0",
+                "--xdp-redirect-interfaces",
+                "veth*",
+            ] {
+                args.push(a.into());
+            }
+        }
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        Agent::spawn_in(&n.ns, &n.name, &n.bpf_root, &args, echo)
+    }
+
+    /// Does node `i`'s underlay interface run an XDP program now?
+    pub fn xdp_attached(&self, i: usize) -> anyhow::Result<bool> {
+        let out = crate::netns::run(self.nodes[i].ns.command("ip").args(["link", "show", "ul0"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("prog/xdp"))
     }
 
     /// NAT rules in any node namespace (there must be none).

@@ -405,3 +405,41 @@ fn raw_get(addr: SocketAddr) -> anyhow::Result<String> {
     conn.read_to_string(&mut out)?;
     Ok(out)
 }
+
+#[test]
+fn xdp_survives_an_agent_restart_and_goes_away_when_turned_off() {
+    let (mut cluster, mut agents) = cluster_with_agents(XdpMode::Native);
+    let target = SocketAddr::from((N1, 30081));
+    let ext = &cluster.externals[0].1;
+    let get = move || http_get_seen(target).map(|(pod, _)| pod);
+    assert_eq!(ext.run(get).unwrap().unwrap(), "web-1a");
+
+    // The agent exits: the pinned XDP link keeps serving.
+    let agent = agents.remove(0);
+    agent.kill().unwrap();
+    assert!(cluster.xdp_attached(0).unwrap(), "XDP detached with the agent");
+    assert_eq!(ext.run(get).unwrap().unwrap(), "web-1a", "served while no agent runs");
+
+    // A new agent takes the link over; still XDP.
+    let agent = cluster.start_agent(0, true).unwrap();
+    let forwarded = agent.counter("event", "xdp_forwarded").unwrap();
+    assert_eq!(ext.run(get).unwrap().unwrap(), "web-1a");
+    assert!(
+        agent.counter("event", "xdp_forwarded").unwrap() > forwarded,
+        "XDP after the restart"
+    );
+    assert!(agent.log().contains("took over the pinned XDP link"), "link taken over");
+
+    // Restarted with XDP off: the program goes away, TC serves alone.
+    agent.kill().unwrap();
+    cluster.enable_xdp(XdpMode::Off).unwrap();
+    let ext = &cluster.externals[0].1;
+    let agent = cluster.start_agent(0, true).unwrap();
+    assert!(
+        !cluster.xdp_attached(0).unwrap(),
+        "XDP still attached with --xdp-mode off"
+    );
+    let forwarded = agent.counter("event", "xdp_forwarded").unwrap();
+    assert_eq!(ext.run(get).unwrap().unwrap(), "web-1a");
+    assert_eq!(agent.counter("event", "xdp_forwarded").unwrap(), forwarded);
+}
