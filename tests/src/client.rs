@@ -36,6 +36,27 @@ pub fn http_get_seen(addr: SocketAddr) -> anyhow::Result<(String, String)> {
     Ok((body(&response)?, seen))
 }
 
+/// Downloads `mib` MiB over one connection (`GET /bulk/<mib>`); returns the
+/// bytes received and how long the transfer took.
+pub fn bulk_get(addr: SocketAddr, mib: usize) -> anyhow::Result<(u64, Duration)> {
+    let started = std::time::Instant::now();
+    let mut conn = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    conn.write_all(format!("GET /bulk/{mib} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match conn.read(&mut buf).with_context(|| format!("reading from {addr}"))? {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    if total < (mib as u64) << 20 {
+        bail!("short transfer: {total} bytes of {mib} MiB");
+    }
+    Ok((total, started.elapsed()))
+}
+
 fn body(response: &str) -> anyhow::Result<String> {
     let Some((head, body)) = response.split_once("\r\n\r\n") else {
         bail!("malformed HTTP response {response:?}");

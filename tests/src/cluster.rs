@@ -167,20 +167,18 @@ impl Cluster {
     /// CHECKSUM_PARTIAL skb), and in native mode the veths XDP sends into
     /// (the nodes' bridge ports, the pods' ends) run NAPI to take XDP frames.
     pub fn enable_xdp(&mut self, mode: XdpMode) -> anyhow::Result<()> {
-        use crate::netns::Offload;
         self.xdp = mode;
+        let native = mode == XdpMode::Native;
         for (_, ns) in &self.externals {
-            ns.set_offload("eth0", Offload::TxChecksum, false)?;
+            ns.wire_for_xdp("eth0", false)?;
         }
         for pod in &self.pods {
-            pod.ns.set_offload("eth0", Offload::TxChecksum, false)?;
+            pod.ns.wire_for_xdp("eth0", native)?;
         }
-        if mode == XdpMode::Native {
-            for pod in &self.pods {
-                pod.ns.set_offload("eth0", Offload::Gro, true)?;
-            }
+        if native {
             for i in 1..=self.nodes.len() {
-                self.underlay.set_offload(&format!("u-n{i}"), Offload::Gro, true)?;
+                self.underlay
+                    .set_offload(&format!("u-n{i}"), crate::netns::Offload::Gro, true)?;
             }
         }
         Ok(())

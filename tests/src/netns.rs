@@ -101,6 +101,17 @@ pub enum Offload {
 }
 
 impl Netns {
+    /// Makes the veth end `ifname` behave like a wire for XDP on the far
+    /// end: it sends complete checksums (as frames from a NIC have), and
+    /// with `takes_xdp_frames` it runs NAPI so XDP frames can be sent to it.
+    pub fn wire_for_xdp(&self, ifname: &str, takes_xdp_frames: bool) -> anyhow::Result<()> {
+        self.set_offload(ifname, Offload::TxChecksum, false)?;
+        if takes_xdp_frames {
+            self.set_offload(ifname, Offload::Gro, true)?;
+        }
+        Ok(())
+    }
+
     /// Turns `offload` on or off on `ifname` in this namespace.
     pub fn set_offload(&self, ifname: &str, offload: Offload, on: bool) -> anyhow::Result<()> {
         const SIOCETHTOOL: libc::c_ulong = 0x8946;

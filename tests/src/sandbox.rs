@@ -117,6 +117,25 @@ impl Sandbox {
         Ok(self.clients.last().unwrap())
     }
 
+    /// Readies the wires for XDP (native) on the node's client-side veth
+    /// with redirects to the pods, and for XDP frames from the client (a
+    /// live-frame generator): see `Netns::wire_for_xdp`.
+    pub fn wire_for_xdp(&self) -> anyhow::Result<()> {
+        for c in &self.clients {
+            c.ns.wire_for_xdp("eth0", true)?;
+        }
+        for p in &self.pods {
+            p.ns.wire_for_xdp("eth0", true)?;
+        }
+        self.node
+            .set_offload(&self.client_host_if(), crate::netns::Offload::Gro, true)
+    }
+
+    /// The node-side interface of the first client (`veth<pods>`).
+    pub fn client_host_if(&self) -> String {
+        format!("veth{}", self.pods.len())
+    }
+
     pub fn client(&self) -> &Netns {
         &self.clients[0].ns
     }

@@ -75,6 +75,7 @@ fn serve_http(conn: TcpStream, name: &str) {
     let mut writer = conn;
     loop {
         let mut close = false;
+        let mut bulk_mib = None;
         let mut line = String::new();
         // Request line and headers, up to the empty line.
         loop {
@@ -86,9 +87,28 @@ fn serve_http(conn: TcpStream, name: &str) {
             if line.to_ascii_lowercase().starts_with("connection: close") || line.starts_with("GET / HTTP/1.0") {
                 close = true;
             }
+            // GET /bulk/<MiB>: that much data, then close (throughput runs).
+            if let Some(rest) = line.strip_prefix("GET /bulk/") {
+                bulk_mib = rest.split_whitespace().next().and_then(|n| n.parse::<usize>().ok());
+            }
             if line == "\r\n" || line == "\n" {
                 break;
             }
+        }
+        if let Some(mib) = bulk_mib {
+            let header = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                mib << 20
+            );
+            let chunk = vec![0u8; 1 << 20];
+            if writer.write_all(header.as_bytes()).is_ok() {
+                for _ in 0..mib {
+                    if writer.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            }
+            return;
         }
         let body = format!("{name}\n");
         // X-Client: the source address this pod sees (the client, or a node

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod plot;
 mod setup;
 
 use std::io::{BufRead, BufReader};
@@ -34,6 +35,9 @@ enum Task {
         /// Seconds of load per case.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Only these datapaths (comma-separated): plain, ceiling, nft, legacy, tc, xdp.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Build, then run every test: unit, kernel program and netns end-to-end.
     Test {
@@ -51,7 +55,11 @@ fn main() -> anyhow::Result<()> {
             build()?;
             demo::run()
         }
-        Task::Bench { services, seconds } => bench::run(&services, seconds),
+        Task::Bench {
+            services,
+            seconds,
+            only,
+        } => bench::run(&services, seconds, &only),
         Task::Test { args } => {
             build()?;
             test(&args)

@@ -145,6 +145,21 @@ fn prepare_pins(root: &Path, opts: &LoadOptions) -> anyhow::Result<bool> {
     Ok(reuse)
 }
 
+/// Verifies the TC and XDP programs (loaded, not attached).
+fn load_packet_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(INGRESS_PROGRAM)
+        .context("program lb_ingress missing from the object")?
+        .try_into()?;
+    program.load().context("verifying lb_ingress")?;
+    let xdp: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .context("program lb_xdp missing from the object")?
+        .try_into()?;
+    xdp.load().context("verifying lb_xdp")?;
+    Ok(())
+}
+
 impl Datapath {
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
         let mut loader = EbpfLoader::new();
@@ -169,16 +184,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (needs root, BTF and a 6.x kernel)")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(INGRESS_PROGRAM)
-            .context("program lb_ingress missing from the object")?
-            .try_into()?;
-        program.load().context("verifying lb_ingress")?;
-        let xdp: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .context("program lb_xdp missing from the object")?
-            .try_into()?;
-        xdp.load().context("verifying lb_xdp")?;
+        load_packet_programs(&mut ebpf)?;
         for name in super::sock::SOCK_PROGRAMS {
             let prog: &mut aya::programs::CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -209,11 +215,7 @@ impl Datapath {
             loader.map_pin_path(name, path);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(INGRESS_PROGRAM)
-            .context("program lb_ingress missing from the object")?
-            .try_into()?;
-        program.load().context("verifying lb_ingress")?;
+        load_packet_programs(&mut ebpf)?;
         let maps = BpfMaps::take(&mut ebpf)?;
         Ok(Datapath {
             ebpf,
