@@ -673,6 +673,27 @@ pub struct HealthCheck {
 
 /// Where the model is built: the node's name and zone decide which
 /// endpoints are local and which topology hints apply.
+/// One flag per address family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FamilyFlags {
+    pub v4: bool,
+    pub v6: bool,
+}
+
+impl FamilyFlags {
+    pub fn of(&self, ip: IpAddr) -> bool {
+        if ip.is_ipv4() { self.v4 } else { self.v6 }
+    }
+
+    /// Which families `ips` hold.
+    pub fn holding<'a>(ips: impl IntoIterator<Item = &'a IpAddr>) -> Self {
+        ips.into_iter().fold(FamilyFlags::default(), |f, ip| FamilyFlags {
+            v4: f.v4 || ip.is_ipv4(),
+            v6: f.v6 || ip.is_ipv6(),
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
     pub name: String,
@@ -681,8 +702,9 @@ pub struct NodeContext {
     pub nodeport_addrs: Vec<IpAddr>,
     /// --masquerade-all.
     pub masquerade_all: bool,
-    /// --cluster-cidr given: sources outside it are masqueraded.
-    pub cluster_cidr_known: bool,
+    /// --cluster-cidr given for IPv4 / for IPv6: sources outside it are
+    /// masqueraded (per family, as kube-proxy runs one proxier per family).
+    pub cluster_cidr_known: FamilyFlags,
     /// Table size of services using Maglev (--maglev-table-size).
     pub maglev_table_size: u32,
     /// Table size for services without the annotation: the Maglev size
@@ -736,9 +758,7 @@ impl Model {
                 .get(&(svc.namespace.as_str(), svc.name.as_str()))
                 .map_or(&[][..], Vec::as_slice);
             for &ip in &svc.cluster_ips {
-                if ip.is_ipv4() {
-                    model.cluster_ips.insert(ip);
-                }
+                model.cluster_ips.insert(ip);
             }
             for sp in &svc.ports {
                 let name = format!("{}/{}:{}", svc.namespace, svc.name, sp.name);
@@ -749,13 +769,6 @@ impl Model {
                     continue;
                 }
                 for frontend in frontends(svc, sp, node) {
-                    if frontend.ip.is_ipv6() {
-                        warnings.push(ModelWarning(format!(
-                            "{name}: IPv6 frontend {} is not supported yet; skipped",
-                            frontend.ip
-                        )));
-                        continue;
-                    }
                     if let Some(existing) = model.services.get(&frontend.frontend) {
                         warnings.push(ModelWarning(format!(
                             "{name}: frontend {} is already used by {}; ignored",
@@ -785,7 +798,7 @@ impl Model {
                     if !frontend.external && node.masquerade_all {
                         flags |= svc_flags::SNAT_ALWAYS;
                     }
-                    if !frontend.external && node.cluster_cidr_known {
+                    if !frontend.external && node.cluster_cidr_known.of(frontend.ip) {
                         flags |= svc_flags::SNAT_OUTSIDE_CLUSTER;
                     }
                     let mut source_ranges = if frontend.load_balancer {
@@ -873,6 +886,11 @@ fn frontends(svc: &ServiceSpec, sp: &ServicePortSpec, node: &NodeContext) -> Vec
     if svc.kind == ServiceKind::LoadBalancer {
         out.extend(svc.load_balancer_ips.iter().map(|&ip| at(ip, sp.port, true, true)));
     }
+    // Only the service's own families (its cluster IPs'), as each of
+    // kube-proxy's per-family proxiers only sees services of its family: an
+    // IPv4-only service gets no NodePort on the node's IPv6 addresses.
+    let families = FamilyFlags::holding(&svc.cluster_ips);
+    out.retain(|f| families.of(f.ip));
     out
 }
 
@@ -1372,7 +1390,7 @@ mod tests {
         let node = NodeContext {
             name: NODE.into(),
             nodeport_addrs: vec!["198.18.0.11".parse().unwrap()],
-            cluster_cidr_known: true,
+            cluster_cidr_known: FamilyFlags { v4: true, v6: true },
             ..Default::default()
         };
         let (model, warnings) = Model::build(

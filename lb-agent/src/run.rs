@@ -14,7 +14,7 @@ use crate::datapath::xdp::{XdpModeArg, XdpPath};
 use crate::datapath::{Datapath, LoadOptions, attach};
 use crate::health::HealthServers;
 use crate::metrics::SharedStatus;
-use crate::model::{Cidr, Model, NodeContext, Snapshot};
+use crate::model::{Cidr, FamilyFlags, Model, NodeContext, Snapshot};
 use crate::source::{self, SourceState};
 use crate::sync::Syncer;
 use lb_common::cidr_kind;
@@ -117,7 +117,7 @@ struct NodeSettings {
     addrs: Vec<std::net::IpAddr>,
     nodeport_cidrs: Vec<Cidr>,
     masquerade_all: bool,
-    cluster_cidr_known: bool,
+    cluster_cidr_known: FamilyFlags,
     maglev_table_size: u32,
     /// --lb-algorithm maglev.
     maglev_default: bool,
@@ -163,7 +163,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         addrs: attach::list_addresses().await?,
         nodeport_cidrs: args.nodeport_addresses.clone(),
         masquerade_all: args.masquerade_all,
-        cluster_cidr_known: !args.cluster_cidr.is_empty(),
+        cluster_cidr_known: FamilyFlags::holding(args.cluster_cidr.iter().map(|c| &c.addr)),
         maglev_table_size: args.maglev_table_size,
         maglev_default: args.lb_algorithm == "maglev",
     };

@@ -3,7 +3,7 @@
 //! agent's own sync code programmed. Needs root (CAP_BPF).
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder};
@@ -191,10 +191,14 @@ fn enter_test_netns() -> Netns {
         .unwrap();
     let addr = format!("{}/15", Ipv4Addr::from(NODE_ADDR));
     ns.ip(&["addr", "add", &addr, "dev", "lbk0"]).unwrap();
+    // IPv6 likewise: fd00:198:18::/48 through lbk0 (no DAD: usable at once).
+    let addr6 = format!("{}/48", Ipv6Addr::from(NODE_ADDR6));
+    ns.ip(&["-6", "addr", "add", &addr6, "dev", "lbk0", "nodad"]).unwrap();
     ns.ip(&["link", "set", "lbk1", "up"]).unwrap();
     ns.ip(&["link", "set", "lbk0", "up"]).unwrap();
     // The FIB refuses forwarding lookups where forwarding is off (as on a node it is on).
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
     let file = std::fs::File::open(ns.path()).unwrap();
     // SAFETY: setns on this thread only; the fd is open.
     assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
@@ -944,6 +948,9 @@ impl Rng {
 /// A plausible packet to start from: to frontends, to cluster IPs on other
 /// ports, to random addresses, replies from backends, ICMP errors.
 fn fuzz_template(rng: &mut Rng) -> Vec<u8> {
+    if rng.below(4) == 0 {
+        return fuzz_template6(rng);
+    }
     let addrs = [
         VIP,
         UDP_VIP,
@@ -991,6 +998,30 @@ fn fuzz_template(rng: &mut Rng) -> Vec<u8> {
     }
 }
 
+/// IPv6 packets: to frontends or not, with extension headers or fragment
+/// headers now and then.
+fn fuzz_template6(rng: &mut Rng) -> Vec<u8> {
+    let addrs = [CLIENT6, VIP6, BACKEND6, NODE_ADDR6, v6(0x19, 0, 0x12)];
+    let ports = [8080, 53, 30080, 80, 40000];
+    let (src, mut dst) = (*rng.pick(&addrs), *rng.pick(&addrs));
+    let (sport, mut dport) = (*rng.pick(&ports), *rng.pick(&ports));
+    if rng.below(2) == 0 {
+        (dst, dport) = *rng.pick(&[(VIP6, 8080), (VIP6, 53), (NODE_ADDR6, 30080)]);
+    }
+    let mut ip_hdr = ip6(src, dst);
+    match rng.below(8) {
+        0 | 1 => ip_hdr = ip_hdr.with_options(),
+        2 => ip_hdr = ip_hdr.fragment(rng.below(3) as u16 * 8, rng.below(2) == 0),
+        _ => {}
+    }
+    let flags = *rng.pick(&[Tcp::Syn, Tcp::SynAck, Tcp::Ack]);
+    if rng.below(3) == 0 {
+        udp6(ip_hdr, sport, dport)
+    } else {
+        tcp6(ip_hdr, sport, dport, flags)
+    }
+}
+
 /// Breaks a packet the ways the wild does.
 fn fuzz_mutate(rng: &mut Rng, mut pkt: Vec<u8>) -> Vec<u8> {
     for _ in 0..rng.below(4) {
@@ -1023,7 +1054,10 @@ fn fuzz_mutate(rng: &mut Rng, mut pkt: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
-    let model = flow_model();
+    let mut model = flow_model();
+    let model6 = model6();
+    model.services.extend(model6.services);
+    model.cluster_ips.extend(model6.cluster_ips);
     let mut h = Harness::new(&model);
     h.datapath
         .maps
@@ -1067,24 +1101,35 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
             TC_ACT_OK | TC_ACT_REDIRECT => {}
             other => panic!("packet {i}: verdict {other}"),
         }
-        // A packet sent on to a frontend's port must go to one of its backends.
+        // A packet sent on to a frontend's port must go to one of its
+        // backends (checked where the L4 header follows the IP header).
         let ipv4 = pkt.len() >= 34 && pkt[12..14] == [0x08, 0x00] && pkt[14] == 0x45;
-        let l4 = pkt[23];
-        if r.return_value == TC_ACT_REDIRECT && ipv4 && out.len() >= 38 && out[23] == l4 && (l4 == 6 || l4 == 17) {
-            let dst: [u8; 4] = pkt[30..34].try_into().unwrap();
-            let dport = u16::from_be_bytes([pkt[36], pkt[37]]);
+        let ipv6 = pkt.len() >= 58 && pkt[12..14] == [0x86, 0xdd] && pkt[14] >> 4 == 6;
+        let (l4_at, dst_at, l4_off) = if ipv6 { (20, 38..54, 54) } else { (23, 30..34, 34) };
+        let l4 = pkt.get(l4_at).copied().unwrap_or(0);
+        if r.return_value == TC_ACT_REDIRECT
+            && (ipv4 || ipv6)
+            && out.len() >= l4_off + 4
+            && out[l4_at] == l4
+            && (l4 == 6 || l4 == 17)
+        {
+            let addr = |b: &[u8]| -> std::net::IpAddr {
+                match b.len() {
+                    4 => v4(b.try_into().unwrap()),
+                    _ => Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap()).into(),
+                }
+            };
+            let dport = u16::from_be_bytes([pkt[l4_off + 2], pkt[l4_off + 3]]);
             let proto = if l4 == 6 { Protocol::Tcp } else { Protocol::Udp };
             let frontend = Frontend {
-                ip: v4(dst),
+                ip: addr(&pkt[dst_at.clone()]),
                 port: dport,
                 protocol: proto,
             };
             if let Some(sp) = model.services.get(&frontend) {
-                let new_dst: [u8; 4] = out[30..34].try_into().unwrap();
-                let new_dport = u16::from_be_bytes([out[36], out[37]]);
                 let to = Endpoint {
-                    ip: v4(new_dst),
-                    port: new_dport,
+                    ip: addr(&out[dst_at]),
+                    port: u16::from_be_bytes([out[l4_off + 2], out[l4_off + 3]]),
                 };
                 assert!(
                     sp.endpoints.contains(&to),
@@ -1502,4 +1547,218 @@ fn xdp_hands_what_it_cannot_finish_to_tc_untouched() {
     let (action, _) = h.run_xdp(dev, &short);
     assert_eq!(action, XDP_DROP, "truncated TCP header");
     assert_eq!(h.drops(DropReason::Truncated), truncated + 1);
+}
+
+// ---- IPv6 ---------------------------------------------------------------------
+
+const NODE_ADDR6: [u8; 16] = v6(0x18, 0xffff, 0xfe);
+const CLIENT6: [u8; 16] = v6(0x18, 2, 0x10);
+const VIP6: [u8; 16] = v6(0x19, 0, 0x10);
+const BACKEND6: [u8; 16] = v6(0x18, 1, 0x11);
+
+/// fd00:198:<net>:<subnet>::<host> (ULA; 0x18 nodes/pods/clients, 0x19 services).
+const fn v6(net: u16, subnet: u16, host: u16) -> [u8; 16] {
+    let (n, s, h) = (net.to_be_bytes(), subnet.to_be_bytes(), host.to_be_bytes());
+    [
+        0xfd, 0, 0x01, 0x98, n[0], n[1], s[0], s[1], 0, 0, 0, 0, 0, 0, h[0], h[1],
+    ]
+}
+
+/// An IPv6 packet's headers: hop limit and extension headers.
+struct Ip6 {
+    src: [u8; 16],
+    dst: [u8; 16],
+    hop_limit: u8,
+    exts: etherparse::Ipv6Extensions,
+}
+
+fn ip6(src: [u8; 16], dst: [u8; 16]) -> Ip6 {
+    Ip6 {
+        src,
+        dst,
+        hop_limit: 64,
+        exts: Default::default(),
+    }
+}
+
+impl Ip6 {
+    fn forwarded(mut self) -> Self {
+        self.hop_limit -= 1;
+        self
+    }
+
+    /// With hop-by-hop and destination options headers (PadN only).
+    fn with_options(mut self) -> Self {
+        let pad = [1u8, 4, 0, 0, 0, 0];
+        self.exts.hop_by_hop_options =
+            Some(etherparse::Ipv6RawExtHeader::new_raw(etherparse::IpNumber::TCP, &pad).unwrap());
+        self.exts.destination_options =
+            Some(etherparse::Ipv6RawExtHeader::new_raw(etherparse::IpNumber::TCP, &pad).unwrap());
+        self
+    }
+
+    fn fragment(mut self, offset: u16, more: bool) -> Self {
+        self.exts.fragment = Some(etherparse::Ipv6FragmentHeader::new(
+            etherparse::IpNumber::TCP,
+            IpFragOffset::try_new(offset).unwrap(),
+            more,
+            7,
+        ));
+        self
+    }
+
+    fn headers(self) -> IpHeaders {
+        let mut h = etherparse::Ipv6Header {
+            hop_limit: self.hop_limit,
+            source: self.src,
+            destination: self.dst,
+            ..Default::default()
+        };
+        h.next_header = etherparse::IpNumber::TCP;
+        IpHeaders::Ipv6(h, self.exts)
+    }
+}
+
+fn tcp6(ip: Ip6, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(ip.headers())
+        .tcp(sport, dport, 1000, 64240);
+    let b = match flags {
+        Tcp::Syn => b.syn(),
+        Tcp::SynAck => b.syn().ack(1001),
+        Tcp::Ack => b.ack(1001),
+    };
+    let payload = b"GET / HTTP/1.0\r\n\r\n";
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn udp6(ip: Ip6, sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(ip.headers())
+        .udp(sport, dport);
+    let payload = b"query";
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn service_port6(vip: [u8; 16], port: u16, protocol: Protocol, backends: &[([u8; 16], u16)]) -> ServicePort {
+    let frontend = Frontend {
+        ip: Ipv6Addr::from(vip).into(),
+        port,
+        protocol,
+    };
+    ServicePort::new(
+        format!("net-test/{frontend}"),
+        frontend,
+        backends
+            .iter()
+            .map(|&(ip, port)| Endpoint {
+                ip: Ipv6Addr::from(ip).into(),
+                port,
+            })
+            .collect(),
+    )
+}
+
+fn model6() -> Model {
+    use lb_common::svc_flags;
+    let mut node_port = service_port6(NODE_ADDR6, 30080, Protocol::Tcp, &[(BACKEND6, 80)]);
+    node_port.flags = svc_flags::SNAT_ALWAYS;
+    let mut m = model(vec![
+        service_port6(VIP6, 8080, Protocol::Tcp, &[(BACKEND6, 80)]),
+        service_port6(VIP6, 53, Protocol::Udp, &[(BACKEND6, 5353)]),
+        service_port6(v6(0x19, 0, 0x12), 80, Protocol::Tcp, &[]),
+        node_port,
+    ]);
+    m.cluster_ips = [VIP6, v6(0x19, 0, 0x12)]
+        .into_iter()
+        .map(|a| Ipv6Addr::from(a).into())
+        .collect();
+    m
+}
+
+#[test]
+fn ipv6_clusterip_tcp_and_udp_through_extension_headers() {
+    let mut h = Harness::new(&model6());
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "IPv6 client → ClusterIP: DNAT, L4 checksum over the new pseudo-header",
+                input: tcp6(ip6(CLIENT6, VIP6), 40000, 8080, Tcp::Syn),
+                expect: Expect::Rewritten(tcp6(ip6(CLIENT6, BACKEND6).forwarded(), 40000, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "IPv6 backend reply: the ClusterIP again",
+                input: tcp6(ip6(BACKEND6, CLIENT6), 80, 40000, Tcp::SynAck),
+                expect: Expect::Rewritten(tcp6(ip6(VIP6, CLIENT6).forwarded(), 8080, 40000, Tcp::SynAck)),
+            },
+            Case {
+                name: "hop-by-hop and destination options skipped, kept in the packet",
+                input: tcp6(ip6(CLIENT6, VIP6).with_options(), 40001, 8080, Tcp::Syn),
+                expect: Expect::Rewritten(tcp6(
+                    ip6(CLIENT6, BACKEND6).with_options().forwarded(),
+                    40001,
+                    80,
+                    Tcp::Syn,
+                )),
+            },
+            Case {
+                name: "IPv6 UDP",
+                input: udp6(ip6(CLIENT6, VIP6), 40002, 53),
+                expect: Expect::Rewritten(udp6(ip6(CLIENT6, BACKEND6).forwarded(), 40002, 5353)),
+            },
+            Case {
+                name: "first fragment to a service: dropped like IPv4's",
+                input: tcp6(ip6(CLIENT6, VIP6).fragment(0, true), 40003, 8080, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::FragmentToService),
+            },
+            Case {
+                name: "later fragment: not ours",
+                input: tcp6(ip6(CLIENT6, VIP6).fragment(8, false), 40004, 8080, Tcp::Syn),
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "not a service address: untouched",
+                input: tcp6(ip6(CLIENT6, BACKEND6), 40005, 80, Tcp::Syn),
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "ClusterIP without endpoints: dropped, counted as rejected (no ICMPv6 yet)",
+                input: tcp6(ip6(CLIENT6, v6(0x19, 0, 0x12)), 40006, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::Rejected),
+            },
+        ],
+    );
+    // A truncated extension header is a counted drop, not a wrong parse.
+    let mut short = tcp6(ip6(CLIENT6, VIP6).with_options(), 40007, 8080, Tcp::Syn);
+    short.truncate(14 + 40 + 1);
+    let before = h.drops(DropReason::Truncated);
+    let (action, _) = h.run(&short);
+    assert_eq!(action, TC_ACT_SHOT, "truncated extension header");
+    assert_eq!(h.drops(DropReason::Truncated), before + 1);
+}
+
+#[test]
+fn ipv6_nodeport_is_masqueraded_as_the_nodes_ipv6_address() {
+    let mut h = Harness::new(&model6());
+    let (action, out) = h.run(&tcp6(ip6(CLIENT6, NODE_ADDR6), 41000, 30080, Tcp::Syn));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let port = u16::from_be_bytes([out[54], out[55]]);
+    assert!(lb_common::conntrack::snat_ports::contains(port), "SNAT port {port}");
+    assert_eq!(
+        hex(&out),
+        hex(&tcp6(ip6(NODE_ADDR6, BACKEND6).forwarded(), port, 80, Tcp::Syn)),
+        "source: the node's IPv6 address toward the backend"
+    );
+    let (action, out) = h.run(&tcp6(ip6(BACKEND6, NODE_ADDR6), 80, port, Tcp::SynAck));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        hex(&out),
+        hex(&tcp6(ip6(NODE_ADDR6, CLIENT6).forwarded(), 30080, 41000, Tcp::SynAck)),
+        "reply: from the NodePort to the client"
+    );
 }

@@ -4,13 +4,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     CtEntry, CtKey, CtKind, RawAddr,
-    addr::from_v4_word,
-    conntrack::{ct_flags, ct_timeouts, entry_flags},
+    conntrack::{ct_flags, ct_timeouts},
     proto,
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, SCRATCH},
+    maps::{CONFIG, CONNTRACK, SCRATCH, SCRATCH_KEY},
     parse::Packet,
 };
 
@@ -23,8 +22,8 @@ pub fn now_secs() -> u32 {
 #[inline(always)]
 pub fn key(pkt: &Packet, kind: CtKind) -> CtKey {
     CtKey {
-        src_addr: from_v4_word(pkt.src),
-        dst_addr: from_v4_word(pkt.dst),
+        src_addr: pkt.src,
+        dst_addr: pkt.dst,
         src_port: pkt.sport,
         dst_port: pkt.dport,
         proto: pkt.proto,
@@ -33,19 +32,36 @@ pub fn key(pkt: &Packet, kind: CtKind) -> CtKey {
     }
 }
 
-/// The key the backend's replies carry: from the backend to `to` — the
-/// client, or the node address and port the flow is masqueraded as.
+/// Sets `k` to the key the backend's replies carry: from the backend to
+/// `to` — the client, or the node address and port the flow is masqueraded as.
 #[inline(always)]
-pub fn reply_key(backend_addr: &RawAddr, backend_port: u16, to_addr: u32, to_port: u16, proto: u8) -> CtKey {
-    CtKey {
-        src_addr: *backend_addr,
-        dst_addr: from_v4_word(to_addr),
-        src_port: backend_port,
-        dst_port: to_port,
-        proto,
-        kind: CtKind::Reply as u8,
-        _pad: [0; 2],
-    }
+pub fn set_reply_key(
+    k: &mut CtKey,
+    backend_addr: &RawAddr,
+    backend_port: u16,
+    to_addr: &RawAddr,
+    to_port: u16,
+    proto: u8,
+) {
+    k.src_addr = *backend_addr;
+    k.dst_addr = *to_addr;
+    k.src_port = backend_port;
+    k.dst_port = to_port;
+    k.proto = proto;
+    k.kind = CtKind::Reply as u8;
+    k._pad = [0; 2];
+}
+
+/// Sets `k` to `pkt`'s own key of `kind`.
+#[inline(always)]
+pub fn set_key(k: &mut CtKey, pkt: &Packet, kind: CtKind) {
+    k.src_addr = pkt.src;
+    k.dst_addr = pkt.dst;
+    k.src_port = pkt.sport;
+    k.dst_port = pkt.dport;
+    k.proto = pkt.proto;
+    k.kind = kind as u8;
+    k._pad = [0; 2];
 }
 
 /// How long a flow lives after a packet with `flags_seen` so far.
@@ -91,32 +107,36 @@ pub fn touch(entry: *mut CtEntry, pkt: &Packet, now: u32) {
     }
 }
 
+/// Fills `e` (in place: a CtEntry is too big to build on the BPF stack)
+/// for a new flow of `pkt`, translated to `nat_addr`:`nat_port`, no SNAT.
 #[inline(always)]
-pub fn new_entry(
+pub fn init_entry(
+    e: &mut CtEntry,
     pkt: &Packet,
-    nat_addr: RawAddr,
+    nat_addr: &RawAddr,
     nat_port: u16,
-    snat: Option<(RawAddr, u16)>,
     backend_id: u32,
     service_id: u32,
     now: u32,
-) -> CtEntry {
-    let (flags, snat_addr, snat_port) = match snat {
-        Some((addr, port)) => (entry_flags::SNAT, addr, port),
-        None => (0, [0; 16], 0),
-    };
-    CtEntry {
-        nat_addr,
-        nat_port,
-        tcp_flags_seen: pkt.tcp_flags,
-        flags,
-        backend_id,
-        service_id,
-        expires_at: now + lifetime(pkt.proto, pkt.tcp_flags),
-        snat_addr,
-        snat_port,
-        _pad: [0; 2],
-    }
+) {
+    e.nat_addr = *nat_addr;
+    e.nat_port = nat_port;
+    e.tcp_flags_seen = pkt.tcp_flags;
+    e.flags = 0;
+    e.backend_id = backend_id;
+    e.service_id = service_id;
+    e.expires_at = now + lifetime(pkt.proto, pkt.tcp_flags);
+    e.snat_addr = [0; 16];
+    e.snat_port = 0;
+    e._pad = [0; 2];
+}
+
+/// This CPU's key slot (see maps::SCRATCH_KEY): keys of new entries are
+/// built there rather than on the stack.
+#[inline(always)]
+pub fn key_slot<'a>() -> Option<&'a mut CtKey> {
+    // SAFETY: per-CPU slot; a program run owns it until it returns.
+    SCRATCH_KEY.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 /// This CPU's scratch entry (see maps::SCRATCH).

@@ -12,14 +12,34 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
-use lb_common::DropReason;
+use lb_common::{
+    DropReason, RawAddr,
+    addr::{from_v4_word, v4_word},
+};
 
 use crate::{
     ctx::PacketCtx,
-    parse::{IP_CSUM_OFF, IP_TTL_OFF, Packet},
+    parse::{IP_CSUM_OFF, IP_TTL_OFF, IP6_HOP_LIMIT_OFF, Packet},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// An address as the FIB's four IPv6 words (as in the packet).
+#[inline(always)]
+fn words(a: &RawAddr) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+#[inline(always)]
+fn from_words(w: [u32; 4]) -> RawAddr {
+    let mut a = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        a[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    a
+}
 
 /// Where the FIB sends a packet: the egress interface and, when asked,
 /// the node address the kernel would use as source toward it; with the
@@ -27,7 +47,7 @@ const AF_INET: u8 = 2;
 #[derive(Clone, Copy)]
 pub struct Route {
     pub ifindex: u32,
-    pub src: u32,
+    pub src: RawAddr,
     /// Ethernet source and destination of the next hop, valid when `resolved`.
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
@@ -40,21 +60,27 @@ pub struct Route {
 pub fn route(
     ctx: &impl PacketCtx,
     pkt: &Packet,
-    src: u32,
-    dst: u32,
+    src: &RawAddr,
+    dst: &RawAddr,
     sport: u16,
     dport: u16,
     want_src: bool,
 ) -> Option<Route> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
     p.l4_protocol = pkt.proto;
     p.sport = sport.to_be();
     p.dport = dport.to_be();
     p.__bindgen_anon_1.tot_len = pkt.tot_len;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
+    if pkt.v6 {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = words(src);
+        p.__bindgen_anon_4.ipv6_dst = words(dst);
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = v4_word(src)?;
+        p.__bindgen_anon_4.ipv4_dst = v4_word(dst)?;
+    }
     p.ifindex = ctx.ingress_ifindex();
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: params on our stack, size given.
@@ -65,7 +91,11 @@ pub fn route(
     // SAFETY: union field written by the helper.
     Some(Route {
         ifindex: p.ifindex,
-        src: unsafe { p.__bindgen_anon_3.ipv4_src },
+        src: if pkt.v6 {
+            from_words(unsafe { p.__bindgen_anon_3.ipv6_src })
+        } else {
+            from_v4_word(unsafe { p.__bindgen_anon_3.ipv4_src })
+        },
         smac: p.smac,
         dmac: p.dmac,
         resolved: ret == BPF_FIB_LKUP_RET_SUCCESS as i64,
@@ -83,6 +113,12 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, egress: Option<u32>) -> Result<i32
     if pkt.ttl <= 1 {
         return Ok(TC_ACT_OK as i32);
     }
+    if pkt.v6 {
+        // No header checksum in IPv6.
+        ctx.store(IP6_HOP_LIMIT_OFF, &(pkt.ttl - 1), 0)
+            .map_err(|_| DropReason::Rewrite)?;
+        return Ok(redirect(ifindex));
+    }
     // TTL and protocol share one 16-bit checksum word.
     let old = u16::from_be_bytes([pkt.ttl, pkt.proto]).to_be();
     let new = u16::from_be_bytes([pkt.ttl - 1, pkt.proto]).to_be();
@@ -90,8 +126,12 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, egress: Option<u32>) -> Result<i32
         .map_err(|_| DropReason::Rewrite)?;
     ctx.store(IP_TTL_OFF, &(pkt.ttl - 1), 0)
         .map_err(|_| DropReason::Rewrite)?;
+    Ok(redirect(ifindex))
+}
+
+#[inline(always)]
+fn redirect(ifindex: u32) -> i32 {
     // SAFETY: plain helper call; no neighbour params: the kernel looks the
     // next hop up itself.
-    let ret = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
-    Ok(ret as i32)
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

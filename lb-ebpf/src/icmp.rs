@@ -67,6 +67,9 @@ fn replace_port(ctx: &TcContext, off: usize, icmp_csum: usize, old: u16, new: u1
 /// client must see it and forward it. Anything else: `OK` (pass).
 #[inline(never)]
 pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let (Some(outer_src), Some(outer_dst)) = (v4_word(&pkt.src), v4_word(&pkt.dst)) else {
+        return Ok(OK);
+    };
     let icmp_type = (pkt.sport >> 8) as u8;
     if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETER_PROBLEM {
         return Ok(OK);
@@ -151,12 +154,13 @@ pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason>
 
     // Outer header: an error from the backend itself comes from the
     // frontend; one for a masqueraded flow goes to the client.
-    if pkt.src == inner_dst {
-        replace(ctx, IP_SRC_OFF, (IP_CSUM_OFF, 0), pkt.src, frontend)?;
+    if outer_src == inner_dst {
+        replace(ctx, IP_SRC_OFF, (IP_CSUM_OFF, 0), outer_src, frontend)?;
     }
-    if masq && pkt.dst != client {
-        replace(ctx, IP_DST_OFF, (IP_CSUM_OFF, 0), pkt.dst, client)?;
+    if masq && outer_dst != client {
+        replace(ctx, IP_DST_OFF, (IP_CSUM_OFF, 0), outer_dst, client)?;
     }
-    let egress = forward::route(ctx, pkt, frontend, client, 0, 0, false).map(|r| r.ifindex);
+    let egress =
+        forward::route(ctx, pkt, &from_v4_word(frontend), &from_v4_word(client), 0, 0, false).map(|r| r.ifindex);
     forward::forward(ctx, pkt, egress)
 }

@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{
     CtKind, DropReason, FlowEvent, RawAddr, ServiceValue,
-    addr::{from_v4_word, v4_word},
+    addr::v4_word,
     cidr_kind,
     conntrack::{ct_flags, entry_flags},
     proto, svc_flags,
@@ -74,11 +74,11 @@ pub enum Flow {
 /// rejected, an unallocated service address dropped, anything else passes.
 #[inline(always)]
 fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
-    if select::is_service_address(pkt.dst) {
+    if select::is_service_address(&pkt.dst) {
         stats::count_drop(DropReason::Rejected);
         return reject::port_unreachable(ctx, pkt);
     }
-    if select::cidr_kind_of(pkt.dst) == Some(cidr_kind::SERVICE) {
+    if select::cidr_kind_of(&pkt.dst) == Some(cidr_kind::SERVICE) {
         return Err(DropReason::UnallocatedServiceIp);
     }
     Ok(OK)
@@ -88,7 +88,7 @@ fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
 /// in the service? Its forward entry is then copied to the scratch slot.
 #[inline(never)]
 pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> {
-    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, pkt.src) {
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, &pkt.src) {
         return Err(DropReason::SourceRange);
     }
     let now = conntrack::now_secs();
@@ -121,9 +121,9 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
 fn wants_snat(svc: &ServiceValue, pkt: &Packet, backend: &RawAddr) -> bool {
     svc.flags & svc_flags::SNAT_ALWAYS != 0
         || (svc.flags & svc_flags::SNAT_OUTSIDE_CLUSTER != 0
-            && select::cidr_kind_of(pkt.src) != Some(cidr_kind::CLUSTER))
+            && select::cidr_kind_of(&pkt.src) != Some(cidr_kind::CLUSTER))
         // Hairpin: a pod reaching itself through its service.
-        || *backend == from_v4_word(pkt.src)
+        || *backend == pkt.src
 }
 
 /// Balances a new flow: picks the backend, decides on masquerading, records
@@ -135,49 +135,54 @@ pub fn new_flow(ctx: &impl PacketCtx, pkt: &Packet, svc: &ServiceValue) -> Resul
         stats::count_event(FlowEvent::TcpMidFlowConntrackMiss);
     }
     let now = conntrack::now_secs();
-    let hash = select::flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-    let (backend_id, backend) = select::pick_backend_for(svc, from_v4_word(pkt.src), now, hash)?;
-    let backend_v4 = v4_word(&backend.addr).ok_or(DropReason::Rewrite)?;
+    let hash = select::flow_hash(pkt);
+    let (backend_id, backend) = select::pick_backend_for(svc, pkt.src, now, hash)?;
+    // A backend of the other family would need NAT46/64: never programmed.
+    if v4_word(&backend.addr).is_some() == pkt.v6 {
+        return Err(DropReason::Rewrite);
+    }
     // Both entries are built in one scratch slot, one after the other.
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
 
     // Reply entry: the backend's answers go back as coming from the frontend.
-    *e = conntrack::new_entry(
-        pkt,
-        from_v4_word(pkt.dst),
-        pkt.dport,
-        None,
-        backend_id,
-        svc.service_id,
-        now,
-    );
+    conntrack::init_entry(e, pkt, &pkt.dst, pkt.dport, backend_id, svc.service_id, now);
     let route = if wants_snat(svc, pkt, &backend.addr) {
-        // Masquerade as the node address the kernel would send from toward
-        // the backend, with a port free for this backend; the reply entry
-        // also restores the client as destination.
-        let route =
-            forward::route(ctx, pkt, pkt.src, backend_v4, pkt.sport, backend.port, true).ok_or(DropReason::NoRoute)?;
-        e.flags |= entry_flags::SNAT;
-        e.snat_addr = from_v4_word(pkt.src);
-        e.snat_port = pkt.sport;
-        let port = snat::claim_port(&backend.addr, backend.port, route.src, pkt.proto, e, now)?;
-        e.snat_addr = from_v4_word(route.src);
-        e.snat_port = port;
-        route.ifindex
+        masquerade(ctx, pkt, &backend.addr, backend.port)?
     } else {
-        conntrack::insert(
-            &conntrack::reply_key(&backend.addr, backend.port, pkt.src, pkt.sport, pkt.proto),
-            e,
-        )
-        .map_err(|_| DropReason::ConntrackInsert)?;
+        let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
+        conntrack::set_reply_key(key, &backend.addr, backend.port, &pkt.src, pkt.sport, pkt.proto);
+        conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
         0
     };
     // Forward entry: the client's packets go to the backend (masqueraded as
     // the node address and port above, when chosen).
     e.nat_addr = backend.addr;
     e.nat_port = backend.port;
-    conntrack::insert(&conntrack::key(pkt, CtKind::Forward), e).map_err(|_| DropReason::ConntrackInsert)?;
+    let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
+    conntrack::set_key(key, pkt, CtKind::Forward);
+    conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
     Ok(route)
+}
+
+/// Masquerades the new flow whose reply entry is in the scratch slot: as
+/// the node address the kernel would send from toward the backend, with a
+/// port free for this backend (claimed by inserting the reply entry, which
+/// also restores the client as destination). Returns the egress ifindex.
+/// Its own BPF function: the FIB parameters and the port search need stack
+/// of their own.
+#[inline(never)]
+fn masquerade(ctx: &impl PacketCtx, pkt: &Packet, backend: &RawAddr, backend_port: u16) -> Result<u32, DropReason> {
+    let now = conntrack::now_secs();
+    let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
+    let route =
+        forward::route(ctx, pkt, &pkt.src, backend, pkt.sport, backend_port, true).ok_or(DropReason::NoRoute)?;
+    e.flags |= entry_flags::SNAT;
+    e.snat_addr = pkt.src;
+    e.snat_port = pkt.sport;
+    let port = snat::claim_port(backend, backend_port, &route.src, pkt.proto, e, now)?;
+    e.snat_addr = route.src;
+    e.snat_port = port;
+    Ok(route.ifindex)
 }
 
 /// DNAT (and SNAT) of a client packet as its forward entry says; forwarded
@@ -186,13 +191,11 @@ pub fn new_flow(ctx: &impl PacketCtx, pkt: &Packet, svc: &ServiceValue) -> Resul
 #[inline(never)]
 fn translate_forward(ctx: &TcContext, pkt: &Packet, egress: u32) -> Result<i32, DropReason> {
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
-    // An IPv6 backend behind an IPv4 frontend would need NAT46: never programmed.
-    let backend = v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?;
-    nat::rewrite(ctx, pkt, Side::Destination, backend, e.nat_port)?;
+    nat::rewrite(ctx, pkt, Side::Destination, &e.nat_addr, e.nat_port)?;
     let (src, sport) = masquerade_side(ctx, pkt, e, Side::Source, (pkt.src, pkt.sport))?;
     stats::count_balanced(e.service_id, e.backend_id, ctx.len());
     let egress = match egress {
-        0 => forward::route(ctx, pkt, src, backend, sport, e.nat_port, false).map(|r| r.ifindex),
+        0 => forward::route(ctx, pkt, &src, &e.nat_addr, sport, e.nat_port, false).map(|r| r.ifindex),
         ifindex => Some(ifindex),
     };
     forward::forward(ctx, pkt, egress)
@@ -207,14 +210,13 @@ fn masquerade_side(
     pkt: &Packet,
     e: &lb_common::CtEntry,
     side: Side,
-    unchanged: (u32, u16),
-) -> Result<(u32, u16), DropReason> {
+    unchanged: (RawAddr, u16),
+) -> Result<(RawAddr, u16), DropReason> {
     if e.flags & entry_flags::SNAT == 0 {
         return Ok(unchanged);
     }
-    let addr = v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?;
-    nat::rewrite(ctx, pkt, side, addr, e.snat_port)?;
-    Ok((addr, e.snat_port))
+    nat::rewrite(ctx, pkt, side, &e.snat_addr, e.snat_port)?;
+    Ok((e.snat_addr, e.snat_port))
 }
 
 /// Backend → client: restore the frontend as the source (and the client as
@@ -231,11 +233,10 @@ fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Drop
     conntrack::touch(entry, pkt, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { *entry };
-    let frontend = v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?;
-    nat::rewrite(ctx, pkt, Side::Source, frontend, e.nat_port)?;
+    nat::rewrite(ctx, pkt, Side::Source, &e.nat_addr, e.nat_port)?;
     let (client, client_port) = masquerade_side(ctx, pkt, &e, Side::Destination, (pkt.dst, pkt.dport))?;
     // Forwarded by FIB: the restored source may be a node address (NodePort),
     // which the stack would refuse on input.
-    let egress = forward::route(ctx, pkt, frontend, client, e.nat_port, client_port, false).map(|r| r.ifindex);
+    let egress = forward::route(ctx, pkt, &e.nat_addr, &client, e.nat_port, client_port, false).map(|r| r.ifindex);
     Ok(Some(forward::forward(ctx, pkt, egress)?))
 }

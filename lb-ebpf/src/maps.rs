@@ -3,6 +3,7 @@
 //! prints field names. Sizes are the named constants of `lb_common::limits`
 //! (CONNTRACK's is overridden by the agent's `--conntrack-max`).
 
+use crate::parse::Packet;
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
     btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
@@ -55,6 +56,16 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize
 /// built here, off the 512-byte BPF stack.
 #[btf_map]
 pub static SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();
+
+/// One conntrack key of scratch space per CPU: keys of new entries are
+/// built here (40 bytes the stack of the new-flow path cannot spare).
+#[btf_map]
+pub static SCRATCH_KEY: PerCpuArray<CtKey, 1> = PerCpuArray::new();
+
+/// The packet being processed, parsed (per CPU): off the 512-byte stack,
+/// which every BPF function of a call chain shares.
+#[btf_map]
+pub static PACKET: PerCpuArray<Packet, 1> = PerCpuArray::new();
 
 /// Node settings for the socket hooks (one entry).
 #[btf_map]

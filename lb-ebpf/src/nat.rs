@@ -4,13 +4,14 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use lb_common::{DropReason, proto};
+use lb_common::{DropReason, RawAddr, addr::v4_word, proto};
 
 use crate::{
     ctx::PacketCtx,
-    parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, Packet, ptr_at},
+    parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_SRC_OFF, Packet, ptr_at},
 };
 
 /// Which end of the packet a rewrite changes.
@@ -22,13 +23,14 @@ pub enum Side {
     Source,
 }
 
-/// Rewrites one side's IPv4 address (as read from the packet) and L4 port
-/// (host order) and fixes both checksums.
+/// Rewrites one side's address and L4 port (host order) and fixes the
+/// checksums: IPv4's header and L4 checksums, IPv6's L4 checksum (its
+/// pseudo-header holds the addresses; there is no header checksum).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: u32, new_port: u16) -> Result<(), DropReason> {
-    let (old_addr, old_port, addr_off, port_off) = match side {
-        Side::Destination => (pkt.dst, pkt.dport, IP_DST_OFF, pkt.l4_off + 2),
-        Side::Source => (pkt.src, pkt.sport, IP_SRC_OFF, pkt.l4_off),
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: &RawAddr, new_port: u16) -> Result<(), DropReason> {
+    let (old_addr, old_port, port_off) = match side {
+        Side::Destination => (&pkt.dst, pkt.dport, pkt.l4_off + 2),
+        Side::Source => (&pkt.src, pkt.sport, pkt.l4_off),
     };
     // UDP checksum 0 means "none": keep it 0 (and never produce 0).
     let mangled = if pkt.proto == proto::UDP {
@@ -38,16 +40,30 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: u32, new_por
     };
     let csum_off = pkt.l4_csum_off();
     if old_addr != new_addr {
-        ctx.l4_csum_replace(
-            csum_off,
-            old_addr as u64,
-            new_addr as u64,
-            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-        )
-        .map_err(|_| DropReason::Rewrite)?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
+        if pkt.v6 {
+            let addr_off = match side {
+                Side::Destination => IP6_DST_OFF,
+                Side::Source => IP6_SRC_OFF,
+            };
+            rewrite_v6_addr(ctx, csum_off, addr_off, old_addr, new_addr, mangled)?;
+        } else {
+            let addr_off = match side {
+                Side::Destination => IP_DST_OFF,
+                Side::Source => IP_SRC_OFF,
+            };
+            let old_word = v4_word(old_addr).ok_or(DropReason::Rewrite)?;
+            let new_word = v4_word(new_addr).ok_or(DropReason::Rewrite)?;
+            ctx.l4_csum_replace(
+                csum_off,
+                old_word as u64,
+                new_word as u64,
+                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+            )
             .map_err(|_| DropReason::Rewrite)?;
-        ctx.store(addr_off, &new_addr, 0).map_err(|_| DropReason::Rewrite)?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, old_word as u64, new_word as u64, 4)
+                .map_err(|_| DropReason::Rewrite)?;
+            ctx.store(addr_off, &new_word, 0).map_err(|_| DropReason::Rewrite)?;
+        }
     }
     if old_port != new_port {
         let (old_port, new_port) = (old_port.to_be(), new_port.to_be());
@@ -56,6 +72,37 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: u32, new_por
         ctx.store(port_off, &new_port, 0).map_err(|_| DropReason::Rewrite)?;
     }
     Ok(())
+}
+
+/// An IPv6 address change: the L4 checksum takes the difference of the
+/// 16 bytes (`bpf_csum_diff`) as a pseudo-header update.
+#[inline(always)]
+fn rewrite_v6_addr(
+    ctx: &TcContext,
+    csum_off: usize,
+    addr_off: usize,
+    old: &RawAddr,
+    new: &RawAddr,
+    mangled: u64,
+) -> Result<(), DropReason> {
+    let (mut old_copy, mut new_copy) = (*old, *new);
+    // SAFETY: both buffers are 16 bytes on our stack.
+    let diff = unsafe {
+        bpf_csum_diff(
+            old_copy.as_mut_ptr() as *mut u32,
+            16,
+            new_copy.as_mut_ptr() as *mut u32,
+            16,
+            0,
+        )
+    };
+    if diff < 0 {
+        return Err(DropReason::Rewrite);
+    }
+    // Size 0: `to` is a checksum difference, not a field value.
+    ctx.l4_csum_replace(csum_off, 0, diff as u32 as u64, BPF_F_PSEUDO_HDR as u64 | mangled)
+        .map_err(|_| DropReason::Rewrite)?;
+    ctx.store(addr_off, new, 0).map_err(|_| DropReason::Rewrite)
 }
 
 /// A flow's addresses and ports after translation (addresses as in the
@@ -84,11 +131,11 @@ fn csum_replace(check: u16, old: u32, new: u32) -> u16 {
     !(sum as u16)
 }
 
-/// Rewrites an XDP frame to `to` (and decrements the TTL): direct writes
+/// Rewrites an IPv4 XDP frame from `from` (what it carries) to `to` (and decrements the TTL): direct writes
 /// with incremental checksums. XDP frames come from a wire with complete
 /// checksums (no CHECKSUM_PARTIAL), so every field is updated in full.
 #[inline(always)]
-pub fn rewrite_frame(ctx: &impl PacketCtx, pkt: &Packet, to: &Tuple) -> Result<(), DropReason> {
+pub fn rewrite_frame(ctx: &impl PacketCtx, pkt: &Packet, from: &Tuple, to: &Tuple) -> Result<(), DropReason> {
     let l4_off = pkt.checked_l4_off()?;
     let l4_csum_off = if pkt.proto == proto::TCP {
         l4_off + 16
@@ -111,15 +158,15 @@ pub fn rewrite_frame(ctx: &impl PacketCtx, pkt: &Packet, to: &Tuple) -> Result<(
         let mut l4_check = l4_csum.read_unaligned();
         // UDP checksum 0 means "none": it stays 0.
         let l4_summed = !(pkt.proto == proto::UDP && l4_check == 0);
-        ip_check = csum_replace(ip_check, pkt.src, to.src);
-        ip_check = csum_replace(ip_check, pkt.dst, to.dst);
+        ip_check = csum_replace(ip_check, from.src, to.src);
+        ip_check = csum_replace(ip_check, from.dst, to.dst);
         ip_check = csum_replace(ip_check, old_ttl_word, new_ttl_word);
         if l4_summed {
             // Addresses are in the L4 pseudo-header.
-            l4_check = csum_replace(l4_check, pkt.src, to.src);
-            l4_check = csum_replace(l4_check, pkt.dst, to.dst);
-            l4_check = csum_replace(l4_check, pkt.sport.to_be() as u32, to.sport.to_be() as u32);
-            l4_check = csum_replace(l4_check, pkt.dport.to_be() as u32, to.dport.to_be() as u32);
+            l4_check = csum_replace(l4_check, from.src, to.src);
+            l4_check = csum_replace(l4_check, from.dst, to.dst);
+            l4_check = csum_replace(l4_check, from.sport.to_be() as u32, to.sport.to_be() as u32);
+            l4_check = csum_replace(l4_check, from.dport.to_be() as u32, to.dport.to_be() as u32);
             if pkt.proto == proto::UDP && l4_check == 0 {
                 l4_check = 0xffff;
             }

@@ -4,7 +4,7 @@
 //! once, UDP clients an error, instead of a timeout.
 
 use aya_ebpf::{
-    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -45,6 +45,11 @@ fn sum_words(bytes: &[u8]) -> u32 {
 /// its destination to its source; returns the redirect verdict.
 #[inline(never)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    if pkt.v6 {
+        // ICMPv6 port unreachable is not written yet: the packet is dropped
+        // (and was counted as rejected by the caller).
+        return Ok(TC_ACT_SHOT as i32);
+    }
     if pkt.proto == proto::TCP {
         port_unreachable_quoting::<QUOTED_TCP>(ctx, pkt)
     } else {
@@ -86,8 +91,8 @@ fn port_unreachable_quoting<const QUOTED_L4: usize>(ctx: &TcContext, pkt: &Packe
     ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
     ip[8] = 64; // TTL
     ip[9] = 1; // ICMP
-    ip[12..16].copy_from_slice(&pkt.dst.to_ne_bytes());
-    ip[16..20].copy_from_slice(&pkt.src.to_ne_bytes());
+    ip[12..16].copy_from_slice(&pkt.dst[12..16]);
+    ip[16..20].copy_from_slice(&pkt.src[12..16]);
     let ip_csum = !fold(sum_words(&ip));
     ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
     ctx.store(ETH_HDR_LEN, &ip, 0).map_err(|_| DropReason::Rewrite)?;

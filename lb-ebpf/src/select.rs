@@ -4,7 +4,7 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, DropReason, RawAddr, ServiceKey, ServiceScope,
-    ServiceValue, SourceRange, addr::from_v4_word,
+    ServiceValue, SourceRange,
 };
 
 use crate::{
@@ -14,7 +14,7 @@ use crate::{
 
 #[inline(always)]
 pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
-    lookup_frontend(from_v4_word(pkt.dst), pkt.dport, pkt.proto)
+    lookup_frontend(pkt.dst, pkt.dport, pkt.proto)
 }
 
 /// The SERVICES entry of (address, port in host order, protocol).
@@ -33,13 +33,26 @@ pub fn lookup_frontend(addr: RawAddr, port: u16, proto: u8) -> Option<ServiceVal
 /// A hash of the flow's 5-tuple (murmur3's finalizer over the mixed
 /// words): the same flow always hashes the same, which is what Maglev needs.
 #[inline(always)]
-pub fn flow_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+pub fn flow_hash(pkt: &Packet) -> u32 {
+    hash_words(fold(&pkt.src), fold(&pkt.dst), pkt.sport, pkt.dport, pkt.proto)
+}
+
+#[inline(always)]
+pub fn hash_words(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
     let mut h = src ^ dst.rotate_left(16) ^ ((sport as u32) << 16 | dport as u32) ^ ((proto as u32) << 8);
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// An address's four words XORed (an IPv4-mapped address folds to its
+/// IPv4 word xor the mapping prefix: still one value per address).
+#[inline(always)]
+fn fold(a: &RawAddr) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    w(0) ^ w(4) ^ w(8) ^ w(12)
 }
 
 /// The backend for a new flow: Maglev (table indexed by the flow hash) when
@@ -123,9 +136,9 @@ pub fn pick_backend_for(
 
 /// Is `addr` a cluster IP (an `ADDRESS_ONLY` marker entry exists)?
 #[inline(always)]
-pub fn is_service_address(addr: u32) -> bool {
+pub fn is_service_address(addr: &RawAddr) -> bool {
     let key = ServiceKey {
-        addr: from_v4_word(addr),
+        addr: *addr,
         port: 0,
         proto: 0,
         scope: ServiceScope::Cluster as u8,
@@ -135,19 +148,19 @@ pub fn is_service_address(addr: u32) -> bool {
 
 /// The `cidr_kind` of the longest CIDRS prefix holding `addr`.
 #[inline(always)]
-pub fn cidr_kind_of(addr: u32) -> Option<u32> {
-    let key = LpmKey::new(128, from_v4_word(addr));
+pub fn cidr_kind_of(addr: &RawAddr) -> Option<u32> {
+    let key = LpmKey::new(128, *addr);
     CIDRS.get(&key).copied()
 }
 
 /// May `src` use service `service_id` (loadBalancerSourceRanges)?
 #[inline(always)]
-pub fn source_allowed(service_id: u32, src: u32) -> bool {
+pub fn source_allowed(service_id: u32, src: &RawAddr) -> bool {
     let key = LpmKey::new(
         160,
         SourceRange {
             service_id_be: service_id.to_be(),
-            addr: from_v4_word(src),
+            addr: *src,
         },
     );
     SOURCE_RANGES.get(&key).is_some()

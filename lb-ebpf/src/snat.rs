@@ -14,23 +14,24 @@ use crate::{conntrack, maps::CONNTRACK};
 pub fn claim_port(
     backend: &RawAddr,
     backend_port: u16,
-    node_addr: u32,
+    node_addr: &RawAddr,
     proto: u8,
     reply: &CtEntry,
     now: u32,
 ) -> Result<u16, DropReason> {
+    let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
     for _ in 0..snat_ports::TRIES {
         // SAFETY: plain helper call.
         let port = snat_ports::nth(unsafe { bpf_get_prandom_u32() } % snat_ports::COUNT);
-        let key = conntrack::reply_key(backend, backend_port, node_addr, port, proto);
-        if CONNTRACK.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
+        conntrack::set_reply_key(&mut *key, backend, backend_port, node_addr, port, proto);
+        if CONNTRACK.insert(&*key, reply, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);
         }
         // Taken; an expired holder gives it up.
         // SAFETY: copied out at once.
-        if let Some(old) = unsafe { CONNTRACK.get(&key) }
+        if let Some(old) = unsafe { CONNTRACK.get(&*key) }
             && old.expires_at < now
-            && CONNTRACK.insert(&key, reply, 0).is_ok()
+            && CONNTRACK.insert(&*key, reply, 0).is_ok()
         {
             return Ok(port);
         }

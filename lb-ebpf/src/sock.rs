@@ -51,7 +51,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     let port = u16::from_be(sa.user_port as u16);
     let Some(svc) = select::lookup_frontend(frontend, port, protocol) else {
         // A cluster IP on a port it does not serve: refused.
-        return if select::is_service_address(sa.user_ip4) {
+        return if select::is_service_address(&frontend) {
             DENY
         } else {
             ALLOW
@@ -65,7 +65,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // Host sockets have no source port yet: hash the socket cookie instead.
     // SAFETY: plain helper call on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
-    let hash = select::flow_hash(cookie as u32, sa.user_ip4, (cookie >> 32) as u16, port, protocol);
+    let hash = select::hash_words(cookie as u32, sa.user_ip4, (cookie >> 32) as u16, port, protocol);
     let Ok((backend_id, backend)) = select::pick_backend_for(&svc, [0; 16], now, hash) else {
         return DENY;
     };
