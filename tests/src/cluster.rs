@@ -8,9 +8,12 @@
 //!  ext-1 198.18.0.101 ─┼── br0 ─────┤
 //!                      │  (underlay)└─ node-2 198.18.0.12 ── pods 198.18.17.0/24
 //! ```
-//! Cluster CIDR 198.18.16.0/20, service CIDR 198.19.0.0/16.
+//! Cluster CIDR 198.18.16.0/20, service CIDR 198.19.0.0/16. Dual-stack:
+//! the same with fd00:198:18::{11,12,100,101} on the underlay, pods in
+//! fd00:198:18:16::/64 and fd00:198:18:17::/64 (cluster CIDR
+//! fd00:198:18:16::/63), services in fd00:198:19::/64.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -19,13 +22,21 @@ use anyhow::Context;
 use crate::agent::Agent;
 use crate::cleanup;
 use crate::netns::Netns;
-use crate::sandbox::{HTTP_PORT, UDP_PORT, connect_to_node, make_node};
+use crate::sandbox::{HTTP_PORT, UDP_PORT, connect_to_node, connect_to_node_v6, make_node};
 use crate::servers::Servers;
 
 pub const CLUSTER_CIDR: &str = "198.18.16.0/20";
 pub const SERVICE_CIDR: &str = "198.19.0.0/16";
 /// Load-balancer and external IPs the external clients route to node 1.
 pub const LB_RANGE: &str = "198.19.100.0/23";
+pub const CLUSTER_CIDR6: &str = "fd00:198:18:16::/63";
+pub const SERVICE_CIDR6: &str = "fd00:198:19::/64";
+pub const LB_RANGE6: &str = "fd00:198:19:100::/63";
+
+/// fd00:198:18:<subnet>::<host>: the test's IPv6 nodes, pods and clients.
+pub fn addr6(subnet: u16, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x198, 0x18, subnet, 0, 0, 0, host)
+}
 
 pub struct ClusterNode {
     pub name: String,
@@ -33,6 +44,8 @@ pub struct ClusterNode {
     pub addr: Ipv4Addr,
     /// Gateway address of its pods (also a node address).
     pub pod_gateway: Ipv4Addr,
+    pub addr6: Ipv6Addr,
+    pub pod_gateway6: Ipv6Addr,
     pub manifests_dir: PathBuf,
     pub bpf_root: PathBuf,
     links: usize,
@@ -42,6 +55,7 @@ pub struct ClusterNode {
 pub struct ClusterPod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     /// Index into `Cluster::nodes`.
     pub node: usize,
     servers: Option<Servers>,
@@ -62,6 +76,8 @@ pub struct Cluster {
     pub pods: Vec<ClusterPod>,
     /// External clients (outside the cluster CIDR), by address.
     pub externals: Vec<(Ipv4Addr, Netns)>,
+    /// Their IPv6 addresses, in the same order.
+    pub externals6: Vec<Ipv6Addr>,
     pub nodes: Vec<ClusterNode>,
     /// Dropped last: the bridge everything hangs on.
     pub underlay: Netns,
@@ -69,13 +85,21 @@ pub struct Cluster {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Joins `ns` to the underlay bridge as `addr`/24 on interface `ifname`.
-fn join_underlay(underlay: &Netns, port: &str, ns: &Netns, ifname: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+/// Joins `ns` to the underlay bridge as `addr`/24 and `addr6`/64 on interface `ifname`.
+fn join_underlay(
+    underlay: &Netns,
+    port: &str,
+    ns: &Netns,
+    ifname: &str,
+    addr: Ipv4Addr,
+    addr6: Ipv6Addr,
+) -> anyhow::Result<()> {
     underlay.ip(&[
         "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", &ns.name,
     ])?;
     underlay.ip(&["link", "set", port, "master", "br0", "up"])?;
     ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+    ns.ip(&["-6", "addr", "add", &format!("{addr6}/64"), "dev", ifname, "nodad"])?;
     ns.ip(&["link", "set", ifname, "up"])?;
     Ok(())
 }
@@ -89,13 +113,16 @@ impl Cluster {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let underlay = Netns::create(&format!("{id}-net"))?;
-        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // No multicast snooping: IPv6 neighbour solicitations go to
+        // multicast groups whose MLD reports the bridge may not have seen yet.
+        underlay.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
         let mut cluster = Cluster {
             id: id.clone(),
             xdp: XdpMode::Off,
             pods: Vec::new(),
             externals: Vec::new(),
+            externals6: Vec::new(),
             nodes: Vec::new(),
             underlay,
         };
@@ -103,7 +130,8 @@ impl Cluster {
             let name = format!("node-{}", i + 1);
             let ns = make_node(&format!("{id}-n{}", i + 1))?;
             let addr = Ipv4Addr::new(198, 18, 0, 11 + i);
-            join_underlay(&cluster.underlay, &format!("u-n{}", i + 1), &ns, "ul0", addr)?;
+            let underlay6 = addr6(0, 0x11 + i as u16);
+            join_underlay(&cluster.underlay, &format!("u-n{}", i + 1), &ns, "ul0", addr, underlay6)?;
             ns.sysctl("net.ipv4.conf.ul0.rp_filter", "0")?;
             let manifests_dir = std::env::temp_dir().join(format!("{id}-n{}", i + 1));
             std::fs::create_dir_all(&manifests_dir)?;
@@ -114,6 +142,8 @@ impl Cluster {
                 name,
                 addr,
                 pod_gateway: Ipv4Addr::new(198, 18, 16 + i, 1),
+                addr6: underlay6,
+                pod_gateway6: addr6(0x16 + i as u16, 1),
                 manifests_dir,
                 bpf_root,
                 links: 0,
@@ -127,6 +157,12 @@ impl Cluster {
         cluster.nodes[1]
             .ns
             .ip(&["route", "add", "198.18.16.0/24", "via", "198.18.0.11"])?;
+        cluster.nodes[0]
+            .ns
+            .ip(&["-6", "route", "add", "fd00:198:18:17::/64", "via", "fd00:198:18::12"])?;
+        cluster.nodes[1]
+            .ns
+            .ip(&["-6", "route", "add", "fd00:198:18:16::/64", "via", "fd00:198:18::11"])?;
         for (i, names) in pods.iter().enumerate() {
             for name in names.iter() {
                 cluster.add_pod(i, name)?;
@@ -135,9 +171,12 @@ impl Cluster {
         for j in 0..2u8 {
             let ns = Netns::create(&format!("{id}-x{j}"))?;
             let addr = Ipv4Addr::new(198, 18, 0, 100 + j);
-            join_underlay(&cluster.underlay, &format!("u-x{j}"), &ns, "eth0", addr)?;
+            let ext6 = addr6(0, 0x100 + j as u16);
+            join_underlay(&cluster.underlay, &format!("u-x{j}"), &ns, "eth0", addr, ext6)?;
             ns.ip(&["route", "add", LB_RANGE, "via", "198.18.0.11"])?;
+            ns.ip(&["-6", "route", "add", LB_RANGE6, "via", "fd00:198:18::11"])?;
             cluster.externals.push((addr, ns));
+            cluster.externals6.push(ext6);
         }
         Ok(cluster)
     }
@@ -146,14 +185,17 @@ impl Cluster {
         let n = &mut self.nodes[node];
         let count = self.pods.iter().filter(|p| p.node == node).count() as u8;
         let ip = Ipv4Addr::new(198, 18, 16 + node as u8, 11 + count);
+        let ip6 = addr6(0x16 + node as u16, 0x11 + count as u16);
         let ns = Netns::create(&format!("{}-{name}", self.id))?;
         let host_if = format!("veth{}", n.links);
         n.links += 1;
         connect_to_node(&n.ns, &host_if, &ns, ip, n.pod_gateway)?;
+        connect_to_node_v6(&n.ns, &host_if, &ns, ip6, n.pod_gateway6)?;
         let servers = Servers::start(&ns, name, HTTP_PORT, UDP_PORT).with_context(|| format!("servers of {name}"))?;
         self.pods.push(ClusterPod {
             name: name.to_string(),
             ip,
+            ip6,
             node,
             servers: Some(servers),
             ns,
@@ -202,6 +244,17 @@ impl Cluster {
             .collect()
     }
 
+    /// The same with the pods' IPv6 addresses.
+    pub fn endpoints6(&self, names: &[&str]) -> Vec<(String, Ipv6Addr, String)> {
+        names
+            .iter()
+            .map(|n| {
+                let p = self.pod(n);
+                (p.name.clone(), p.ip6, self.nodes[p.node].name.clone())
+            })
+            .collect()
+    }
+
     /// Writes the same manifest file on every node (as every kube-proxy
     /// sees the same API objects).
     pub fn write_manifest(&self, file: &str, text: &str) -> anyhow::Result<()> {
@@ -230,9 +283,9 @@ impl Cluster {
             "--manifests".into(),
             n.manifests_dir.clone().into(),
             "--cluster-cidr".into(),
-            CLUSTER_CIDR.into(),
+            format!("{CLUSTER_CIDR},{CLUSTER_CIDR6}").into(),
             "--service-cluster-ip-range".into(),
-            SERVICE_CIDR.into(),
+            format!("{SERVICE_CIDR},{SERVICE_CIDR6}").into(),
         ];
         let xdp_mode = match self.xdp {
             XdpMode::Off => None,

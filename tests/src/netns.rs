@@ -33,6 +33,14 @@ impl Netns {
         cleanup::track_namespace(name);
         let ns = Netns { name: name.to_string() };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection on the interfaces made here: their
+        // IPv6 addresses (link-local ones too) are usable at once, instead
+        // of after a second of tentative state that loses first packets.
+        run(ns.command("sysctl").args([
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ]))?;
         Ok(ns)
     }
 

@@ -10,7 +10,7 @@
 //! 198.18.0.0/15 via the node. The node forwards; lb-agent's TC programs
 //! on its veths do the service translation.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -201,10 +201,30 @@ pub fn connect_to_node(node: &Netns, host_if: &str, ns: &Netns, ip: Ipv4Addr, ga
     Ok(())
 }
 
+/// The IPv6 half of `connect_to_node` on the same veth: the node side
+/// carries `gateway`/128 with a /128 route to `ip`; inside, `ip`/128 and
+/// fd00:198::/32 via the gateway (ULA only; no DAD, usable at once).
+pub fn connect_to_node_v6(
+    node: &Netns,
+    host_if: &str,
+    ns: &Netns,
+    ip: Ipv6Addr,
+    gateway: Ipv6Addr,
+) -> anyhow::Result<()> {
+    let (gw, ip_s) = (gateway.to_string(), ip.to_string());
+    node.ip(&["-6", "addr", "add", &format!("{gw}/128"), "dev", host_if, "nodad"])?;
+    node.ip(&["-6", "route", "add", &format!("{ip_s}/128"), "dev", host_if])?;
+    ns.ip(&["-6", "addr", "add", &format!("{ip_s}/128"), "dev", "eth0", "nodad"])?;
+    ns.ip(&["-6", "route", "add", &gw, "dev", "eth0"])?;
+    ns.ip(&["-6", "route", "add", "fd00:198::/32", "via", &gw, "dev", "eth0"])?;
+    Ok(())
+}
+
 /// A namespace acting as a node: forwarding on, no reverse-path filter.
 pub fn make_node(name: &str) -> anyhow::Result<Netns> {
     let node = Netns::create(name)?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
+    node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
     Ok(node)

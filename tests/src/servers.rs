@@ -15,52 +15,63 @@ use anyhow::Context;
 use crate::netns::Netns;
 
 pub struct Servers {
-    tcp: Arc<TcpListener>,
-    udp: Arc<UdpSocket>,
+    tcp: Vec<Arc<TcpListener>>,
+    udp: Vec<Arc<UdpSocket>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Servers {
+    /// HTTP and UDP servers on both families (`[::]` only for IPv6: the
+    /// namespace gets net.ipv6.bindv6only=1, so IPv4 peers keep showing as
+    /// IPv4 addresses).
     pub fn start(ns: &Netns, pod_name: &str, http_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        ns.sysctl("net.ipv6.bindv6only", "1")?;
         let (tcp, udp) = ns.run(move || -> anyhow::Result<_> {
-            let tcp = TcpListener::bind(("0.0.0.0", http_port)).context("binding HTTP port")?;
-            let udp = UdpSocket::bind(("0.0.0.0", udp_port)).context("binding UDP port")?;
-            Ok((Arc::new(tcp), Arc::new(udp)))
+            let mut tcp = Vec::new();
+            let mut udp = Vec::new();
+            for any in ["0.0.0.0", "::"] {
+                tcp.push(Arc::new(
+                    TcpListener::bind((any, http_port)).context("binding HTTP port")?,
+                ));
+                udp.push(Arc::new(UdpSocket::bind((any, udp_port)).context("binding UDP port")?));
+            }
+            Ok((tcp, udp))
         })??;
         let stop = Arc::new(AtomicBool::new(false));
-        let name = pod_name.to_string();
-        let listener = tcp.clone();
-        let stopped = stop.clone();
-        let http = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { break };
-                if stopped.load(Ordering::Relaxed) {
-                    break;
+        let mut threads = Vec::new();
+        for listener in &tcp {
+            let (listener, stopped, name) = (listener.clone(), stop.clone(), pod_name.to_string());
+            threads.push(std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { break };
+                    if stopped.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let name = name.clone();
+                    std::thread::spawn(move || serve_http(conn, &name));
                 }
-                let name = name.clone();
-                std::thread::spawn(move || serve_http(conn, &name));
-            }
-            Ok(())
-        });
-        let name = pod_name.to_string();
-        let socket = udp.clone();
-        let stopped = stop.clone();
-        let udp_thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                if stopped.load(Ordering::Relaxed) {
-                    break;
+                Ok(())
+            }));
+        }
+        for socket in &udp {
+            let (socket, stopped, name) = (socket.clone(), stop.clone(), pod_name.to_string());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    if stopped.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let _ = socket.send_to(name.as_bytes(), peer);
                 }
-                let _ = socket.send_to(name.as_bytes(), peer);
-            }
-            Ok(())
-        });
+                Ok(())
+            }));
+        }
         Ok(Servers {
             tcp,
             udp,
             stop,
-            threads: vec![http, udp_thread],
+            threads,
         })
     }
 }
@@ -132,8 +143,12 @@ impl Drop for Servers {
         self.stop.store(true, Ordering::Relaxed);
         // SAFETY: plain syscalls on fds we own.
         unsafe {
-            libc::shutdown(self.tcp.as_raw_fd(), libc::SHUT_RDWR);
-            libc::shutdown(self.udp.as_raw_fd(), libc::SHUT_RDWR);
+            for l in &self.tcp {
+                libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR);
+            }
+            for u in &self.udp {
+                libc::shutdown(u.as_raw_fd(), libc::SHUT_RDWR);
+            }
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use lb_tests::agent::Agent;
@@ -17,13 +17,13 @@ const NODE1: [&str; 1] = ["web-1a"];
 const NODE2: [&str; 1] = ["web-2a"];
 
 /// Service + EndpointSlice YAML. `ports`: (name, protocol, port, targetPort,
-/// nodePort); `endpoints`: (pod, IP, node).
-fn service(
+/// nodePort); `endpoints`: (pod, IP, node), all of one family.
+fn service<A: Into<IpAddr> + Copy>(
     name: &str,
     spec: &str,
     status: &str,
     ports: &[(&str, &str, u16, u16, Option<u16>)],
-    endpoints: &[(String, Ipv4Addr, String)],
+    endpoints: &[(String, A, String)],
 ) -> String {
     let mut y = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: net-test}}\nspec:\n{spec}  ports:\n"
@@ -36,8 +36,22 @@ fn service(
         y += "}\n";
     }
     y += status;
-    y += &format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abcde\n  namespace: net-test\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n"
+    y + &slice(name, "abcde", ports, endpoints)
+}
+
+/// One EndpointSlice of service `name` (a dual-stack service has one per family).
+fn slice<A: Into<IpAddr> + Copy>(
+    name: &str,
+    suffix: &str,
+    ports: &[(&str, &str, u16, u16, Option<u16>)],
+    endpoints: &[(String, A, String)],
+) -> String {
+    let family = match endpoints.first().map(|e| e.1.into()) {
+        Some(IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    };
+    let mut y = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{suffix}\n  namespace: net-test\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n"
     );
     for (pname, proto, _, target, _) in ports {
         y += &format!("- {{name: \"{pname}\", protocol: {proto}, port: {target}}}\n");
@@ -48,6 +62,7 @@ fn service(
         "endpoints:\n"
     };
     for (pod, ip, node) in endpoints {
+        let ip: IpAddr = (*ip).into();
         y += &format!(
             "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n  targetRef: {{kind: Pod, namespace: net-test, name: {pod}}}\n"
         );
@@ -76,7 +91,13 @@ fn manifests(c: &Cluster) -> String {
             &[("http", "TCP", 80, 80, Some(30082))],
             &both,
         ),
-        service("empty", "  type: NodePort\n  clusterIP: 198.19.0.13\n", "", &[http(Some(30090))], &[]),
+        service(
+            "empty",
+            "  type: NodePort\n  clusterIP: 198.19.0.13\n",
+            "",
+            &[http(Some(30090))],
+            &[] as &[(String, Ipv4Addr, String)],
+        ),
         service("sticky", "  clusterIP: 198.19.0.30\n  sessionAffinity: ClientIP\n", "", &[http(None)], &both),
     ]
     .join("---\n")
@@ -106,30 +127,45 @@ enum From {
     Pod(&'static str),
     /// A process in node i's own namespace (hostNetwork).
     Host(usize),
+    /// The same clients, from their IPv6 addresses.
+    External6(usize),
+    Pod6(&'static str),
 }
 
 struct Case {
     name: &'static str,
     from: From,
-    to: (Ipv4Addr, u16),
+    to: SocketAddr,
     want: Want,
 }
 
-fn source_ns(c: &Cluster, from: From) -> (&Netns, Ipv4Addr) {
+fn to(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn source_ns(c: &Cluster, from: From) -> (&Netns, IpAddr) {
     match from {
-        From::External(i) => (&c.externals[i].1, c.externals[i].0),
-        From::Pod(name) => (&c.pod(name).ns, c.pod(name).ip),
-        From::Host(i) => (&c.nodes[i].ns, c.nodes[i].addr),
+        From::External(i) => (&c.externals[i].1, c.externals[i].0.into()),
+        From::Pod(name) => (&c.pod(name).ns, c.pod(name).ip.into()),
+        From::Host(i) => (&c.nodes[i].ns, c.nodes[i].addr.into()),
+        From::External6(i) => (&c.externals[i].1, c.externals6[i].into()),
+        From::Pod6(name) => (&c.pod(name).ns, c.pod(name).ip6.into()),
     }
 }
 
-fn node_addrs(c: &Cluster, i: usize) -> [String; 2] {
-    [c.nodes[i].addr.to_string(), c.nodes[i].pod_gateway.to_string()]
+fn node_addrs(c: &Cluster, i: usize) -> Vec<String> {
+    let n = &c.nodes[i];
+    vec![
+        n.addr.to_string(),
+        n.pod_gateway.to_string(),
+        n.addr6.to_string(),
+        n.pod_gateway6.to_string(),
+    ]
 }
 
 fn check(c: &Cluster, case: &Case) {
     let (ns, client_ip) = source_ns(c, case.from);
-    let target = SocketAddr::from(case.to);
+    let target = case.to;
     match &case.want {
         Want::Pods(pods, seen) => {
             let answers = ns
@@ -225,85 +261,85 @@ fn packet_flows(xdp: XdpMode) {
         Case {
             name: "external → node-1 NodePort (eTP Cluster): both nodes' pods, masqueraded by node-1",
             from: From::External(0),
-            to: (N1, 30080),
+            to: to(N1, 30080),
             want: Want::Pods(both, Seen::Node(0)),
         },
         Case {
             name: "external → node-2 NodePort (eTP Cluster): masqueraded by node-2",
             from: From::External(0),
-            to: (N2, 30080),
+            to: to(N2, 30080),
             want: Want::Pods(both, Seen::Node(1)),
         },
         Case {
             name: "external → node-1 NodePort (eTP Local): local pod, client address kept",
             from: From::External(0),
-            to: (N1, 30081),
+            to: to(N1, 30081),
             want: Want::Pods(&["web-1a"], Seen::Client),
         },
         Case {
             name: "external → node-2 NodePort (eTP Local) without local endpoint: dropped",
             from: From::External(0),
-            to: (N2, 30081),
+            to: to(N2, 30081),
             want: Want::NoAnswer,
         },
         Case {
             name: "pod → ClusterIP (backend on the other node): pod source kept",
             from: From::Pod("web-2a"),
-            to: (Ipv4Addr::new(198, 19, 0, 20), 8080),
+            to: to(Ipv4Addr::new(198, 19, 0, 20), 8080),
             want: Want::Pods(&["web-1a"], Seen::Client),
         },
         Case {
             name: "hairpin: pod → its own service → itself, masqueraded",
             from: From::Pod("web-1a"),
-            to: (Ipv4Addr::new(198, 19, 0, 20), 8080),
+            to: to(Ipv4Addr::new(198, 19, 0, 20), 8080),
             want: Want::Pods(&["web-1a"], Seen::Node(0)),
         },
         Case {
             name: "external → load-balancer IP from an allowed source",
             from: From::External(0),
-            to: (Ipv4Addr::new(198, 19, 100, 1), 80),
+            to: to(Ipv4Addr::new(198, 19, 100, 1), 80),
             want: Want::Pods(both, Seen::Node(0)),
         },
         Case {
             name: "external → load-balancer IP from outside the source ranges: dropped",
             from: From::External(1),
-            to: (Ipv4Addr::new(198, 19, 100, 1), 80),
+            to: to(Ipv4Addr::new(198, 19, 100, 1), 80),
             want: Want::NoAnswer,
         },
         Case {
             name: "external → externalIP",
             from: From::External(1),
-            to: (Ipv4Addr::new(198, 19, 101, 1), 80),
+            to: to(Ipv4Addr::new(198, 19, 101, 1), 80),
             want: Want::Pods(both, Seen::Node(0)),
         },
         Case {
             name: "NodePort of a service without endpoints: refused at once",
             from: From::External(0),
-            to: (N1, 30090),
+            to: to(N1, 30090),
             want: Want::Refused,
         },
         Case {
             name: "host process → ClusterIP (socket hooks)",
             from: From::Host(1),
-            to: (Ipv4Addr::new(198, 19, 0, 10), 8080),
+            to: to(Ipv4Addr::new(198, 19, 0, 10), 8080),
             want: Want::Pods(both, Seen::Node(1)),
         },
         Case {
             name: "host process → 127.0.0.1:NodePort",
             from: From::Host(0),
-            to: (Ipv4Addr::LOCALHOST, 30080),
+            to: to(Ipv4Addr::LOCALHOST, 30080),
             want: Want::Pods(both, Seen::Node(0)),
         },
         Case {
             name: "host process → its node's NodePort",
             from: From::Host(0),
-            to: (N1, 30080),
+            to: to(N1, 30080),
             want: Want::Pods(both, Seen::Node(0)),
         },
         Case {
             name: "ClusterIP on a port the service lacks: refused",
             from: From::Pod("web-2a"),
-            to: (Ipv4Addr::new(198, 19, 0, 10), 9999),
+            to: to(Ipv4Addr::new(198, 19, 0, 10), 9999),
             want: Want::Refused,
         },
     ];
@@ -442,4 +478,98 @@ fn xdp_survives_an_agent_restart_and_goes_away_when_turned_off() {
     let forwarded = agent.counter("event", "xdp_forwarded").unwrap();
     assert_eq!(ext.run(get).unwrap().unwrap(), "web-1a");
     assert_eq!(agent.counter("event", "xdp_forwarded").unwrap(), forwarded);
+}
+
+/// IPv6 and dual-stack services, in the same packet-flow form: ClusterIP,
+/// NodePort with masquerade and with eTP Local, hairpin, and one dual-stack
+/// service reached on both of its cluster IPs with the same backends.
+#[test]
+fn ipv6_and_dual_stack_services() {
+    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    let both6 = cluster.endpoints6(&["web-1a", "web-2a"]);
+    let one6 = cluster.endpoints6(&["web-1a"]);
+    let http = |np: Option<u16>| ("http", "TCP", 8080, 80, np);
+    let v6_only = "  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n";
+    let docs = [
+        service(
+            "web6",
+            &format!("  type: NodePort\n  clusterIP: fd00:198:19::10\n{v6_only}"),
+            "",
+            &[http(Some(30180))],
+            &both6,
+        ),
+        service(
+            "web6-local",
+            &format!("  type: NodePort\n  clusterIP: fd00:198:19::11\n  externalTrafficPolicy: Local\n{v6_only}"),
+            "",
+            &[http(Some(30181))],
+            &one6,
+        ),
+        service(
+            "self6",
+            &format!("  clusterIP: fd00:198:19::20\n{v6_only}"),
+            "",
+            &[http(None)],
+            &one6,
+        ),
+        service(
+            "dual",
+            "  clusterIP: 198.19.0.40\n  clusterIPs: [198.19.0.40, fd00:198:19::40]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n",
+            "",
+            &[http(None)],
+            &cluster.endpoints(&["web-1a"]),
+        ) + &slice("dual", "v6xyz", &[http(None)], &one6),
+    ];
+    cluster.write_manifest("services.yaml", &docs.join("---\n")).unwrap();
+    let _agents = cluster.start_agents(true).expect("agents");
+    let both: &'static [&'static str] = &["web-1a", "web-2a"];
+    let n1_6 = cluster.nodes[0].addr6;
+    let vip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, host);
+    let cases = [
+        Case {
+            name: "IPv6 pod → IPv6 ClusterIP (backend on the other node): pod source kept",
+            from: From::Pod6("web-2a"),
+            to: to(vip6(0x20), 8080),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "IPv6 external → node-1 IPv6 NodePort (eTP Cluster): masqueraded as node-1",
+            from: From::External6(0),
+            to: to(n1_6, 30180),
+            want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "IPv6 external → node-1 IPv6 NodePort (eTP Local): client address kept",
+            from: From::External6(0),
+            to: to(n1_6, 30181),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "IPv6 hairpin: pod → its own service → itself, masqueraded",
+            from: From::Pod6("web-1a"),
+            to: to(vip6(0x20), 8080),
+            want: Want::Pods(&["web-1a"], Seen::Node(0)),
+        },
+        Case {
+            name: "dual-stack service on its IPv4 cluster IP",
+            from: From::Pod("web-2a"),
+            to: to(Ipv4Addr::new(198, 19, 0, 40), 8080),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "dual-stack service on its IPv6 cluster IP: the same backend",
+            from: From::Pod6("web-2a"),
+            to: to(vip6(0x40), 8080),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "an IPv6-only service has no NodePort on IPv4 addresses: refused by the node's stack",
+            from: From::External(0),
+            to: to(N1, 30180),
+            want: Want::Refused,
+        },
+    ];
+    for case in &cases {
+        check(&cluster, case);
+    }
 }
