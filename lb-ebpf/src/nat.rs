@@ -5,13 +5,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::bpf_csum_diff,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{DropReason, RawAddr, addr::v4_word, proto};
 
-use crate::{
-    ctx::PacketCtx,
-    parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_SRC_OFF, Packet, ptr_at},
+use crate::parse::{
+    IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, Packet, ptr_at,
 };
 
 /// Which end of the packet a rewrite changes.
@@ -105,12 +104,11 @@ fn rewrite_v6_addr(
     ctx.store(addr_off, new, 0).map_err(|_| DropReason::Rewrite)
 }
 
-/// A flow's addresses and ports after translation (addresses as in the
-/// packet, ports in host order).
+/// A flow's addresses and ports after translation (ports in host order).
 #[derive(Clone, Copy)]
 pub struct Tuple {
-    pub src: u32,
-    pub dst: u32,
+    pub src: RawAddr,
+    pub dst: RawAddr,
     pub sport: u16,
     pub dport: u16,
 }
@@ -131,52 +129,111 @@ fn csum_replace(check: u16, old: u32, new: u32) -> u16 {
     !(sum as u16)
 }
 
-/// Rewrites an IPv4 XDP frame from `from` (what it carries) to `to` (and decrements the TTL): direct writes
-/// with incremental checksums. XDP frames come from a wire with complete
-/// checksums (no CHECKSUM_PARTIAL), so every field is updated in full.
+/// The one's-complement difference (unfolded) an address change makes:
+/// the old 16-bit words subtracted, the new ones added (IPv4-mapped
+/// addresses differ only in the last four bytes).
 #[inline(always)]
-pub fn rewrite_frame(ctx: &impl PacketCtx, pkt: &Packet, from: &Tuple, to: &Tuple) -> Result<(), DropReason> {
-    let l4_off = pkt.checked_l4_off()?;
+fn addr_delta(old: &RawAddr, new: &RawAddr) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 16 {
+        let o = u16::from_ne_bytes([old[i], old[i + 1]]);
+        let n = u16::from_ne_bytes([new[i], new[i + 1]]);
+        sum += (!o) as u64 + n as u64;
+        i += 2;
+    }
+    sum
+}
+
+/// `check` with an unfolded difference applied.
+#[inline(always)]
+fn csum_apply(check: u16, delta: u64) -> u16 {
+    let mut sum = (!check) as u64 + delta;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Largest IPv6 L4 offset the XDP path rewrites at (a bound the verifier
+/// needs): extension headers beyond it leave the packet to TC.
+pub const MAX_XDP_L4_OFF_V6: usize = 14 + 40 + 128;
+
+/// Rewrites an XDP frame from what `pkt` carries to `to` (and decrements
+/// the TTL / hop limit): direct writes with incremental checksums. XDP
+/// frames come from a wire with complete checksums (no CHECKSUM_PARTIAL),
+/// so every field is updated in full.
+#[inline(never)]
+pub fn rewrite_frame(ctx: &XdpContext, pkt: &Packet, to: &Tuple) -> Result<(), DropReason> {
+    let l4_off = pkt.l4_off;
+    let bound = if pkt.v6 {
+        MAX_XDP_L4_OFF_V6
+    } else {
+        pkt.checked_l4_off()?
+    };
+    if l4_off > bound {
+        return Err(DropReason::BadIpHeader);
+    }
     let l4_csum_off = if pkt.proto == proto::TCP {
         l4_off + 16
     } else {
         l4_off + 6
     };
-    let ip_csum = ptr_at::<u16>(ctx, IP_CSUM_OFF)? as *mut u16;
     let l4_csum = ptr_at::<u16>(ctx, l4_csum_off)? as *mut u16;
-    let src = ptr_at::<u32>(ctx, IP_SRC_OFF)? as *mut u32;
-    let dst = ptr_at::<u32>(ctx, IP_DST_OFF)? as *mut u32;
     let sport = ptr_at::<u16>(ctx, l4_off)? as *mut u16;
     let dport = ptr_at::<u16>(ctx, l4_off + 2)? as *mut u16;
-    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF)? as *mut u8;
-    // TTL and protocol share one 16-bit word of the header checksum.
-    let old_ttl_word = u16::from_ne_bytes([pkt.ttl, pkt.proto]) as u32;
-    let new_ttl_word = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]) as u32;
     // SAFETY: every pointer bounds-checked by ptr_at; unaligned accesses.
     unsafe {
-        let mut ip_check = ip_csum.read_unaligned();
         let mut l4_check = l4_csum.read_unaligned();
-        // UDP checksum 0 means "none": it stays 0.
-        let l4_summed = !(pkt.proto == proto::UDP && l4_check == 0);
-        ip_check = csum_replace(ip_check, from.src, to.src);
-        ip_check = csum_replace(ip_check, from.dst, to.dst);
-        ip_check = csum_replace(ip_check, old_ttl_word, new_ttl_word);
-        if l4_summed {
+        // UDP checksum 0 means "none" (IPv4 only): it stays 0.
+        if !(pkt.proto == proto::UDP && l4_check == 0) {
             // Addresses are in the L4 pseudo-header.
-            l4_check = csum_replace(l4_check, from.src, to.src);
-            l4_check = csum_replace(l4_check, from.dst, to.dst);
-            l4_check = csum_replace(l4_check, from.sport.to_be() as u32, to.sport.to_be() as u32);
-            l4_check = csum_replace(l4_check, from.dport.to_be() as u32, to.dport.to_be() as u32);
+            let ports = (!pkt.sport.to_be()) as u64
+                + to.sport.to_be() as u64
+                + (!pkt.dport.to_be()) as u64
+                + to.dport.to_be() as u64;
+            l4_check = csum_apply(
+                l4_check,
+                addr_delta(&pkt.src, &to.src) + addr_delta(&pkt.dst, &to.dst) + ports,
+            );
             if pkt.proto == proto::UDP && l4_check == 0 {
                 l4_check = 0xffff;
             }
             l4_csum.write_unaligned(l4_check);
         }
-        ip_csum.write_unaligned(ip_check);
-        src.write_unaligned(to.src);
-        dst.write_unaligned(to.dst);
         sport.write_unaligned(to.sport.to_be());
         dport.write_unaligned(to.dport.to_be());
+    }
+    if pkt.v6 {
+        let src = ptr_at::<RawAddr>(ctx, IP6_SRC_OFF)? as *mut RawAddr;
+        let dst = ptr_at::<RawAddr>(ctx, IP6_DST_OFF)? as *mut RawAddr;
+        let hop_limit = ptr_at::<u8>(ctx, IP6_HOP_LIMIT_OFF)? as *mut u8;
+        // SAFETY: as above; no header checksum in IPv6.
+        unsafe {
+            src.write_unaligned(to.src);
+            dst.write_unaligned(to.dst);
+            hop_limit.write_unaligned(pkt.ttl - 1);
+        }
+        return Ok(());
+    }
+    let ip_csum = ptr_at::<u16>(ctx, IP_CSUM_OFF)? as *mut u16;
+    let src = ptr_at::<u32>(ctx, IP_SRC_OFF)? as *mut u32;
+    let dst = ptr_at::<u32>(ctx, IP_DST_OFF)? as *mut u32;
+    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF)? as *mut u8;
+    let word = |a: &RawAddr| v4_word(a).ok_or(DropReason::Rewrite);
+    let (old_src, old_dst, new_src, new_dst) = (word(&pkt.src)?, word(&pkt.dst)?, word(&to.src)?, word(&to.dst)?);
+    // TTL and protocol share one 16-bit word of the header checksum.
+    let old_ttl_word = u16::from_ne_bytes([pkt.ttl, pkt.proto]) as u32;
+    let new_ttl_word = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]) as u32;
+    // SAFETY: as above.
+    unsafe {
+        let mut ip_check = ip_csum.read_unaligned();
+        ip_check = csum_replace(ip_check, old_src, new_src);
+        ip_check = csum_replace(ip_check, old_dst, new_dst);
+        ip_check = csum_replace(ip_check, old_ttl_word, new_ttl_word);
+        ip_csum.write_unaligned(ip_check);
+        src.write_unaligned(new_src);
+        dst.write_unaligned(new_dst);
         ttl.write_unaligned(pkt.ttl - 1);
     }
     Ok(())

@@ -11,12 +11,7 @@
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::programs::XdpContext;
-use lb_common::{
-    CtKind, DropReason, FlowEvent,
-    addr::{from_v4_word, v4_word},
-    conntrack::entry_flags,
-    proto, svc_flags,
-};
+use lb_common::{CtKind, DropReason, FlowEvent, conntrack::entry_flags, proto, svc_flags};
 
 use crate::{
     conntrack,
@@ -33,8 +28,8 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(pkt) = parse::parse(ctx)? else {
         return Ok(XDP_PASS);
     };
-    // IPv6 is left to TC for now (its XDP rewrite is not written yet).
-    if pkt.v6 || pkt.proto == proto::ICMP || pkt.fragment != Fragment::None {
+    // Long IPv6 extension header chains are TC's (see MAX_XDP_L4_OFF_V6).
+    if pkt.proto == proto::ICMP || pkt.fragment != Fragment::None || (pkt.v6 && pkt.l4_off > nat::MAX_XDP_L4_OFF_V6) {
         return Ok(XDP_PASS);
     }
     if let Some(svc) = select::lookup_service(&pkt)
@@ -81,20 +76,19 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet) -> u32 {
 #[inline(always)]
 fn try_to_backend(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
-    let from = carried(pkt)?;
     let (src, sport) = if e.flags & entry_flags::SNAT != 0 {
-        (v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?, e.snat_port)
+        (e.snat_addr, e.snat_port)
     } else {
-        (from.src, pkt.sport)
+        (pkt.src, pkt.sport)
     };
     let to = Tuple {
         src,
-        dst: v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?,
+        dst: e.nat_addr,
         sport,
         dport: e.nat_port,
     };
     let (service_id, backend_id) = (e.service_id, e.backend_id);
-    let verdict = send(ctx, pkt, &from, &to)?;
+    let verdict = send(ctx, pkt, &to)?;
     if verdict != XDP_PASS {
         stats::count_balanced(service_id, backend_id, PacketCtx::len(ctx));
     }
@@ -117,54 +111,34 @@ fn try_from_backend(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     conntrack::touch(entry, pkt, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { &*entry };
-    let from = carried(pkt)?;
     let (dst, dport) = if e.flags & entry_flags::SNAT != 0 {
-        (v4_word(&e.snat_addr).ok_or(DropReason::Rewrite)?, e.snat_port)
+        (e.snat_addr, e.snat_port)
     } else {
-        (from.dst, pkt.dport)
+        (pkt.dst, pkt.dport)
     };
     let to = Tuple {
-        src: v4_word(&e.nat_addr).ok_or(DropReason::Rewrite)?,
+        src: e.nat_addr,
         dst,
         sport: e.nat_port,
         dport,
     };
-    send(ctx, pkt, &from, &to)
-}
-
-/// The IPv4 addresses and ports the frame carries now.
-#[inline(always)]
-fn carried(pkt: &Packet) -> Result<Tuple, DropReason> {
-    Ok(Tuple {
-        src: v4_word(&pkt.src).ok_or(DropReason::Rewrite)?,
-        dst: v4_word(&pkt.dst).ok_or(DropReason::Rewrite)?,
-        sport: pkt.sport,
-        dport: pkt.dport,
-    })
+    send(ctx, pkt, &to)
 }
 
 /// Translates the frame to `to` and sends it to the FIB's next hop — when
 /// XDP can: otherwise the frame is passed to TC untouched.
 #[inline(always)]
-fn send(ctx: &XdpContext, pkt: &Packet, from: &Tuple, to: &Tuple) -> Result<u32, DropReason> {
+fn send(ctx: &XdpContext, pkt: &Packet, to: &Tuple) -> Result<u32, DropReason> {
     if pkt.ttl <= 1 {
         return Ok(passed_to_stack());
     }
-    let Some(route) = forward::route(
-        ctx,
-        pkt,
-        &from_v4_word(to.src),
-        &from_v4_word(to.dst),
-        to.sport,
-        to.dport,
-        false,
-    ) else {
+    let Some(route) = forward::route(ctx, pkt, &to.src, &to.dst, to.sport, to.dport, false) else {
         return Ok(passed_to_stack());
     };
     if !route.resolved || XDP_EGRESS.get(route.ifindex).is_none() {
         return Ok(passed_to_stack());
     }
-    nat::rewrite_frame(ctx, pkt, from, to)?;
+    nat::rewrite_frame(ctx, pkt, to)?;
     let dmac = ptr_at::<[u8; 6]>(ctx, 0)? as *mut [u8; 6];
     let smac = ptr_at::<[u8; 6]>(ctx, 6)? as *mut [u8; 6];
     // SAFETY: bounds checked by ptr_at; byte arrays, no alignment.

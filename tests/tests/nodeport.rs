@@ -485,7 +485,19 @@ fn xdp_survives_an_agent_restart_and_goes_away_when_turned_off() {
 /// service reached on both of its cluster IPs with the same backends.
 #[test]
 fn ipv6_and_dual_stack_services() {
-    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    ipv6_and_dual_stack(XdpMode::Off);
+}
+
+#[test]
+fn ipv6_and_dual_stack_services_with_xdp_native() {
+    ipv6_and_dual_stack(XdpMode::Native);
+}
+
+fn ipv6_and_dual_stack(xdp: XdpMode) {
+    let mut cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    if xdp != XdpMode::Off {
+        cluster.enable_xdp(xdp).expect("preparing the veths for XDP");
+    }
     let both6 = cluster.endpoints6(&["web-1a", "web-2a"]);
     let one6 = cluster.endpoints6(&["web-1a"]);
     let http = |np: Option<u16>| ("http", "TCP", 8080, 80, np);
@@ -521,7 +533,7 @@ fn ipv6_and_dual_stack_services() {
         ) + &slice("dual", "v6xyz", &[http(None)], &one6),
     ];
     cluster.write_manifest("services.yaml", &docs.join("---\n")).unwrap();
-    let _agents = cluster.start_agents(true).expect("agents");
+    let agents = cluster.start_agents(true).expect("agents");
     let both: &'static [&'static str] = &["web-1a", "web-2a"];
     let n1_6 = cluster.nodes[0].addr6;
     let vip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, host);
@@ -572,4 +584,6 @@ fn ipv6_and_dual_stack_services() {
     for case in &cases {
         check(&cluster, case);
     }
+    // External IPv6 traffic went to node 1's NodePorts.
+    assert_xdp_used(xdp, &agents[..1]);
 }
