@@ -109,6 +109,9 @@ fn udp(ip: Ip, sport: u16, dport: u16) -> Vec<u8> {
 /// through the checksum field).
 fn port_unreachable_for(pkt: &[u8]) -> Vec<u8> {
     use etherparse::icmpv4::DestUnreachableHeader;
+    if pkt[12..14] == [0x86, 0xdd] {
+        return port_unreachable6_for(pkt);
+    }
     let (src, dst): ([u8; 4], [u8; 4]) = (pkt[26..30].try_into().unwrap(), pkt[30..34].try_into().unwrap());
     let mut h = Ipv4Header::new(0, 64, etherparse::IpNumber::ICMP, dst, src).unwrap();
     h.dont_fragment = false;
@@ -121,6 +124,30 @@ fn port_unreachable_for(pkt: &[u8]) -> Vec<u8> {
         ));
     let l4 = if pkt[23] == 6 { 20 } else { 8 };
     let quoted = &pkt[14..14 + 20 + l4];
+    let mut out = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut out, quoted).unwrap();
+    out
+}
+
+/// The IPv6 REJECT: ICMPv6 port unreachable from the packet's destination
+/// to its source, quoting its IPv6 header and the same L4 bytes as IPv4's.
+fn port_unreachable6_for(pkt: &[u8]) -> Vec<u8> {
+    let (src, dst): ([u8; 16], [u8; 16]) = (pkt[22..38].try_into().unwrap(), pkt[38..54].try_into().unwrap());
+    let mac = |at: usize| -> [u8; 6] { pkt[at..at + 6].try_into().unwrap() };
+    let h = etherparse::Ipv6Header {
+        hop_limit: 64,
+        source: dst,
+        destination: src,
+        next_header: etherparse::IpNumber::IPV6_ICMP,
+        ..Default::default()
+    };
+    let b = PacketBuilder::ethernet2(mac(0), mac(6))
+        .ip(IpHeaders::Ipv6(h, Default::default()))
+        .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+            etherparse::icmpv6::DestUnreachableCode::Port,
+        ));
+    let l4 = if pkt[20] == 6 { 20 } else { 8 };
+    let quoted = &pkt[14..14 + 40 + l4];
     let mut out = Vec::with_capacity(b.size(quoted.len()));
     b.write(&mut out, quoted).unwrap();
     out
@@ -1743,9 +1770,14 @@ fn ipv6_clusterip_tcp_and_udp_through_extension_headers() {
                 expect: Expect::Untouched,
             },
             Case {
-                name: "ClusterIP without endpoints: dropped, counted as rejected (no ICMPv6 yet)",
+                name: "IPv6 ClusterIP without endpoints: ICMPv6 port unreachable",
                 input: tcp6(ip6(CLIENT6, v6(0x19, 0, 0x12)), 40006, 80, Tcp::Syn),
-                expect: Expect::Dropped(DropReason::Rejected),
+                expect: Expect::Rejected,
+            },
+            Case {
+                name: "IPv6 ClusterIP on a port it does not serve, UDP: ICMPv6 port unreachable",
+                input: udp6(ip6(CLIENT6, VIP6), 40008, 9999),
+                expect: Expect::Rejected,
             },
         ],
     );

@@ -5,12 +5,12 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
     programs::TcContext,
 };
 use lb_common::{DropReason, proto};
 
-use crate::parse::{ETH_HDR_LEN, Packet};
+use crate::parse::{ETH_HDR_LEN, Packet, ptr_at};
 
 const ICMP_HDR_LEN: usize = 8;
 const NEW_IP_HDR_LEN: usize = 20;
@@ -46,9 +46,11 @@ fn sum_words(bytes: &[u8]) -> u32 {
 #[inline(never)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     if pkt.v6 {
-        // ICMPv6 port unreachable is not written yet: the packet is dropped
-        // (and was counted as rejected by the caller).
-        return Ok(TC_ACT_SHOT as i32);
+        return if pkt.proto == proto::TCP {
+            port_unreachable_v6::<QUOTED_TCP>(ctx, pkt)
+        } else {
+            port_unreachable_v6::<QUOTED_UDP>(ctx, pkt)
+        };
     }
     if pkt.proto == proto::TCP {
         port_unreachable_quoting::<QUOTED_TCP>(ctx, pkt)
@@ -57,7 +59,7 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason
     }
 }
 
-#[inline(always)]
+#[inline(never)]
 fn port_unreachable_quoting<const QUOTED_L4: usize>(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let ip_len = pkt.l4_off - ETH_HDR_LEN;
     // Fixed-size loads (the verifier wants constant lengths).
@@ -112,4 +114,99 @@ fn port_unreachable_quoting<const QUOTED_L4: usize>(ctx: &TcContext, pkt: &Packe
     // SAFETY: reading the context's own field; plain helper call.
     let ret = unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) };
     Ok(ret as i32)
+}
+
+/// ICMPv6 destination unreachable, code 4 (port unreachable).
+const ICMP6_PORT_UNREACHABLE: [u8; 2] = [1, 4];
+const IP6_HDR_LEN: usize = 40;
+const NEXT_HEADER_ICMPV6: u8 = 58;
+
+/// The IPv6 REJECT: ICMPv6 port unreachable quoting the IPv6 header and
+/// the first L4 bytes. A packet with extension headers is dropped instead
+/// (still counted as rejected by the caller): its quote has no fixed length.
+#[inline(never)]
+fn port_unreachable_v6<const QUOTED_L4: usize>(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    if pkt.l4_off != ETH_HDR_LEN + IP6_HDR_LEN {
+        return Ok(TC_ACT_SHOT as i32);
+    }
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
+    // The bytes the message quotes (IPv6 header and the first L4 bytes),
+    // summed in place before the packet changes. All sums below are of
+    // native-order words, as bpf_csum_diff's; so is the stored result.
+    let quoted = ptr_at::<[u8; 40]>(ctx, ETH_HDR_LEN)?;
+    let _ = ptr_at::<[u8; QUOTED_L4]>(ctx, ETH_HDR_LEN + IP6_HDR_LEN)?;
+    // SAFETY: both bounds checked by ptr_at just above; read-only.
+    let quoted_sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            quoted as *mut u32,
+            (IP6_HDR_LEN + QUOTED_L4) as u32,
+            0,
+        )
+    };
+    if quoted_sum < 0 {
+        return Err(DropReason::Rewrite);
+    }
+    let keep = (ETH_HDR_LEN + IP6_HDR_LEN + QUOTED_L4) as u32;
+    // SAFETY: helper calls on our own context; no packet pointer is held.
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, keep, 0) != 0 {
+            return Err(DropReason::Rewrite);
+        }
+        if bpf_skb_adjust_room(ctx.skb.skb, (IP6_HDR_LEN + ICMP_HDR_LEN) as i32, BPF_ADJ_ROOM_MAC, 0) != 0 {
+            return Err(DropReason::Rewrite);
+        }
+    }
+    let mut eth = [0u8; 14];
+    eth[..6].copy_from_slice(&macs[6..12]);
+    eth[6..12].copy_from_slice(&macs[..6]);
+    eth[12] = 0x86;
+    eth[13] = 0xdd;
+    ctx.store(0, &eth, 0).map_err(|_| DropReason::Rewrite)?;
+
+    // New IPv6 header: from the address the client tried, to the client.
+    let payload_len = (ICMP_HDR_LEN + IP6_HDR_LEN + QUOTED_L4) as u16;
+    let mut hdr = [0u8; IP6_HDR_LEN];
+    hdr[0] = 0x60;
+    hdr[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    hdr[6] = NEXT_HEADER_ICMPV6;
+    hdr[7] = 64; // hop limit
+    hdr[8..24].copy_from_slice(&pkt.dst);
+    hdr[24..40].copy_from_slice(&pkt.src);
+    ctx.store(ETH_HDR_LEN, &hdr, 0).map_err(|_| DropReason::Rewrite)?;
+
+    // ICMPv6 checksum: pseudo-header (addresses, length, next header) +
+    // the ICMPv6 header + the quoted bytes.
+    let mut sum = (quoted_sum as u32) as u64
+        + native_words(&pkt.src)
+        + native_words(&pkt.dst)
+        + u16::from_ne_bytes(payload_len.to_be_bytes()) as u64
+        + u16::from_ne_bytes([0, NEXT_HEADER_ICMPV6]) as u64
+        + u16::from_ne_bytes(ICMP6_PORT_UNREACHABLE) as u64;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let csum = !(sum as u16);
+    let mut icmp = [0u8; ICMP_HDR_LEN];
+    icmp[..2].copy_from_slice(&ICMP6_PORT_UNREACHABLE);
+    icmp[2..4].copy_from_slice(&csum.to_ne_bytes());
+    ctx.store(ETH_HDR_LEN + IP6_HDR_LEN, &icmp, 0)
+        .map_err(|_| DropReason::Rewrite)?;
+
+    // SAFETY: reading the context's own field; plain helper call.
+    let ret = unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) };
+    Ok(ret as i32)
+}
+
+/// Sum of an address's 16-bit words as read natively.
+#[inline(always)]
+fn native_words(a: &lb_common::RawAddr) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 16 {
+        sum += u16::from_ne_bytes([a[i], a[i + 1]]) as u64;
+        i += 2;
+    }
+    sum
 }
