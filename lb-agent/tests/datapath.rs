@@ -1870,3 +1870,100 @@ fn ipv6_through_xdp_with_masquerade_and_extension_headers() {
     );
     assert_eq!(h.event(FlowEvent::XdpForwarded) - forwarded, 4);
 }
+
+fn icmp6_error(
+    src: [u8; 16],
+    dst: [u8; 16],
+    icmp_type: etherparse::Icmpv6Type,
+    quoted: &[u8],
+    hop_limit: u8,
+) -> Vec<u8> {
+    let h = etherparse::Ipv6Header {
+        hop_limit,
+        source: src,
+        destination: dst,
+        next_header: etherparse::IpNumber::IPV6_ICMP,
+        ..Default::default()
+    };
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(IpHeaders::Ipv6(h, Default::default()))
+        .icmpv6(icmp_type);
+    let mut out = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut out, quoted).unwrap();
+    out
+}
+
+/// `quoted` (an IPv6 header + L4 bytes) with new addresses and ports.
+fn requote6(quoted: &[u8], src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let mut q = quoted.to_vec();
+    q[8..24].copy_from_slice(&src);
+    q[24..40].copy_from_slice(&dst);
+    q[40..42].copy_from_slice(&sport.to_be_bytes());
+    q[42..44].copy_from_slice(&dport.to_be_bytes());
+    q
+}
+
+#[test]
+fn icmpv6_errors_about_nated_flows_are_translated_back_and_ndp_is_untouched() {
+    use etherparse::{Icmpv6Type, icmpv6::DestUnreachableCode};
+    let mut h = Harness::new(&model6());
+
+    // Not masqueraded: UDP to an IPv6 ClusterIP, the backend answers "port unreachable".
+    let (_, to_backend) = h.run(&udp6(ip6(CLIENT6, VIP6), 50100, 53));
+    let quoted = &to_backend[14..14 + 40 + 8];
+    let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
+    let (action, out) = h.run(&icmp6_error(BACKEND6, CLIENT6, unreachable.clone(), quoted, 64));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let want = icmp6_error(
+        VIP6,
+        CLIENT6,
+        unreachable.clone(),
+        &requote6(quoted, CLIENT6, 50100, VIP6, 53),
+        63,
+    );
+    assert_eq!(hex(&out), hex(&want), "from the ClusterIP, quoting the client's packet");
+
+    // Masqueraded: an IPv6 NodePort flow; a router on the way says "packet too big".
+    let (_, to_backend) = h.run(&tcp6(ip6(CLIENT6, NODE_ADDR6), 43000, 30080, Tcp::Ack));
+    let quoted = &to_backend[14..14 + 40 + 20];
+    let router = v6(0x18, 1, 1);
+    let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+    let (action, out) = h.run(&icmp6_error(router, NODE_ADDR6, too_big.clone(), quoted, 64));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let want = icmp6_error(
+        router,
+        CLIENT6,
+        too_big,
+        &requote6(quoted, CLIENT6, 43000, NODE_ADDR6, 30080),
+        63,
+    );
+    assert_eq!(
+        hex(&out),
+        hex(&want),
+        "PMTU error reaches the client about its own packet"
+    );
+
+    // Not about a flow of ours, and NDP: untouched.
+    let stray = icmp6_error(
+        router,
+        CLIENT6,
+        unreachable,
+        &requote6(quoted, CLIENT6, 1, router, 2),
+        64,
+    );
+    let solicitation = icmp6_error(
+        CLIENT6,
+        NODE_ADDR6,
+        Icmpv6Type::Unknown {
+            type_u8: 135,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        },
+        &NODE_ADDR6,
+        255,
+    );
+    for pkt in [stray, solicitation] {
+        let (action, out) = h.run(&pkt);
+        assert_eq!((action, hex(&out)), (TC_ACT_OK, hex(&pkt)));
+    }
+}

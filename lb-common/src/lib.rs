@@ -31,6 +31,7 @@ pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const ICMP: u8 = 1;
+    pub const ICMPV6: u8 = 58;
     pub const SCTP: u8 = 132;
 }
 

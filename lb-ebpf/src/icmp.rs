@@ -4,9 +4,13 @@
 //! again, so PMTU discovery and error reporting work through a Service.
 //! Other ICMP passes untouched.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    helpers::bpf_csum_diff,
+    programs::TcContext,
+};
 use lb_common::{
-    CtKey, CtKind, DropReason,
+    CtKey, CtKind, DropReason, RawAddr,
     addr::{from_v4_word, v4_word},
     conntrack::entry_flags,
     proto,
@@ -14,7 +18,7 @@ use lb_common::{
 
 use crate::{
     conntrack, forward,
-    parse::{ETH_HDR_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, ptr_at},
+    parse::{ETH_HDR_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, Packet, ptr_at},
 };
 
 const OK: i32 = TC_ACT_OK as i32;
@@ -162,5 +166,130 @@ pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason>
     }
     let egress =
         forward::route(ctx, pkt, &from_v4_word(frontend), &from_v4_word(client), 0, 0, false).map(|r| r.ifindex);
+    forward::forward(ctx, pkt, egress)
+}
+
+const ICMP6_DEST_UNREACH: u8 = 1;
+const ICMP6_PACKET_TOO_BIG: u8 = 2;
+const ICMP6_TIME_EXCEEDED: u8 = 3;
+const ICMP6_PARAMETER_PROBLEM: u8 = 4;
+const IP6_HDR_LEN: usize = 40;
+/// Largest outer L4 offset handled (extension headers on an error are rare).
+const MAX_ICMP6_OFF: usize = ETH_HDR_LEN + IP6_HDR_LEN + 64;
+
+/// `replace_v6`'s flag (in its checksum offset argument): the bytes are in
+/// the ICMPv6 pseudo-header (the outer addresses).
+const PSEUDO: u32 = 1 << 31;
+
+/// Replaces the 16 bytes at `off` with `new` (`old` before) and updates the
+/// ICMPv6 checksum at `csum_at` (& !PSEUDO). Its own BPF function, called
+/// up to four times. 0: done; otherwise a failure.
+#[inline(never)]
+fn replace_v6(ctx: &TcContext, off: u32, csum_at: u32, old: &RawAddr, new: &RawAddr) -> i64 {
+    if old == new {
+        return 0;
+    }
+    let (mut o, mut n) = (*old, *new);
+    // SAFETY: both 16-byte buffers on our stack.
+    let diff = unsafe { bpf_csum_diff(o.as_mut_ptr() as *mut u32, 16, n.as_mut_ptr() as *mut u32, 16, 0) };
+    if diff < 0 {
+        return diff;
+    }
+    let flags = if csum_at & PSEUDO != 0 {
+        BPF_F_PSEUDO_HDR as u64
+    } else {
+        0
+    };
+    if ctx
+        .l4_csum_replace((csum_at & !PSEUDO) as usize, 0, diff as u32 as u64, flags)
+        .is_err()
+        || ctx.store(off as usize, &n, 0).is_err()
+    {
+        return -1;
+    }
+    0
+}
+
+#[inline(always)]
+fn replaced_v6(ctx: &TcContext, off: usize, csum_at: u32, old: &RawAddr, new: &RawAddr) -> Result<(), DropReason> {
+    match replace_v6(ctx, off as u32, csum_at, old, new) {
+        0 => Ok(()),
+        _ => Err(DropReason::Rewrite),
+    }
+}
+
+/// ICMPv6 errors (destination unreachable, packet too big, time exceeded,
+/// parameter problem) quoting a packet of a flow we translate: rewritten as
+/// the client must see them, like IPv4's. NDP, echo and the rest: `OK`.
+#[inline(never)]
+pub fn translate_error_v6(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let icmp_type = (pkt.sport >> 8) as u8;
+    if !matches!(
+        icmp_type,
+        ICMP6_DEST_UNREACH | ICMP6_PACKET_TOO_BIG | ICMP6_TIME_EXCEEDED | ICMP6_PARAMETER_PROBLEM
+    ) {
+        return Ok(OK);
+    }
+    // Bounded for the verifier (the value arrives through memory).
+    let l4_off = pkt.l4_off;
+    if l4_off > MAX_ICMP6_OFF {
+        return Ok(OK);
+    }
+    let inner_off = l4_off + ICMP_HDR_LEN;
+    let Ok(inner) = ptr_at::<[u8; 8]>(ctx, inner_off) else {
+        return Ok(OK);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (version, inner_proto) = unsafe { ((*inner)[0] >> 4, (*inner)[6]) };
+    if version != 6 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+        return Ok(OK);
+    }
+    let inner_l4 = inner_off + IP6_HDR_LEN;
+    // The quoted packet went from client (or node, masqueraded) to backend:
+    // its flow's reply entry is keyed backend → client. Built in the key
+    // slot, whose fields then also serve as the quoted addresses.
+    let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
+    let (Ok(src), Ok(dst), Ok(ports)) = (
+        ctx.load::<RawAddr>(inner_off + 8),
+        ctx.load::<RawAddr>(inner_off + 24),
+        ctx.load::<[u16; 2]>(inner_l4),
+    ) else {
+        return Ok(OK);
+    };
+    key.src_addr = dst;
+    key.dst_addr = src;
+    let (inner_sport, inner_dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
+    key.src_port = inner_dport;
+    key.dst_port = inner_sport;
+    key.proto = inner_proto;
+    key.kind = CtKind::Reply as u8;
+    key._pad = [0; 2];
+    let now = conntrack::now_secs();
+    let Some(entry) = conntrack::lookup(key, now) else {
+        return Ok(OK);
+    };
+    // SAFETY: pointer from a successful lookup in this run.
+    let e = unsafe { &*entry };
+    let masq = e.flags & entry_flags::SNAT != 0;
+    let icmp_csum = (l4_off + 2) as u32;
+    // Inner packet: destination backend → frontend, source node → client.
+    replaced_v6(ctx, inner_off + 24, icmp_csum, &key.src_addr, &e.nat_addr)?;
+    replace_port(ctx, inner_l4 + 2, icmp_csum as usize, inner_dport, e.nat_port)?;
+    if masq {
+        replaced_v6(ctx, inner_off + 8, icmp_csum, &key.dst_addr, &e.snat_addr)?;
+        replace_port(ctx, inner_l4, icmp_csum as usize, inner_sport, e.snat_port)?;
+    }
+    // Outer header: an error from the backend itself comes from the
+    // frontend; one for a masqueraded flow goes to the client.
+    let from_backend = pkt.src == key.src_addr;
+    if from_backend {
+        replaced_v6(ctx, IP6_SRC_OFF, icmp_csum | PSEUDO, &pkt.src, &e.nat_addr)?;
+    }
+    if masq {
+        replaced_v6(ctx, IP6_DST_OFF, icmp_csum | PSEUDO, &pkt.dst, &e.snat_addr)?;
+    }
+    let src = if from_backend { &e.nat_addr } else { &pkt.src };
+    let dst = if masq { &e.snat_addr } else { &pkt.dst };
+    let egress = forward::route(ctx, pkt, src, dst, 0, 0, false).map(|r| r.ifindex);
     forward::forward(ctx, pkt, egress)
 }

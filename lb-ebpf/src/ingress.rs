@@ -27,8 +27,11 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = parse::parse(ctx)? else {
         return Ok(OK);
     };
-    if pkt.proto == lb_common::proto::ICMP {
-        return icmp::translate_error(ctx, &pkt);
+    if pkt.proto == proto::ICMP {
+        return icmp::translate_error(ctx, pkt);
+    }
+    if pkt.proto == proto::ICMPV6 {
+        return icmp::translate_error_v6(ctx, pkt);
     }
     // Each step is its own BPF function called from here, never from each
     // other: the 512-byte stack limit counts every frame of a call chain.

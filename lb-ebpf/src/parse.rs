@@ -253,7 +253,7 @@ fn parse_v6(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<bool, DropReason> 
             _ => break,
         }
     }
-    if next != proto::TCP && next != proto::UDP {
+    if next != proto::TCP && next != proto::UDP && next != proto::ICMPV6 {
         return Ok(false);
     }
     // SAFETY: bounds checked by ptr_at above (the fixed header).
@@ -272,8 +272,8 @@ fn parse_v6(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<bool, DropReason> 
 /// The L4 ports (and TCP flags) at `pkt.l4_off`.
 #[inline(always)]
 fn ports(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<(), DropReason> {
-    // TCP header; UDP header; ICMP header (for ICMP, `sport` holds type and
-    // code, `dport` the checksum).
+    // TCP header; UDP header; ICMP / ICMPv6 header (for those, `sport`
+    // holds type and code, `dport` the checksum).
     let l4_off = pkt.l4_off;
     let min_l4 = if pkt.proto == proto::TCP { 20 } else { 8 };
     if l4_off + min_l4 > ctx.data_end() - ctx.data() {

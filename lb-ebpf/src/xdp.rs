@@ -29,7 +29,11 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(XDP_PASS);
     };
     // Long IPv6 extension header chains are TC's (see MAX_XDP_L4_OFF_V6).
-    if pkt.proto == proto::ICMP || pkt.fragment != Fragment::None || (pkt.v6 && pkt.l4_off > nat::MAX_XDP_L4_OFF_V6) {
+    if pkt.proto == proto::ICMP
+        || pkt.proto == proto::ICMPV6
+        || pkt.fragment != Fragment::None
+        || (pkt.v6 && pkt.l4_off > nat::MAX_XDP_L4_OFF_V6)
+    {
         return Ok(XDP_PASS);
     }
     if let Some(svc) = select::lookup_service(&pkt)
