@@ -1912,12 +1912,12 @@ fn icmpv6_errors_about_nated_flows_are_translated_back_and_ndp_is_untouched() {
     let (_, to_backend) = h.run(&udp6(ip6(CLIENT6, VIP6), 50100, 53));
     let quoted = &to_backend[14..14 + 40 + 8];
     let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
-    let (action, out) = h.run(&icmp6_error(BACKEND6, CLIENT6, unreachable.clone(), quoted, 64));
+    let (action, out) = h.run(&icmp6_error(BACKEND6, CLIENT6, unreachable, quoted, 64));
     assert_eq!(action, TC_ACT_REDIRECT);
     let want = icmp6_error(
         VIP6,
         CLIENT6,
-        unreachable.clone(),
+        unreachable,
         &requote6(quoted, CLIENT6, 50100, VIP6, 53),
         63,
     );
@@ -1928,7 +1928,7 @@ fn icmpv6_errors_about_nated_flows_are_translated_back_and_ndp_is_untouched() {
     let quoted = &to_backend[14..14 + 40 + 20];
     let router = v6(0x18, 1, 1);
     let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
-    let (action, out) = h.run(&icmp6_error(router, NODE_ADDR6, too_big.clone(), quoted, 64));
+    let (action, out) = h.run(&icmp6_error(router, NODE_ADDR6, too_big, quoted, 64));
     assert_eq!(action, TC_ACT_REDIRECT);
     let want = icmp6_error(
         router,
