@@ -53,25 +53,46 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// connect() of host-network sockets: frontend → backend.
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    sock::to_backend(&ctx)
+    sock::to_backend(&ctx, false)
 }
 
 /// sendmsg() of unconnected host-network UDP sockets: frontend → backend.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::to_backend(&ctx)
+    sock::to_backend(&ctx, false)
 }
 
 /// recvmsg() of host-network UDP sockets: backend shown as the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::to_frontend(&ctx)
+    sock::to_frontend(&ctx, false)
 }
 
 /// getpeername() of host-network sockets: backend shown as the frontend.
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::to_frontend(&ctx)
+    sock::to_frontend(&ctx, false)
+}
+
+/// The same four for IPv6 sockets (also IPv4-mapped addresses on them).
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx, true)
 }
 
 #[cfg(not(test))]

@@ -50,7 +50,7 @@ pub fn hash_words(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 
 /// An address's four words XORed (an IPv4-mapped address folds to its
 /// IPv4 word xor the mapping prefix: still one value per address).
 #[inline(always)]
-fn fold(a: &RawAddr) -> u32 {
+pub fn fold(a: &RawAddr) -> u32 {
     let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
     w(0) ^ w(4) ^ w(8) ^ w(12)
 }

@@ -135,6 +135,7 @@ enum From {
     /// The same clients, from their IPv6 addresses.
     External6(usize),
     Pod6(&'static str),
+    Host6(usize),
 }
 
 struct Case {
@@ -155,6 +156,7 @@ fn source_ns(c: &Cluster, from: From) -> (&Netns, IpAddr) {
         From::Host(i) => (&c.nodes[i].ns, c.nodes[i].addr.into()),
         From::External6(i) => (&c.externals[i].1, c.externals6[i].into()),
         From::Pod6(name) => (&c.pod(name).ns, c.pod(name).ip6.into()),
+        From::Host6(i) => (&c.nodes[i].ns, c.nodes[i].addr6.into()),
     }
 }
 
@@ -585,6 +587,12 @@ fn ipv6_and_dual_stack(xdp: XdpMode) {
             from: From::Pod6("web-2a"),
             to: to(vip6(0x40), 8080),
             want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "IPv6 host process → IPv6 ClusterIP (socket hooks)",
+            from: From::Host6(1),
+            to: to(vip6(0x10), 8080),
+            want: Want::Pods(both, Seen::Node(1)),
         },
         Case {
             name: "IPv6 service without endpoints: refused (ICMPv6 port unreachable)",

@@ -15,7 +15,16 @@ use tracing::info;
 use super::Datapath;
 
 /// The socket hook programs in the object.
-pub const SOCK_PROGRAMS: [&str; 4] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4", "lb_getpeername4"];
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+    "lb_connect6",
+    "lb_sendmsg6",
+    "lb_recvmsg6",
+    "lb_getpeername6",
+];
 
 /// Where cgroup2 is mounted when the system has no cgroup2 mount.
 const OWN_CGROUP2: &str = "/run/lb-agent/cgroup2";
