@@ -68,6 +68,17 @@ enum Object {
 pub struct ManifestSource {
     path: PathBuf,
     last_good: BTreeMap<PathBuf, BTreeMap<ObjectRef, Object>>,
+    /// A hash of each file's text when it last parsed cleanly: an
+    /// unchanged file is not parsed again (a change to one small file beside
+    /// a large one costs only the small one's parse).
+    stamps: BTreeMap<PathBuf, u64>,
+}
+
+fn content_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 impl ManifestSource {
@@ -75,6 +86,7 @@ impl ManifestSource {
         ManifestSource {
             path: path.into(),
             last_good: BTreeMap::new(),
+            stamps: BTreeMap::new(),
         }
     }
 
@@ -101,18 +113,34 @@ impl ManifestSource {
             }
         };
         let mut next = BTreeMap::new();
+        let mut stamps = BTreeMap::new();
         for file in files {
             let previous = self.last_good.remove(&file).unwrap_or_default();
-            let objects = match std::fs::read_to_string(&file) {
-                Ok(text) => parse_file(&file, &text, &previous, &mut errors),
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
                 Err(e) => {
                     errors.push(file_error(&file, format!("cannot read: {e}")));
-                    previous
+                    next.insert(file, previous);
+                    continue;
                 }
             };
+            let hash = content_hash(&text);
+            if self.stamps.get(&file) == Some(&hash) {
+                stamps.insert(file.clone(), hash);
+                next.insert(file, previous);
+                continue;
+            }
+            let errors_before = errors.len();
+            let objects = parse_file(&file, &text, &previous, &mut errors);
+            // Only a clean parse is remembered: a file with errors is parsed
+            // (and its errors reported) again next time.
+            if errors.len() == errors_before {
+                stamps.insert(file.clone(), hash);
+            }
             next.insert(file, objects);
         }
         self.last_good = next;
+        self.stamps = stamps;
         (self.snapshot(), errors)
     }
 
