@@ -79,8 +79,13 @@ fn ip_header(ip: &Ip) -> IpHeaders {
 }
 
 fn tcp(ip: Ip, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
+    tcp_over(ip_header(&ip), sport, dport, flags)
+}
+
+/// A TCP segment (fixed sequence numbers and payload) over `ip`, either family.
+fn tcp_over(ip: IpHeaders, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ip(ip_header(&ip))
+        .ip(ip)
         .tcp(sport, dport, 1000, 64240);
     let b = match flags {
         Tcp::Syn => b.syn(),
@@ -94,9 +99,12 @@ fn tcp(ip: Ip, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
 }
 
 fn udp(ip: Ip, sport: u16, dport: u16) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ip(ip_header(&ip))
-        .udp(sport, dport);
+    udp_over(ip_header(&ip), sport, dport)
+}
+
+/// A UDP datagram (fixed payload) over `ip`, either family.
+fn udp_over(ip: IpHeaders, sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip).udp(sport, dport);
     let payload = b"query";
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).unwrap();
@@ -1663,28 +1671,11 @@ impl Ip6 {
 }
 
 fn tcp6(ip: Ip6, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ip(ip.headers())
-        .tcp(sport, dport, 1000, 64240);
-    let b = match flags {
-        Tcp::Syn => b.syn(),
-        Tcp::SynAck => b.syn().ack(1001),
-        Tcp::Ack => b.ack(1001),
-    };
-    let payload = b"GET / HTTP/1.0\r\n\r\n";
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).unwrap();
-    out
+    tcp_over(ip.headers(), sport, dport, flags)
 }
 
 fn udp6(ip: Ip6, sport: u16, dport: u16) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ip(ip.headers())
-        .udp(sport, dport);
-    let payload = b"query";
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).unwrap();
-    out
+    udp_over(ip.headers(), sport, dport)
 }
 
 fn service_port6(vip: [u8; 16], port: u16, protocol: Protocol, backends: &[([u8; 16], u16)]) -> ServicePort {
