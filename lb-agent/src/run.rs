@@ -458,3 +458,36 @@ fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, genera
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_addresses_select_per_family_and_cluster_cidrs_count_per_family() {
+        let settings = NodeSettings {
+            name: "node-1".into(),
+            addrs: ["198.18.0.11", "198.18.16.1", "fd00:198:18::11", "fd00:198:18:16::1"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            nodeport_cidrs: vec!["198.18.0.0/24".parse().unwrap(), "fd00:198:18::/64".parse().unwrap()],
+            masquerade_all: false,
+            cluster_cidr_known: FamilyFlags::holding(
+                ["198.18.16.0/20".parse::<Cidr>().unwrap()].iter().map(|c| &c.addr),
+            ),
+            maglev_table_size: 0,
+            maglev_default: false,
+        };
+        let ctx = settings.context(&Snapshot::default());
+        let want: Vec<std::net::IpAddr> = ["198.18.0.11", "fd00:198:18::11"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(
+            ctx.nodeport_addrs, want,
+            "IPv4 and IPv6 --nodeport-addresses, no localhost"
+        );
+        assert!(ctx.cluster_cidr_known.v4 && !ctx.cluster_cidr_known.v6);
+    }
+}
