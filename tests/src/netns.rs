@@ -60,6 +60,25 @@ impl Netns {
         c
     }
 
+    /// Loads `rules` (iptables-save format) with `tool` (e.g.
+    /// `iptables-nft-restore`, plus `args` such as `--noflush`) in this namespace.
+    pub fn iptables_restore(&self, tool: &str, args: &[&str], rules: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = self
+            .command(tool)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {tool}"))?;
+        child.stdin.take().context("stdin")?.write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         run(self.command("sysctl").args(["-qw", &format!("{key}={value}")])).map(|_| ())
     }

@@ -8,6 +8,28 @@ fn sh(ns: &Netns, program: &str, args: &[&str]) {
     run(ns.command(program).args(args)).unwrap_or_else(|e| panic!("{program} {args:?}: {e:#}"));
 }
 
+/// kube-proxy's kind of rules (nat: portals, a service, an endpoint, the
+/// masquerade chains; filter: KUBE-FORWARD) and somebody else's rule.
+const RULES: &str = r#"*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-ABCDEF - [0:0]
+:KUBE-SEP-GHIJKL - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -j KUBE-SERVICES
+-A POSTROUTING -j KUBE-POSTROUTING
+-A KUBE-SERVICES -d 198.19.0.10/32 -p tcp --dport 8080 -j KUBE-SVC-ABCDEF
+-A KUBE-SVC-ABCDEF -j KUBE-SEP-GHIJKL
+-A KUBE-SEP-GHIJKL -p tcp -j DNAT --to-destination 198.18.1.11:80
+-A POSTROUTING -s 198.18.9.0/24 -j MASQUERADE
+COMMIT
+*filter
+:KUBE-FORWARD - [0:0]
+-A FORWARD -j KUBE-FORWARD
+COMMIT
+"#;
+
 fn rules(ns: &Netns, save: &str) -> String {
     let out = run(&mut ns.command(save)).unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -16,90 +38,8 @@ fn rules(ns: &Netns, save: &str) -> String {
 #[test]
 fn kube_proxy_chains_and_tables_are_removed_and_others_kept() {
     let ns = Netns::create(&format!("lbt-{}-kp", std::process::id())).unwrap();
-    for ipt in ["iptables-legacy", "iptables-nft"] {
-        for chain in [
-            "KUBE-SERVICES",
-            "KUBE-SVC-ABCDEF",
-            "KUBE-SEP-GHIJKL",
-            "KUBE-MARK-MASQ",
-            "KUBE-POSTROUTING",
-        ] {
-            sh(&ns, ipt, &["-t", "nat", "-N", chain]);
-        }
-        sh(
-            &ns,
-            ipt,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-m",
-                "comment",
-                "--comment",
-                "kubernetes service portals",
-                "-j",
-                "KUBE-SERVICES",
-            ],
-        );
-        sh(&ns, ipt, &["-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES"]);
-        sh(&ns, ipt, &["-t", "nat", "-A", "POSTROUTING", "-j", "KUBE-POSTROUTING"]);
-        sh(
-            &ns,
-            ipt,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "KUBE-SERVICES",
-                "-d",
-                "198.19.0.10/32",
-                "-p",
-                "tcp",
-                "--dport",
-                "8080",
-                "-j",
-                "KUBE-SVC-ABCDEF",
-            ],
-        );
-        sh(
-            &ns,
-            ipt,
-            &["-t", "nat", "-A", "KUBE-SVC-ABCDEF", "-j", "KUBE-SEP-GHIJKL"],
-        );
-        sh(
-            &ns,
-            ipt,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "KUBE-SEP-GHIJKL",
-                "-p",
-                "tcp",
-                "-j",
-                "DNAT",
-                "--to-destination",
-                "198.18.1.11:80",
-            ],
-        );
-        sh(&ns, ipt, &["-t", "filter", "-N", "KUBE-FORWARD"]);
-        sh(&ns, ipt, &["-t", "filter", "-A", "FORWARD", "-j", "KUBE-FORWARD"]);
-        // Somebody else's rule: stays.
-        sh(
-            &ns,
-            ipt,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-s",
-                "198.18.9.0/24",
-                "-j",
-                "MASQUERADE",
-            ],
-        );
+    for restore in ["iptables-legacy-restore", "iptables-nft-restore"] {
+        ns.iptables_restore(restore, &[], RULES).unwrap();
     }
     sh(&ns, "nft", &["add", "table", "ip", "kube-proxy"]);
     sh(&ns, "nft", &["add", "chain", "ip", "kube-proxy", "services"]);

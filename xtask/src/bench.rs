@@ -20,7 +20,7 @@
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -211,22 +211,6 @@ fn one_service_update(i: usize, pods: &[(String, Ipv4Addr)]) -> String {
     service_chains(&mut r, i, pods);
     r.push_str("COMMIT\n");
     r
-}
-
-fn iptables_restore(ns: &lb_tests::netns::Netns, tool: &str, args: &[&str], rules: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = ns
-        .command(tool)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().context("stdin")?.write_all(rules.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
 
 /// What one (datapath, N) case measured; `None`: not applicable.
@@ -459,12 +443,9 @@ fn iptables_changes(
     for k in 0..ENDPOINT_CHANGES {
         let endpoints = if k % 2 == 0 { &pods[..pods.len() - 1] } else { pods };
         let t = Instant::now();
-        iptables_restore(
-            &sandbox.node,
-            tool,
-            &["--noflush"],
-            &one_service_update(n - 1, endpoints),
-        )?;
+        sandbox
+            .node
+            .iptables_restore(tool, &["--noflush"], &one_service_update(n - 1, endpoints))?;
         took.push(t.elapsed());
     }
     took.sort();
@@ -518,7 +499,7 @@ fn run_case(dp: Datapath, n: usize, largest: bool, seconds: f64) -> anyhow::Resu
             } else {
                 "iptables-legacy-restore"
             };
-            iptables_restore(&sandbox.node, tool, &[], &iptables_rules(n, &pods))?;
+            sandbox.node.iptables_restore(tool, &[], &iptables_rules(n, &pods))?;
             None
         }
         Datapath::Plain | Datapath::Ceiling => None,
