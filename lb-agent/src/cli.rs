@@ -396,6 +396,28 @@ mod tests {
     }
 
     #[test]
+    fn xdp_settings_and_the_deploy_config_parse() {
+        let args = run_args(
+            &[],
+            "xdpMode: native\nxdpInterfaces: [eth0]\nxdpRedirectInterfaces: ['veth*']\n",
+        )
+        .unwrap();
+        assert_eq!(args.xdp_mode, XdpModeArg::Native);
+        assert_eq!(args.xdp_interfaces, ["eth0"]);
+        assert_eq!(args.xdp_redirect_interfaces, ["veth*"]);
+        assert!(run_args(&[], "xdpMode: fast\n").is_err(), "unknown XDP mode refused");
+        // The ConfigMap's config.yaml of the DaemonSet manifest.
+        let deploy = include_str!("../../deploy/lb-agent.yaml");
+        let config = deploy
+            .split("---\n")
+            .filter_map(|doc| serde_norway::from_str::<serde_norway::Value>(doc).ok())
+            .find_map(|doc| doc["data"]["config.yaml"].as_str().map(String::from))
+            .expect("deploy/lb-agent.yaml has a ConfigMap with config.yaml");
+        let args = run_args(&[], &config).unwrap();
+        assert_eq!(args.xdp_mode, XdpModeArg::Off);
+    }
+
+    #[test]
     fn verbosity_maps_klog_levels_and_is_accepted_after_the_subcommand() {
         let level = |argv: &[&str]| {
             Cli::try_parse_from(argv)
