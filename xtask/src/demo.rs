@@ -27,8 +27,25 @@ pub fn run() -> anyhow::Result<()> {
         .context("reading deploy/examples/net-test.yaml")?;
     sandbox.write_manifest("net-test.yaml", &example)?;
 
-    step("starting lb-agent in the node namespace on deploy/examples/net-test.yaml");
-    let agent = Agent::start(&sandbox, false)?;
+    // The client's veth plays the node's external interface: XDP (native)
+    // there, redirecting to the pods' veths (whose peers take XDP frames).
+    sandbox.wire_for_xdp()?;
+    let external = sandbox.client_host_if();
+    step(&format!(
+        "starting lb-agent in the node namespace on deploy/examples/net-test.yaml (TC on every interface, XDP on {external})"
+    ));
+    let args: Vec<std::ffi::OsString> = vec![
+        "--manifests".into(),
+        sandbox.manifests_dir.clone().into(),
+        "--xdp-mode".into(),
+        "native".into(),
+        "--xdp-interfaces".into(),
+        external.into(),
+        "--xdp-redirect-interfaces".into(),
+        "veth*".into(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let agent = Agent::start_with(&sandbox, &args, false)?;
 
     let http = SocketAddr::from((NGINX_VIP, 8080));
     step(&format!(
