@@ -140,9 +140,16 @@ fn relist_after_410_keeps_the_programmed_state() {
     let from = agent.log_position();
     let watches = api.watch_requests();
 
-    // History is compacted and watches dropped; a change lands meanwhile.
+    // History is compacted and watches dropped; a change lands meanwhile: a
+    // new service (not a removed endpoint, whose connections would be
+    // re-balanced mid-flight by design while the requests below run).
     api.expire_watches();
-    api.apply_yaml(&manifests::service(&nginx_service(&example_pods()[..2])));
+    let late = ServiceDef {
+        name: "late",
+        cluster_ip: std::net::Ipv4Addr::new(198, 19, 0, 50),
+        ..nginx_service(&example_pods())
+    };
+    api.apply_yaml(&manifests::service(&late));
 
     // The agent relists (its re-watch got 410) ...
     agent.wait_for_log(from, "listed", WAIT).unwrap();
@@ -150,8 +157,9 @@ fn relist_after_410_keeps_the_programmed_state() {
     // ... keeps serving throughout, and ends up with the change.
     assert_eq!(spread(&sandbox, 30).values().sum::<usize>(), 30);
     agent
-        .wait_for_services(|v| has(v, NGINX, &backends(&["198.18.1.11", "198.18.1.12"])), WAIT)
+        .wait_for_services(|v| has(v, "198.19.0.50:8080/TCP", &all), WAIT)
         .unwrap();
+    assert!(has(&agent.services().unwrap(), NGINX, &all), "relist changed NGINX");
     let view = agent.services().unwrap();
     assert!(
         view.contains_key("198.19.0.11:53/UDP"),
