@@ -6,7 +6,6 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use lb_common::{
@@ -17,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, forward,
+    conntrack, forward, nat,
     parse::{ETH_HDR_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, Packet, ptr_at},
 };
 
@@ -189,25 +188,16 @@ fn replace_v6(ctx: &TcContext, off: u32, csum_at: u32, old: &RawAddr, new: &RawA
     if old == new {
         return 0;
     }
-    let (mut o, mut n) = (*old, *new);
-    // SAFETY: both 16-byte buffers on our stack.
-    let diff = unsafe { bpf_csum_diff(o.as_mut_ptr() as *mut u32, 16, n.as_mut_ptr() as *mut u32, 16, 0) };
-    if diff < 0 {
-        return diff;
-    }
     let flags = if csum_at & PSEUDO != 0 {
         BPF_F_PSEUDO_HDR as u64
     } else {
         0
     };
-    if ctx
-        .l4_csum_replace((csum_at & !PSEUDO) as usize, 0, diff as u32 as u64, flags)
-        .is_err()
-        || ctx.store(off as usize, &n, 0).is_err()
-    {
-        return -1;
+    let csum_off = (csum_at & !PSEUDO) as usize;
+    match nat::rewrite_v6_addr(ctx, csum_off, off as usize, old, new, flags) {
+        Ok(()) => 0,
+        Err(_) => -1,
     }
-    0
 }
 
 #[inline(always)]

@@ -44,7 +44,14 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: &RawAddr, ne
                 Side::Destination => IP6_DST_OFF,
                 Side::Source => IP6_SRC_OFF,
             };
-            rewrite_v6_addr(ctx, csum_off, addr_off, old_addr, new_addr, mangled)?;
+            rewrite_v6_addr(
+                ctx,
+                csum_off,
+                addr_off,
+                old_addr,
+                new_addr,
+                BPF_F_PSEUDO_HDR as u64 | mangled,
+            )?;
         } else {
             let addr_off = match side {
                 Side::Destination => IP_DST_OFF,
@@ -76,13 +83,13 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: &RawAddr, ne
 /// An IPv6 address change: the L4 checksum takes the difference of the
 /// 16 bytes (`bpf_csum_diff`) as a pseudo-header update.
 #[inline(always)]
-fn rewrite_v6_addr(
+pub fn rewrite_v6_addr(
     ctx: &TcContext,
     csum_off: usize,
     addr_off: usize,
     old: &RawAddr,
     new: &RawAddr,
-    mangled: u64,
+    csum_flags: u64,
 ) -> Result<(), DropReason> {
     let (mut old_copy, mut new_copy) = (*old, *new);
     // SAFETY: both buffers are 16 bytes on our stack.
@@ -99,7 +106,7 @@ fn rewrite_v6_addr(
         return Err(DropReason::Rewrite);
     }
     // Size 0: `to` is a checksum difference, not a field value.
-    ctx.l4_csum_replace(csum_off, 0, diff as u32 as u64, BPF_F_PSEUDO_HDR as u64 | mangled)
+    ctx.l4_csum_replace(csum_off, 0, diff as u32 as u64, csum_flags)
         .map_err(|_| DropReason::Rewrite)?;
     ctx.store(addr_off, new, 0).map_err(|_| DropReason::Rewrite)
 }

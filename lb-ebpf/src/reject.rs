@@ -41,6 +41,29 @@ fn sum_words(bytes: &[u8]) -> u32 {
     sum
 }
 
+/// Turns the packet into the frame of an ICMP answer: keeps its first `keep`
+/// bytes (Ethernet, the original IP header, the quoted L4 bytes), opens room
+/// for a new IP header of `ip_hdr_len` and the ICMP header between Ethernet
+/// and the old IP header, and addresses the Ethernet header back to where
+/// the packet came from (`macs`: its destination then source MAC).
+#[inline(always)]
+fn reframe(ctx: &TcContext, macs: &[u8; 12], keep: usize, ip_hdr_len: usize, ethertype: u16) -> Result<(), DropReason> {
+    // SAFETY: helper calls on our own context; no packet pointer is held.
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, keep as u32, 0) != 0 {
+            return Err(DropReason::Rewrite);
+        }
+        if bpf_skb_adjust_room(ctx.skb.skb, (ip_hdr_len + ICMP_HDR_LEN) as i32, BPF_ADJ_ROOM_MAC, 0) != 0 {
+            return Err(DropReason::Rewrite);
+        }
+    }
+    let mut eth = [0u8; 14];
+    eth[..6].copy_from_slice(&macs[6..12]);
+    eth[6..12].copy_from_slice(&macs[..6]);
+    eth[12..].copy_from_slice(&ethertype.to_be_bytes());
+    ctx.store(0, &eth, 0).map_err(|_| DropReason::Rewrite)
+}
+
 /// Rewrites `pkt` into ICMP destination unreachable / port unreachable from
 /// its destination to its source; returns the redirect verdict.
 #[inline(never)]
@@ -66,25 +89,7 @@ fn port_unreachable_quoting<const QUOTED_L4: usize>(ctx: &TcContext, pkt: &Packe
     let macs: [u8; 12] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
     let quoted: [u8; QUOTED_L4] = ctx.load(pkt.l4_off).map_err(|_| DropReason::Truncated)?;
 
-    // Keep Ethernet + the original IP header + the quoted L4 bytes, then open
-    // room for the new IP and ICMP headers between Ethernet and the old IP header.
-    let keep = (pkt.l4_off + QUOTED_L4) as u32;
-    // SAFETY: helper calls on our own context; no packet pointer is held.
-    unsafe {
-        if bpf_skb_change_tail(ctx.skb.skb, keep, 0) != 0 {
-            return Err(DropReason::Rewrite);
-        }
-        if bpf_skb_adjust_room(ctx.skb.skb, (NEW_IP_HDR_LEN + ICMP_HDR_LEN) as i32, BPF_ADJ_ROOM_MAC, 0) != 0 {
-            return Err(DropReason::Rewrite);
-        }
-    }
-
-    // Ethernet: back where it came from.
-    let mut eth = [0u8; 14];
-    eth[..6].copy_from_slice(&macs[6..12]);
-    eth[6..12].copy_from_slice(&macs[..6]);
-    eth[12] = 0x08;
-    ctx.store(0, &eth, 0).map_err(|_| DropReason::Rewrite)?;
+    reframe(ctx, &macs, pkt.l4_off + QUOTED_L4, NEW_IP_HDR_LEN, 0x0800)?;
 
     // New IPv4 header: from the address the client tried, to the client.
     let tot_len = (NEW_IP_HDR_LEN + ICMP_HDR_LEN + ip_len + QUOTED_L4) as u16;
@@ -148,22 +153,7 @@ fn port_unreachable_v6<const QUOTED_L4: usize>(ctx: &TcContext, pkt: &Packet) ->
     if quoted_sum < 0 {
         return Err(DropReason::Rewrite);
     }
-    let keep = (ETH_HDR_LEN + IP6_HDR_LEN + QUOTED_L4) as u32;
-    // SAFETY: helper calls on our own context; no packet pointer is held.
-    unsafe {
-        if bpf_skb_change_tail(ctx.skb.skb, keep, 0) != 0 {
-            return Err(DropReason::Rewrite);
-        }
-        if bpf_skb_adjust_room(ctx.skb.skb, (IP6_HDR_LEN + ICMP_HDR_LEN) as i32, BPF_ADJ_ROOM_MAC, 0) != 0 {
-            return Err(DropReason::Rewrite);
-        }
-    }
-    let mut eth = [0u8; 14];
-    eth[..6].copy_from_slice(&macs[6..12]);
-    eth[6..12].copy_from_slice(&macs[..6]);
-    eth[12] = 0x86;
-    eth[13] = 0xdd;
-    ctx.store(0, &eth, 0).map_err(|_| DropReason::Rewrite)?;
+    reframe(ctx, &macs, ETH_HDR_LEN + IP6_HDR_LEN + QUOTED_L4, IP6_HDR_LEN, 0x86dd)?;
 
     // New IPv6 header: from the address the client tried, to the client.
     let payload_len = (ICMP_HDR_LEN + IP6_HDR_LEN + QUOTED_L4) as u16;
