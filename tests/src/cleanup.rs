@@ -76,21 +76,49 @@ pub fn on_interrupt() {
     });
 }
 
-/// Deletes sandboxes left behind by killed runs (names start with `prefix`).
+/// Deletes sandboxes left behind by killed runs (names start with `prefix`
+/// followed by the pid of the process that made them, `lbt-PID-…`).
+/// Sandboxes of processes still alive are left alone, so two test runs on
+/// one machine do not tear down each other's namespaces.
 pub fn sweep_stale(prefix: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or("");
-            if name.starts_with(prefix) {
+            if is_stale(name, prefix) {
                 let _ = Command::new("ip").args(["netns", "delete", name]).status();
             }
         }
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(prefix) {
+            if is_stale(&e.file_name().to_string_lossy(), prefix) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+/// Is `name` a sandbox of ours (`prefix` + pid) whose process is gone?
+/// Names without a pid are stale by definition.
+fn is_stale(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    pid.is_empty() || !std::path::Path::new("/proc").join(&pid).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_stale;
+
+    #[test]
+    fn only_sandboxes_of_dead_processes_are_stale() {
+        let me = std::process::id();
+        assert!(!is_stale(&format!("lbt-{me}-c3-node-1"), "lbt-"));
+        assert!(!is_stale("other-123", "lbt-"));
+        assert!(is_stale("lbt-x-node", "lbt-"));
+        // pid_max is at most 2^22: this pid cannot exist.
+        assert!(is_stale("lbt-99999999-c0-net", "lbt-"));
     }
 }
