@@ -617,11 +617,23 @@ pub struct ServicePort {
     pub table_size: u32,
     /// loadBalancerSourceRanges of a load-balancer frontend.
     pub source_ranges: Vec<Cidr>,
+    /// UDP ports only (empty otherwise): the addresses of every *serving*
+    /// endpoint of the port, on any node, terminating or not, whatever the
+    /// traffic policy or topology. After a sync, conntrack entries of this
+    /// frontend towards other addresses are cleared so their flows start
+    /// afresh (kube-proxy's CleanStaleEntries); while it is empty nothing
+    /// is cleared. TCP flows are never cleared: they end on their own.
+    pub udp_serving: BTreeSet<IpAddr>,
 }
 
 impl ServicePort {
-    /// A plain service port: no affinity, no masquerading, no source ranges.
+    /// A plain service port: no affinity, no masquerading, no source
+    /// ranges; its endpoints are all the serving ones.
     pub fn new(name: impl Into<String>, frontend: Frontend, endpoints: BTreeSet<Endpoint>) -> Self {
+        let udp_serving = match frontend.protocol {
+            Protocol::Udp => endpoints.iter().map(|e| e.ip).collect(),
+            _ => BTreeSet::new(),
+        };
         ServicePort {
             name: name.into(),
             frontend,
@@ -630,6 +642,7 @@ impl ServicePort {
             flags: 0,
             table_size: 0,
             source_ranges: Vec::new(),
+            udp_serving,
         }
     }
 }
@@ -825,6 +838,11 @@ impl Model {
                                 None => node.default_table_size,
                             },
                             source_ranges,
+                            udp_serving: if sp.protocol == Protocol::Udp {
+                                serving_addresses(&candidates)
+                            } else {
+                                BTreeSet::new()
+                            },
                         },
                     );
                 }
@@ -945,6 +963,16 @@ fn merged_endpoints<'a>(
 
 fn select(candidates: &[Candidate<'_>], keep: impl Fn(&Candidate<'_>) -> bool) -> BTreeSet<Endpoint> {
     candidates.iter().filter(|c| keep(c)).map(|c| c.endpoint).collect()
+}
+
+/// Addresses of the serving endpoints (ready or terminating), as
+/// kube-proxy's conntrack cleanup counts them.
+fn serving_addresses(candidates: &[Candidate<'_>]) -> BTreeSet<IpAddr> {
+    candidates
+        .iter()
+        .filter(|c| c.spec.serving)
+        .map(|c| c.endpoint.ip)
+        .collect()
 }
 
 /// Ready endpoints (within the topology, if hints apply), else
@@ -1376,6 +1404,59 @@ mod tests {
             let want = c.want.map(|w| w.iter().map(|s| s.to_string()).collect::<Vec<_>>());
             assert_eq!(got, want, "case: {}", c.name);
         }
+    }
+
+    /// kube-proxy's conntrack cleanup counts every *serving* endpoint of a
+    /// UDP port — terminating ones included, whatever the node, the
+    /// traffic policy or the hints — and never looks at TCP ports.
+    #[test]
+    fn udp_serving_set_is_every_serving_endpoint_regardless_of_policy() {
+        let dns = port("dns", 53, Protocol::Udp, TargetPort::Number(5353));
+        let service = ServiceSpec {
+            internal_local: true,
+            ..svc(vec![dns, http()])
+        };
+        let eps = vec![
+            Ep::new("198.18.1.1", NODE),
+            Ep::new("198.18.2.1", "node-2"),
+            Ep::new("198.18.1.2", NODE).terminating(true),
+            Ep::new("198.18.1.3", NODE).terminating(false),
+            Ep::new("198.18.1.4", NODE).not_ready(),
+        ];
+        let slices = vec![slice(
+            "s",
+            vec![
+                sport("dns", Some(5353), Protocol::Udp),
+                sport("http", Some(80), Protocol::Tcp),
+            ],
+            eps,
+        )];
+        let snapshot = Snapshot {
+            services: vec![service],
+            slices,
+            nodes: vec![],
+        };
+        let node = NodeContext {
+            name: NODE.into(),
+            ..Default::default()
+        };
+        let (model, _) = Model::build(&snapshot, &node);
+        let at = |port, protocol| {
+            &model.services[&Frontend {
+                ip: VIP.parse().unwrap(),
+                port,
+                protocol,
+            }]
+        };
+        let udp = at(53, Protocol::Udp);
+        let ips = |l: &[&str]| l.iter().map(|ip| ip.parse().unwrap()).collect::<BTreeSet<IpAddr>>();
+        assert_eq!(udp.udp_serving, ips(&["198.18.1.1", "198.18.1.2", "198.18.2.1"]));
+        assert_eq!(
+            udp.endpoints.iter().map(|e| e.ip).collect::<BTreeSet<_>>(),
+            ips(&["198.18.1.1"]),
+            "new flows: local ready endpoints only"
+        );
+        assert!(at(8080, Protocol::Tcp).udp_serving.is_empty());
     }
 
     #[test]

@@ -430,15 +430,19 @@ fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, genera
     let started = Instant::now();
     match syncer.sync(&mut datapath.maps, model) {
         Ok(report) => {
-            let retired = syncer.take_retired_backends();
-            match datapath.maps.purge_conntrack(&retired) {
+            let stale = syncer.take_stale_udp_flows();
+            match datapath.maps.clear_stale_udp_flows(&stale) {
                 Ok(0) => {}
                 Ok(n) => info!(
-                    backends = retired.len(),
+                    service_ports = stale.len(),
                     entries = n,
-                    "purged conntrack entries of removed backends"
+                    "cleared UDP conntrack entries of endpoints no longer serving"
                 ),
-                Err(e) => warn!("conntrack purge failed (flows still move: the datapath checks backends): {e}"),
+                Err(e) => {
+                    // A full resync looks at every UDP port again.
+                    warn!("clearing stale UDP conntrack entries failed (retried by a full resync): {e}");
+                    syncer.request_full_resync();
+                }
             }
             info!(
                 upserted = report.upserted,

@@ -3,9 +3,11 @@
 //! Order per service port, so the datapath never sees half a list:
 //! backends first, then the complete slot list under a new revision, then
 //! the SERVICES value that switches to it in one update, and only then the
-//! old revision's slots and the removed backends. A removed backend's id is
-//! deleted, which moves its established flows (conntrack checks it) — as
-//! kube-proxy's flush of stale UDP conntrack entries does.
+//! old revision's slots and the removed backends. A removed backend only
+//! leaves the choice of new flows: established flows keep it (their
+//! conntrack entries hold its address), as under kube-proxy. UDP flows to
+//! addresses that stopped *serving* are reported (`take_stale_udp_flows`)
+//! for the caller to clear, like kube-proxy's CleanStaleEntries.
 //!
 //! If anything fails, the next sync is a full resync: every service port is
 //! written again and map entries nobody owns are swept.
@@ -222,6 +224,10 @@ impl Programmed {
     }
 }
 
+/// UDP service ports to clear stale flows of: service id → the addresses
+/// of their serving endpoints (flows to any other address go).
+pub type StaleUdpFlows = BTreeMap<u32, BTreeSet<RawAddr>>;
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
     pub upserted: usize,
@@ -235,9 +241,9 @@ pub struct Syncer {
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     needs_full_resync: bool,
-    /// Backends deleted since the last `take_retired_backends`: their
-    /// conntrack entries are to be purged.
-    retired_backends: Vec<BackendId>,
+    /// UDP service ports whose conntrack entries must be checked since the
+    /// last `take_stale_udp_flows`: service id → serving addresses.
+    stale_udp: StaleUdpFlows,
     /// Cluster IPs with an address marker in SERVICES.
     markers: BTreeSet<IpAddr>,
 }
@@ -280,7 +286,7 @@ impl Syncer {
             service_ids: IdAllocator::new(max_services, "service ids", "raise --max-services"),
             backend_ids: IdAllocator::new(max_backends, "backend ids", "raise --max-backends"),
             needs_full_resync: true,
-            retired_backends: Vec::new(),
+            stale_udp: StaleUdpFlows::new(),
             markers: BTreeSet::new(),
         }
     }
@@ -297,6 +303,7 @@ impl Syncer {
         .and_then(|report| self.sync_markers(maps, model, full).map(|()| report));
         match result {
             Ok(mut report) => {
+                self.note_stale_udp_flows(model, full);
                 self.applied = model.clone();
                 self.needs_full_resync = false;
                 report.full = full;
@@ -498,15 +505,38 @@ impl Syncer {
             .map(|(f, p)| (f, p.service_id, p.backends.iter().map(|(e, id)| (*e, *id)).collect()))
     }
 
-    /// Backends removed by the syncs since the last call.
-    pub fn take_retired_backends(&mut self) -> Vec<BackendId> {
-        std::mem::take(&mut self.retired_backends)
+    /// UDP service ports whose flows to non-serving addresses are to be
+    /// cleared, since the last call: service id → serving addresses.
+    pub fn take_stale_udp_flows(&mut self) -> StaleUdpFlows {
+        std::mem::take(&mut self.stale_udp)
+    }
+
+    /// kube-proxy's CleanStaleEntries, per sync: a UDP service port that
+    /// has serving endpoints gets its flows to any other address cleared.
+    /// A partial sync only looks at ports that lost a serving address (no
+    /// other entry can point elsewhere); a full one (start-up, periodic)
+    /// at every UDP port, which also catches what changed while no agent ran.
+    fn note_stale_udp_flows(&mut self, model: &Model, full: bool) {
+        for (f, sp) in &model.services {
+            if sp.udp_serving.is_empty() {
+                continue;
+            }
+            let lost = full
+                || self
+                    .applied
+                    .services
+                    .get(f)
+                    .is_some_and(|old| !old.udp_serving.is_subset(&sp.udp_serving));
+            if lost && let Some(p) = self.programmed.get(f) {
+                self.stale_udp
+                    .insert(p.service_id, sp.udp_serving.iter().map(|&ip| raw_addr(ip)).collect());
+            }
+        }
     }
 
     fn retire_backend(&mut self, maps: &mut impl DatapathMaps, id: BackendId) -> Result<(), SyncError> {
         maps.delete_backend(id)?;
         self.backend_ids.free(id);
-        self.retired_backends.push(id);
         Ok(())
     }
 
@@ -1001,5 +1031,63 @@ mod tests {
             "a reused id is reported for counter reset"
         );
         assert!(matches!(ids.alloc(), Err(SyncError::IdsExhausted { limit: 3, .. })));
+    }
+    /// Which UDP service ports get their stale flows cleared after a sync
+    /// (kube-proxy's CleanStaleEntries): every UDP port with serving
+    /// endpoints on a full sync; on a partial one only ports that lost a
+    /// serving address. TCP ports never.
+    #[test]
+    fn stale_udp_flows_are_reported_for_ports_that_lost_a_serving_address() {
+        let udp = |ip: &str| Frontend {
+            protocol: Protocol::Udp,
+            ..frontend(ip, 53)
+        };
+        let (dns, other, web) = (udp("198.19.0.10"), udp("198.19.0.11"), frontend("198.19.0.12", 80));
+        let ips = |l: &[&str]| -> BTreeSet<RawAddr> { l.iter().map(|ip| raw_addr(ip.parse().unwrap())).collect() };
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let m = model(&[
+            (dns, &["198.18.1.1", "198.18.1.2"]),
+            (other, &["198.18.1.3"]),
+            (web, &["198.18.1.4"]),
+        ]);
+        syncer.sync(&mut maps, &m).unwrap();
+        let id = |s: &Syncer, f: &Frontend| s.programmed[f].service_id;
+        assert_eq!(
+            syncer.take_stale_udp_flows(),
+            BTreeMap::from([
+                (id(&syncer, &dns), ips(&["198.18.1.1", "198.18.1.2"])),
+                (id(&syncer, &other), ips(&["198.18.1.3"]))
+            ]),
+            "the first (full) sync checks every UDP port"
+        );
+
+        // .2 turns terminating (still serving): no longer a backend, but its flows stay.
+        let mut terminating = m.clone();
+        let sp = terminating.services.get_mut(&dns).unwrap();
+        sp.endpoints = eps(&["198.18.1.1"]);
+        syncer.sync(&mut maps, &terminating).unwrap();
+        assert!(syncer.take_stale_udp_flows().is_empty());
+
+        // .2 stops serving: its flows go; the other ports are not looked at.
+        let mut gone = terminating.clone();
+        gone.services.get_mut(&dns).unwrap().udp_serving = ips_of(&["198.18.1.1"]);
+        syncer.sync(&mut maps, &gone).unwrap();
+        assert_eq!(
+            syncer.take_stale_udp_flows(),
+            BTreeMap::from([(id(&syncer, &dns), ips(&["198.18.1.1"]))])
+        );
+
+        // The last serving endpoint goes: nothing to clear (kube-proxy too).
+        let mut empty = gone.clone();
+        let sp = empty.services.get_mut(&dns).unwrap();
+        sp.endpoints.clear();
+        sp.udp_serving.clear();
+        syncer.sync(&mut maps, &empty).unwrap();
+        assert!(syncer.take_stale_udp_flows().is_empty());
+    }
+
+    fn ips_of(l: &[&str]) -> BTreeSet<IpAddr> {
+        l.iter().map(|ip| ip.parse().unwrap()).collect()
     }
 }

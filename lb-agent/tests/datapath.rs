@@ -571,7 +571,7 @@ fn client_ip_affinity_keeps_a_client_on_one_backend() {
 }
 
 #[test]
-fn established_flow_stays_on_its_backend_until_that_backend_is_removed() {
+fn established_tcp_flow_keeps_its_backend_after_it_leaves_the_service() {
     let b = |last| ([198, 18, 1, last], 80);
     let three = model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(11), b(12), b(13)])]);
     let mut h = Harness::new(&three);
@@ -591,14 +591,42 @@ fn established_flow_stays_on_its_backend_until_that_backend_is_removed() {
         assert_eq!(backend_of(&mut h, 45000, Tcp::Ack), first, "established flow moved");
     }
 
-    // Its backend goes away: the flow is balanced again, onto a live backend.
+    // Its backend leaves the service (terminating, then removed from the
+    // slice): the connection keeps reaching it, both directions, exactly
+    // translated, as nf_conntrack keeps a removed endpoint's flows.
     let without = model(vec![service_port(VIP, 8080, Protocol::Tcp, &[b(others[0]), b(20)])]);
     h.sync(&without);
-    let moved = backend_of(&mut h, 45000, Tcp::Ack);
-    assert!(
-        moved == [198, 18, 1, others[0]] || moved == [198, 18, 1, 20],
-        "moved to {moved:?}"
+    for _ in 0..5 {
+        check(
+            &mut h,
+            Case {
+                name: "forward packet of the flow still goes to the retired backend",
+                input: tcp(ip(CLIENT, VIP), 45000, 8080, Tcp::Ack),
+                expect: Expect::Rewritten(tcp(ip(CLIENT, first).forwarded(), 45000, 80, Tcp::Ack)),
+            },
+        );
+        check(
+            &mut h,
+            Case {
+                name: "the retired backend's reply still comes from the VIP",
+                input: tcp(ip(first, CLIENT), 80, 45000, Tcp::Ack),
+                expect: Expect::Rewritten(tcp(ip(VIP, CLIENT).forwarded(), 8080, 45000, Tcp::Ack)),
+            },
+        );
+    }
+    // New flows never pick it.
+    let picked: BTreeSet<[u8; 4]> = (46000..46100)
+        .map(|sport| backend_of(&mut h, sport, Tcp::Syn))
+        .collect();
+    assert_eq!(
+        picked,
+        BTreeSet::from([[198, 18, 1, others[0]], [198, 18, 1, 20]]),
+        "new flows over the live backends only"
     );
+    // A TCP flow is never cleared by the UDP cleanup.
+    let stale = h.syncer.take_stale_udp_flows();
+    assert!(stale.is_empty(), "no UDP port: {stale:?}");
+    assert_eq!(backend_of(&mut h, 45000, Tcp::Ack), first);
 }
 
 #[test]
@@ -627,11 +655,20 @@ fn new_flows_spread_over_all_backends() {
     assert_eq!(h.datapath.maps.service_counter(1).unwrap().packets, 300);
 }
 
+/// kube-proxy's CleanStaleEntries: a UDP flow stays on an endpoint while it
+/// is *serving* (terminating included), and is cleared the moment it stops
+/// serving, so its next datagram goes to a serving endpoint.
 #[test]
-fn removed_backend_moves_its_udp_flows_at_once_and_its_conntrack_is_purged() {
+fn udp_flows_stay_while_their_endpoint_serves_and_move_when_it_stops() {
     let b = |last| ([198, 18, 1, last], 5353);
     let mut dns = service_port(UDP_VIP, 53, Protocol::Udp, &[b(11), b(12)]);
     let mut h = Harness::new(&model(vec![dns.clone()]));
+    // What the agent's sync loop does after each sync.
+    let sync = |h: &mut Harness, sp: &ServicePort| -> usize {
+        h.sync(&model(vec![sp.clone()]));
+        let stale = h.syncer.take_stale_udp_flows();
+        h.datapath.maps.clear_stale_udp_flows(&stale).unwrap()
+    };
     let send = |h: &mut Harness| -> [u8; 4] {
         let (action, out) = h.run(&udp(ip(CLIENT, UDP_VIP), 50000, 53));
         assert_eq!(action, TC_ACT_REDIRECT);
@@ -640,17 +677,26 @@ fn removed_backend_moves_its_udp_flows_at_once_and_its_conntrack_is_purged() {
     let first = send(&mut h);
     assert_eq!(send(&mut h), first, "the UDP flow sticks to its backend");
 
+    // Terminating but serving: no longer chosen for new flows, and the
+    // flow keeps it.
     dns.endpoints.retain(|e| e.ip != v4(first));
-    h.sync(&model(vec![dns]));
-    let retired = h.syncer.take_retired_backends();
-    assert_eq!(retired.len(), 1);
-    let purged = h.datapath.maps.purge_conntrack(&retired).unwrap();
-    assert_eq!(purged, 2, "forward and reply entries of the removed backend");
-    let left = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
-    assert!(left.iter().all(|(_, e)| e.backend_id != retired[0]), "{left:?}");
+    assert_eq!(sync(&mut h, &dns), 0, "nothing cleared while the endpoint serves");
+    assert_eq!(send(&mut h), first, "the flow stays on its terminating endpoint");
 
+    // It stops serving (gone from the slice): both entries are cleared
+    // and the flow moves at once.
+    dns.udp_serving.remove(&v4(first));
+    assert_eq!(sync(&mut h, &dns), 2, "forward and reply entries of the stale flow");
+    let left = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
+    let first_raw = lb_agent::sync::raw_addr(v4(first));
+    assert!(left.iter().all(|(_, e)| e.nat_addr != first_raw), "{left:?}");
     let other = send(&mut h);
-    assert_ne!(other, first, "the flow moved to the live backend at once");
+    assert_ne!(other, first, "the flow moved to the serving backend at once");
+
+    // No serving endpoint left at all: kube-proxy clears nothing.
+    dns.endpoints.clear();
+    dns.udp_serving.clear();
+    assert_eq!(sync(&mut h, &dns), 0);
 }
 
 /// kube-proxy's packetFlowTest, at the kernel level: from a source to a

@@ -87,8 +87,8 @@ fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     Ok(OK)
 }
 
-/// Client → frontend: is the packet part of a flow whose backend is still
-/// in the service? Its forward entry is then copied to the scratch slot.
+/// Client → frontend: is the packet part of a known flow of this service?
+/// Its forward entry is then copied to the scratch slot.
 #[inline(never)]
 pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> {
     if svc.flags & svc_flags::SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, &pkt.src) {
@@ -98,13 +98,14 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
     if let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Forward), now) {
         // SAFETY: pointer from a successful lookup in this run.
         let e = unsafe { &*entry };
-        // The flow stays on its backend while that backend still belongs to
-        // this service with the same address; otherwise it is balanced anew.
-        if e.service_id == svc.service_id
-            && let Some(b) = select::live_backend(e.backend_id, e.service_id)
-            && b.addr == e.nat_addr
-            && b.port == e.nat_port
-        {
+        // A flow keeps the backend its entry names (the address is in the
+        // entry) even after that backend left the service: like
+        // nf_conntrack under kube-proxy, only new flows avoid retired
+        // (terminating, removed) endpoints, so rolling updates do not reset
+        // live connections. UDP flows to endpoints that stopped serving are
+        // cleared by the agent (kube-proxy's CleanStaleEntries). A flow of a
+        // service deleted and re-created under the same frontend is new.
+        if e.service_id == svc.service_id {
             conntrack::touch(entry, pkt, now);
             let scratch = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: as above.

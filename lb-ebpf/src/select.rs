@@ -89,8 +89,9 @@ fn lookup_backend(id: BackendId) -> Option<Backend> {
     unsafe { BACKENDS.get(&id).copied() }
 }
 
-/// A backend still in service `service_id`? (Conntrack and affinity entries
-/// outlive backends; their backend must still belong to the service.)
+/// A backend still in service `service_id`? (Affinity entries outlive
+/// backends: a client's next connection only returns to a backend that
+/// still belongs to the service.)
 #[inline(always)]
 pub fn live_backend(id: BackendId, service_id: u32) -> Option<Backend> {
     lookup_backend(id).filter(|b| b.service_id == service_id)

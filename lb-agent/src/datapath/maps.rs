@@ -11,8 +11,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, DropReason, FlowEvent, RawAddr, ServiceKey, ServiceValue,
-    SourceRange, TrafficCounter, map_names, sock::NodeConfig,
+    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, CtKind, DropReason, FlowEvent, RawAddr, ServiceKey,
+    ServiceValue, SourceRange, TrafficCounter, map_names, proto, sock::NodeConfig,
 };
 
 use crate::model::Cidr;
@@ -148,19 +148,31 @@ impl BpfMaps {
         Ok(stale.len())
     }
 
-    /// Deletes the conntrack entries (both directions) of these backends, so
-    /// their flows — UDP above all — start afresh on a live backend, as
-    /// kube-proxy's flush of stale UDP entries does. Returns how many went.
-    /// (The datapath already refuses a flow's deleted backend; this keeps
-    /// the table clean.)
-    pub fn purge_conntrack(&mut self, backends: &[BackendId]) -> Result<usize, MapOpError> {
-        if backends.is_empty() {
+    /// kube-proxy's CleanStaleEntries: deletes the UDP conntrack entries
+    /// (both directions) of these service ports whose backend address is
+    /// not one of the port's serving addresses, so those flows start afresh
+    /// on a serving endpoint. TCP entries are never touched: established
+    /// connections to a retired endpoint end on their own. Returns how many
+    /// entries went.
+    pub fn clear_stale_udp_flows(&mut self, serving: &crate::sync::StaleUdpFlows) -> Result<usize, MapOpError> {
+        if serving.is_empty() {
             return Ok(0);
         }
-        let gone: std::collections::HashSet<BackendId> = backends.iter().copied().collect();
         let stale: Vec<CtKey> = dump(&self.conntrack, map_names::CONNTRACK)?
             .into_iter()
-            .filter(|(_, entry)| gone.contains(&entry.backend_id))
+            .filter(|(key, entry)| {
+                // The backend is the forward entry's DNAT target and the
+                // reply entry's source.
+                let backend = if key.kind == CtKind::Forward as u8 {
+                    &entry.nat_addr
+                } else {
+                    &key.src_addr
+                };
+                key.proto == proto::UDP
+                    && serving
+                        .get(&entry.service_id)
+                        .is_some_and(|addrs| !addrs.contains(backend))
+            })
             .map(|(key, _)| key)
             .collect();
         for key in &stale {
