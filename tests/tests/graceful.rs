@@ -6,7 +6,8 @@
 //! (XDP path). The held connections keep working without a reset or a
 //! stall until the end; new connections never reach a pod once it
 //! terminates. UDP flows (kube-proxy's CleanStaleEntries) stay on their
-//! pod while it serves and move as soon as it is gone.
+//! pod while it serves and move as soon as it is gone, and a UDP flow
+//! refused while its service had no endpoint reaches the first one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -41,8 +42,20 @@ enum State {
 }
 
 /// The service (ClusterIP, NodePort with eTP Cluster: masqueraded) and its
-/// slice with these endpoints in these states.
+/// slice with these endpoints in these states; and a UDP service "late"
+/// whose one endpoint is `new-a` once that pod exists.
 fn manifest(c: &Cluster, endpoints: &[(&str, State)]) -> String {
+    let late = match endpoints.iter().any(|e| e.0 == "new-a") {
+        true => format!("{{addresses: [\"{}\"]}}", c.pod("new-a").ip),
+        false => String::new(),
+    };
+    let late = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: late, namespace: net-test}}\nspec:\n  clusterIP: 198.19.0.51\n  ports: [{{name: dns, protocol: UDP, port: 53, targetPort: 5353}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: late-x, namespace: net-test, labels: {{kubernetes.io/service-name: late}}}}\naddressType: IPv4\nports: [{{name: dns, protocol: UDP, port: 5353}}]\nendpoints: [{late}]\n---\n"
+    );
+    late + &roll(c, endpoints)
+}
+
+fn roll(c: &Cluster, endpoints: &[(&str, State)]) -> String {
     let mut y = "apiVersion: v1\nkind: Service\nmetadata: {name: roll, namespace: net-test}\nspec:\n  type: NodePort\n  clusterIP: 198.19.0.50\n  ports:\n  - {name: http, protocol: TCP, port: 8080, targetPort: 80, nodePort: 30150}\n  - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30153}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: roll-abcde\n  namespace: net-test\n  labels: {kubernetes.io/service-name: roll}\naddressType: IPv4\nports:\n- {name: http, protocol: TCP, port: 80}\n- {name: dns, protocol: UDP, port: 5353}\nendpoints:\n".to_string();
     for &(pod, state) in endpoints {
         let (_, ip, node) = &c.endpoints(&[pod])[0];
@@ -193,6 +206,18 @@ fn rolling_update_keeps_established_connections_and_new_ones_avoid_terminating_p
         }
     }
     let mut udp = udp_one_per_pod(client, SocketAddr::from((VIP, 53)), &OLD);
+    // A UDP flow to a service without endpoints is refused (REJECT)...
+    let late = client
+        .run(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            socket.connect((Ipv4Addr::new(198, 19, 0, 51), 53)).unwrap();
+            socket.send(b"anyone?").unwrap();
+            let refused = socket.recv(&mut [0u8; 64]).map_err(|e| e.kind());
+            assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "no endpoint yet");
+            UdpFlow(socket)
+        })
+        .unwrap();
 
     // Roll: for each old pod, its replacement becomes ready and the old
     // one terminates; then the old one leaves the slice.
@@ -205,6 +230,12 @@ fn rolling_update_keeps_established_connections_and_new_ones_avoid_terminating_p
             e.1 = State::Terminating;
         }
         apply(&cluster, &agents, &serving);
+        if new == "new-a" {
+            // ...and the same flow reaches the service's first endpoint as
+            // soon as it has one: nothing of the refused flow was kept
+            // (kube-proxy clears such black-holed UDP entries).
+            assert_eq!(late.ask(), "new-a", "the first endpoint answers the old flow");
+        }
         retired.push(old);
         for (ns, target) in [(client, cluster_ip), (external, node_port)] {
             let answered = new_connections(ns, target, 30);
