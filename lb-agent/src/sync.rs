@@ -101,7 +101,7 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
         addr: raw_addr(f.ip),
         port: f.port,
         proto: f.protocol.ip_proto(),
-        scope: ServiceScope::Cluster as u8,
+        scope: f.scope as u8,
     }
 }
 
@@ -354,6 +354,10 @@ impl Syncer {
             let Some(protocol) = Protocol::from_ip_proto(key.proto) else {
                 continue;
             };
+            let scope = match key.scope {
+                s if s == ServiceScope::Internal as u8 => ServiceScope::Internal,
+                _ => ServiceScope::Cluster,
+            };
             let mut backends = BTreeMap::new();
             for slot in 0..value.backend_count {
                 let slot_key = BackendSlotKey {
@@ -379,9 +383,8 @@ impl Syncer {
             source_ranges.sort();
             self.programmed.insert(
                 Frontend {
-                    ip,
-                    port: key.port,
-                    protocol,
+                    scope,
+                    ..Frontend::new(ip, key.port, protocol)
                 },
                 Programmed {
                     service_id: value.service_id,
@@ -822,11 +825,7 @@ mod tests {
     }
 
     fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend {
-            ip: ip.parse().unwrap(),
-            port,
-            protocol: Protocol::Tcp,
-        }
+        Frontend::new(ip.parse().unwrap(), port, Protocol::Tcp)
     }
 
     fn eps(ips: &[&str]) -> BTreeSet<Endpoint> {

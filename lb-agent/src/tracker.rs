@@ -39,11 +39,7 @@ mod tests {
     use crate::model::{Endpoint, Protocol};
 
     fn sp(ip: &str, port: u16, eps: &[&str]) -> ServicePort {
-        let frontend = Frontend {
-            ip: ip.parse().unwrap(),
-            port,
-            protocol: Protocol::Tcp,
-        };
+        let frontend = Frontend::new(ip.parse().unwrap(), port, Protocol::Tcp);
         ServicePort::new(
             format!("ns/{ip}:{port}"),
             frontend,
