@@ -1961,12 +1961,14 @@ fn etp_local_without_local_endpoint(external: ServicePort) -> Vec<ServicePort> {
     use lb_common::{ServiceScope, svc_flags};
     let mut internal = external.clone();
     internal.frontend.scope = ServiceScope::Internal;
-    internal.flags = svc_flags::SNAT_OUTSIDE_CLUSTER;
+    internal.flags = svc_flags::SNAT_OUTSIDE_CLUSTER | (external.flags & svc_flags::SOURCE_RANGES);
     let mut external = external;
     external.endpoints.clear();
-    external.flags = svc_flags::DROP_IF_EMPTY | svc_flags::IN_CLUSTER_USES_INTERNAL;
+    external.flags |= svc_flags::DROP_IF_EMPTY | svc_flags::IN_CLUSTER_USES_INTERNAL;
     vec![external, internal]
 }
+
+const LB_IP_LOCAL: [u8; 4] = [198, 19, 100, 2];
 
 fn etp_local_model() -> Model {
     let mut ports =
@@ -1977,6 +1979,11 @@ fn etp_local_model() -> Model {
         Protocol::Tcp,
         &[(BACKEND6, 80)],
     )));
+    // A load-balancer IP with source ranges: one pod range, and the client.
+    let mut lb = service_port(LB_IP_LOCAL, 80, Protocol::Tcp, &[(POD_A, 80)]);
+    lb.flags = lb_common::svc_flags::SOURCE_RANGES;
+    lb.source_ranges = vec!["198.18.1.48/28".parse().unwrap(), "198.18.2.0/24".parse().unwrap()];
+    ports.extend(etp_local_without_local_endpoint(lb));
     model(ports)
 }
 
@@ -2043,6 +2050,26 @@ fn etp_local_sends_pods_to_every_endpoint_and_drops_external_sources_without_a_l
                 name: "IPv6 external client: dropped",
                 input: tcp6(ip6(CLIENT6, NODE_ADDR6), 42003, 30085, Tcp::Syn),
                 expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "pod in the LB IP's source ranges: short-circuited to the remote endpoint",
+                input: tcp(ip(POD_CLIENT, LB_IP_LOCAL), 42004, 80, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(ip(POD_CLIENT, POD_A).forwarded(), 42004, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "pod outside the source ranges: dropped (the firewall comes before the short-circuit)",
+                input: tcp(ip([198, 18, 1, 100], LB_IP_LOCAL), 42005, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::SourceRange),
+            },
+            Case {
+                name: "external client in the source ranges, no local endpoint: dropped",
+                input: tcp(ip(CLIENT, LB_IP_LOCAL), 42006, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "external client outside the source ranges: dropped by the firewall",
+                input: tcp(ip([198, 18, 3, 10], LB_IP_LOCAL), 42007, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::SourceRange),
             },
         ],
     );
