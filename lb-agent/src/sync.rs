@@ -891,6 +891,27 @@ mod tests {
     }
 
     #[test]
+    fn both_scopes_of_a_frontend_are_programmed_and_adopted_apart() {
+        let external = frontend("198.18.0.11", 30080);
+        let internal = Frontend {
+            scope: ServiceScope::Internal,
+            ..external
+        };
+        let m = model(&[(external, &["198.18.1.1"]), (internal, &["198.18.1.1", "198.18.2.1"])]);
+        let mut maps = FakeMaps::default();
+        Syncer::new().sync(&mut maps, &m).unwrap();
+        assert_eq!(maps.resolve(&external), eps(&["198.18.1.1"]));
+        assert_eq!(maps.resolve(&internal), eps(&["198.18.1.1", "198.18.2.1"]));
+        assert_eq!(service_key(&internal).scope, ServiceScope::Internal as u8);
+
+        // A restarted agent takes both over and rewrites nothing.
+        let mut restarted = Syncer::new();
+        assert_eq!(restarted.adopt(&maps).unwrap(), 2);
+        let r = restarted.sync(&mut maps, &m).unwrap();
+        assert_eq!((r.upserted, r.removed), (0, 0), "{r:?}");
+    }
+
+    #[test]
     fn failed_sync_keeps_other_services_and_full_resync_recovers() {
         let (a, b) = (frontend("198.19.0.10", 80), frontend("198.19.0.11", 80));
         let mut maps = FakeMaps::default();
