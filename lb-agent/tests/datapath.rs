@@ -2092,4 +2092,17 @@ fn etp_local_sends_pods_to_every_endpoint_and_drops_external_sources_without_a_l
         "XDP: external source without a local endpoint goes to TC"
     );
     assert_eq!(hex(&out), hex(&external));
+    drop(h);
+
+    // Without --cluster-cidr nothing tells pods apart (kube-proxy's
+    // detectLocal is off): a pod is an external source like any other.
+    let mut h = Harness::new(&etp_local_model());
+    check(
+        &mut h,
+        Case {
+            name: "no cluster CIDR: no short-circuit for pods",
+            input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42020, 30085, Tcp::Syn),
+            expect: Expect::Dropped(DropReason::NoBackend),
+        },
+    );
 }
