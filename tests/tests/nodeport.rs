@@ -432,6 +432,16 @@ fn packet_flows(xdp: XdpMode) {
     for case in &cases {
         check(&cluster, case);
     }
+    // `lb-agent services` shows node-2's eTP Local NodePort twice: empty
+    // for external sources, node-1's pod for in-cluster ones.
+    let services = agents[1].services().unwrap();
+    let web_1a = format!("{}:80", cluster.pod("web-1a").ip);
+    assert_eq!(services.get(&format!("{N2}:30081/TCP")), Some(&vec![]), "{services:?}");
+    assert_eq!(
+        services.get(&format!("{N2}:30081/TCP (internal)")),
+        Some(&vec![web_1a]),
+        "{services:?}"
+    );
     let rules = cluster.nat_rules().unwrap();
     assert!(rules.is_empty(), "NAT rules in a node:\n{rules}");
     assert_xdp_used(xdp, &agents);
