@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 
-use lb_common::{BackendSlotKey, RawAddr, map_names, proto};
+use lb_common::{BackendSlotKey, RawAddr, ServiceScope, map_names, proto};
 use serde::Serialize;
 
 use crate::datapath::BpfMaps;
@@ -24,6 +24,17 @@ fn proto_name(p: u8) -> String {
         proto::UDP => "UDP".into(),
         proto::SCTP => "SCTP".into(),
         other => other.to_string(),
+    }
+}
+
+/// As `Frontend`'s Display shows it: nothing for the `Cluster` entry.
+fn scope_suffix(scope: u8) -> String {
+    if scope == ServiceScope::Internal as u8 {
+        format!(" ({})", crate::model::scope_name(ServiceScope::Internal))
+    } else if scope != ServiceScope::Cluster as u8 {
+        format!(" (scope {scope})")
+    } else {
+        String::new()
     }
 }
 
@@ -66,7 +77,12 @@ pub fn services(maps: &BpfMaps) -> anyhow::Result<ServicesView> {
             continue; // a cluster IP's marker, not a frontend
         }
         let mut view = ServiceView {
-            frontend: format!("{}/{}", endpoint(ip_of(&key.addr), key.port), proto_name(key.proto)),
+            frontend: format!(
+                "{}/{}{}",
+                endpoint(ip_of(&key.addr), key.port),
+                proto_name(key.proto),
+                scope_suffix(key.scope)
+            ),
             service_id: value.service_id,
             revision: value.revision,
             backends: Vec::new(),

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use lb_common::svc_flags;
+use lb_common::{ServiceScope, svc_flags};
 
 /// Label kube-proxy honours: a service with it belongs to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -576,14 +576,41 @@ pub struct Frontend {
     pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// `Cluster` for every frontend; `Internal` for the second entry of an
+    /// externalTrafficPolicy Local frontend (in-cluster sources).
+    pub scope: ServiceScope,
+}
+
+impl Frontend {
+    /// The frontend's `Cluster` entry (the one every packet finds first).
+    pub fn new(ip: IpAddr, port: u16, protocol: Protocol) -> Self {
+        Frontend {
+            ip,
+            port,
+            protocol,
+            scope: ServiceScope::Cluster,
+        }
+    }
+}
+
+/// How a scope is shown (`inspect`, logs).
+pub fn scope_name(scope: ServiceScope) -> &'static str {
+    match scope {
+        ServiceScope::Cluster => "cluster",
+        ServiceScope::Internal => "internal",
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.ip {
-            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
-            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol)?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol)?,
         }
+        if self.scope != ServiceScope::Cluster {
+            write!(f, " ({})", scope_name(self.scope))?;
+        }
+        Ok(())
     }
 }
 
@@ -713,6 +740,9 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// This node's addresses NodePorts listen on (--nodeport-addresses).
     pub nodeport_addrs: Vec<IpAddr>,
+    /// Every address of this node: a loadBalancerSourceRanges CIDR holding
+    /// one lets the node reach the load-balancer IPs (kube-proxy's allowFromNode).
+    pub node_addrs: Vec<IpAddr>,
     /// --masquerade-all.
     pub masquerade_all: bool,
     /// --cluster-cidr given for IPv4 / for IPv6: sources outside it are
@@ -800,9 +830,16 @@ impl Model {
                     } else {
                         cluster_endpoints(&candidates, node)
                     };
+                    let all_endpoints = cluster_endpoints(&candidates, node);
                     let mut flags = 0;
-                    if local_only && endpoints.is_empty() && !cluster_endpoints(&candidates, node).is_empty() {
+                    if local_only && endpoints.is_empty() && !all_endpoints.is_empty() {
                         flags |= svc_flags::DROP_IF_EMPTY;
+                    }
+                    // kube-proxy's KUBE-EXT short-circuit: pod and node
+                    // sources of an eTP Local frontend go to all endpoints.
+                    let short_circuit = frontend.external && svc.external_local;
+                    if short_circuit {
+                        flags |= svc_flags::IN_CLUSTER_USES_INTERNAL;
                     }
                     if frontend.external && !svc.external_local {
                         // KUBE-EXT: external traffic with policy Cluster is masqueraded.
@@ -814,37 +851,37 @@ impl Model {
                     if !frontend.external && node.cluster_cidr_known.of(frontend.ip) {
                         flags |= svc_flags::SNAT_OUTSIDE_CLUSTER;
                     }
-                    let mut source_ranges = if frontend.load_balancer {
-                        svc.source_ranges.clone()
+                    let source_ranges = if frontend.load_balancer {
+                        load_balancer_source_ranges(svc, frontend.ip, node)
                     } else {
                         Vec::new()
                     };
-                    source_ranges.sort();
-                    source_ranges.dedup();
                     if !source_ranges.is_empty() {
                         flags |= svc_flags::SOURCE_RANGES;
                     }
-                    model.services.insert(
-                        frontend.frontend,
-                        ServicePort {
-                            name: name.clone(),
-                            frontend: frontend.frontend,
-                            endpoints,
-                            affinity_timeout: svc.affinity_timeout,
-                            flags,
-                            table_size: match svc.lb_algorithm {
-                                Some(LbAlgorithm::Maglev) => node.maglev_table_size,
-                                Some(LbAlgorithm::Random) => 0,
-                                None => node.default_table_size,
-                            },
-                            source_ranges,
-                            udp_serving: if sp.protocol == Protocol::Udp {
-                                serving_addresses(&candidates)
-                            } else {
-                                BTreeSet::new()
-                            },
+                    let port = ServicePort {
+                        name: name.clone(),
+                        frontend: frontend.frontend,
+                        endpoints,
+                        affinity_timeout: svc.affinity_timeout,
+                        flags,
+                        table_size: match svc.lb_algorithm {
+                            Some(LbAlgorithm::Maglev) => node.maglev_table_size,
+                            Some(LbAlgorithm::Random) => 0,
+                            None => node.default_table_size,
                         },
-                    );
+                        source_ranges,
+                        udp_serving: if sp.protocol == Protocol::Udp {
+                            serving_addresses(&candidates)
+                        } else {
+                            BTreeSet::new()
+                        },
+                    };
+                    if short_circuit {
+                        let internal = internal_port(&port, all_endpoints);
+                        model.services.insert(internal.frontend, internal);
+                    }
+                    model.services.insert(frontend.frontend, port);
                 }
             }
             if svc.external_local
@@ -866,6 +903,52 @@ impl Model {
     }
 }
 
+/// The `Internal` entry of an eTP Local frontend: every endpoint of the
+/// cluster (kube-proxy's cluster policy chain), pods' sources kept and the
+/// node's masqueraded (KUBE-EXT "masquerade LOCAL traffic"); the
+/// frontend's source ranges apply to it too (kube-proxy's firewall check
+/// comes before the short-circuit).
+fn internal_port(external: &ServicePort, endpoints: BTreeSet<Endpoint>) -> ServicePort {
+    let frontend = Frontend {
+        scope: ServiceScope::Internal,
+        ..external.frontend
+    };
+    ServicePort {
+        name: external.name.clone(),
+        frontend,
+        endpoints,
+        flags: svc_flags::SNAT_OUTSIDE_CLUSTER | (external.flags & svc_flags::SOURCE_RANGES),
+        ..external.clone()
+    }
+}
+
+/// loadBalancerSourceRanges of a load-balancer IP: those of its family
+/// (kube-proxy keeps one list per family, so an IPv6-only list leaves the
+/// IPv4 address open), plus the load-balancer IPs of that family when a
+/// range holds a node address: kube-proxy's allowFromNode, for the node's
+/// own traffic, whose source is the load-balancer IP when that IP is
+/// local (and the socket hooks' stand-in for the node).
+fn load_balancer_source_ranges(svc: &ServiceSpec, ip: IpAddr, node: &NodeContext) -> Vec<Cidr> {
+    let mut ranges: Vec<Cidr> = svc
+        .source_ranges
+        .iter()
+        .filter(|c| c.addr.is_ipv4() == ip.is_ipv4())
+        .copied()
+        .collect();
+    if ranges.iter().any(|c| node.node_addrs.iter().any(|a| c.contains(*a))) {
+        let host = if ip.is_ipv4() { 32 } else { 128 };
+        ranges.extend(
+            svc.load_balancer_ips
+                .iter()
+                .filter(|a| a.is_ipv4() == ip.is_ipv4())
+                .map(|&addr| Cidr { addr, prefix: host }),
+        );
+    }
+    ranges.sort();
+    ranges.dedup();
+    ranges
+}
+
 /// One address a service port is reached on.
 struct FrontendOf {
     frontend: Frontend,
@@ -881,11 +964,7 @@ struct FrontendOf {
 /// KUBE-NODEPORTS and KUBE-EXT all lead to the same endpoints).
 fn frontends(svc: &ServiceSpec, sp: &ServicePortSpec, node: &NodeContext) -> Vec<FrontendOf> {
     let at = |ip: IpAddr, port: u16, external: bool, load_balancer: bool| FrontendOf {
-        frontend: Frontend {
-            ip,
-            port,
-            protocol: sp.protocol,
-        },
+        frontend: Frontend::new(ip, port, sp.protocol),
         ip,
         external,
         load_balancer,
@@ -1392,11 +1471,7 @@ mod tests {
                 ..Default::default()
             };
             let (model, _) = Model::build(&snapshot, &node);
-            let frontend = Frontend {
-                ip: VIP.parse().unwrap(),
-                port: c.frontend.0,
-                protocol: c.frontend.1,
-            };
+            let frontend = Frontend::new(VIP.parse().unwrap(), c.frontend.0, c.frontend.1);
             let got = model
                 .services
                 .get(&frontend)
@@ -1442,11 +1517,7 @@ mod tests {
         };
         let (model, _) = Model::build(&snapshot, &node);
         let at = |port, protocol| {
-            &model.services[&Frontend {
-                ip: VIP.parse().unwrap(),
-                port,
-                protocol,
-            }]
+            &model.services[&Frontend::new(VIP.parse().unwrap(), port, protocol)]
         };
         let udp = at(53, Protocol::Udp);
         let ips = |l: &[&str]| l.iter().map(|ip| ip.parse().unwrap()).collect::<BTreeSet<IpAddr>>();
@@ -1483,13 +1554,7 @@ mod tests {
             &node,
         );
         assert!(warnings.is_empty(), "{warnings:?}");
-        let get = |ip: &str, port| {
-            &model.services[&Frontend {
-                ip: ip.parse().unwrap(),
-                port,
-                protocol: Protocol::Tcp,
-            }]
-        };
+        let get = |ip: &str, port| &model.services[&Frontend::new(ip.parse().unwrap(), port, Protocol::Tcp)];
         let eps = |sp: &ServicePort| sp.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>();
 
         let cluster = get("198.19.0.10", 80);
@@ -1515,17 +1580,188 @@ mod tests {
             get("198.18.0.11", 30080).source_ranges.is_empty(),
             "source ranges guard only LB IPs"
         );
-        let proxy_mode = Frontend {
-            ip: "198.19.100.2".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
+        let proxy_mode = Frontend::new("198.19.100.2".parse().unwrap(), 80, Protocol::Tcp);
         assert!(
             !model.services.contains_key(&proxy_mode),
             "ipMode Proxy is not captured"
         );
         assert_eq!(model.health_checks[&32000].local_endpoints, 1);
         assert!(model.cluster_ips.contains(&"198.19.0.10".parse().unwrap()));
+    }
+
+    /// A LoadBalancer service (LB IP 198.19.100.1, NodePort 30080 on
+    /// 198.18.0.11) with `extra` spec lines, endpoints on this node and node-2.
+    fn lb_model(extra: &str, eps: Vec<Ep>, node: &NodeContext) -> Model {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: net-test}}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.10\n{extra}  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.19.100.1}}]\n"
+        );
+        let svc = ServiceSpec::from_k8s(&serde_norway::from_str::<Service>(&yaml).unwrap()).unwrap();
+        let slice = slice("s", vec![sport("http", Some(8080), Protocol::Tcp)], eps);
+        let snapshot = Snapshot {
+            services: vec![svc],
+            slices: vec![slice],
+            nodes: vec![],
+        };
+        let (model, warnings) = Model::build(&snapshot, node);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        model
+    }
+
+    fn lb_node() -> NodeContext {
+        NodeContext {
+            name: NODE.into(),
+            nodeport_addrs: vec!["198.18.0.11".parse().unwrap()],
+            node_addrs: vec!["198.18.0.11".parse().unwrap()],
+            cluster_cidr_known: FamilyFlags { v4: true, v6: true },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn etp_local_frontends_send_in_cluster_sources_to_every_endpoint() {
+        struct Case {
+            name: &'static str,
+            spec: &'static str,
+            eps: Vec<Ep>,
+            /// Endpoints and flags of the external entry; of the internal one (None: no such entry).
+            external: (&'static [&'static str], u32),
+            internal: Option<(&'static [&'static str], u32)>,
+        }
+        const LOCAL: &str = "198.18.1.1:8080";
+        const REMOTE: &str = "198.18.2.1:8080";
+        let both = || vec![Ep::new("198.18.1.1", NODE), Ep::new("198.18.2.1", "node-2")];
+        let short = svc_flags::IN_CLUSTER_USES_INTERNAL;
+        let cases = [
+            Case {
+                name: "eTP Local with a local endpoint: external sources local only, in-cluster all",
+                spec: "  externalTrafficPolicy: Local\n",
+                eps: both(),
+                external: (&[LOCAL], short),
+                internal: Some((&[LOCAL, REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Local without a local endpoint: external sources dropped, in-cluster reach node-2",
+                spec: "  externalTrafficPolicy: Local\n",
+                eps: vec![Ep::new("198.18.2.1", "node-2")],
+                external: (&[], short | svc_flags::DROP_IF_EMPTY),
+                internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Local and iTP Local: the short-circuit still uses every endpoint",
+                spec: "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n",
+                eps: vec![Ep::new("198.18.2.1", "node-2")],
+                external: (&[], short | svc_flags::DROP_IF_EMPTY),
+                internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Local, no endpoint anywhere: both entries empty (REJECT)",
+                spec: "  externalTrafficPolicy: Local\n",
+                eps: vec![],
+                external: (&[], short),
+                internal: Some((&[], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Cluster: one entry, masqueraded",
+                spec: "",
+                eps: both(),
+                external: (&[LOCAL, REMOTE], svc_flags::SNAT_ALWAYS),
+                internal: None,
+            },
+        ];
+        for c in cases {
+            let model = lb_model(c.spec, c.eps, &lb_node());
+            for (ip, port) in [("198.18.0.11", 30080), ("198.19.100.1", 80)] {
+                let ip: IpAddr = ip.parse().unwrap();
+                let external = Frontend::new(ip, port, Protocol::Tcp);
+                let internal = Frontend {
+                    scope: ServiceScope::Internal,
+                    ..external
+                };
+                let view = |sp: &ServicePort| {
+                    let eps: Vec<String> = sp.endpoints.iter().map(|e| e.to_string()).collect();
+                    (eps, sp.flags)
+                };
+                let want = |(eps, flags): (&[&str], u32)| (eps.iter().map(|e| e.to_string()).collect(), flags);
+                assert_eq!(
+                    view(&model.services[&external]),
+                    want(c.external),
+                    "{}: {external}",
+                    c.name
+                );
+                assert_eq!(
+                    model.services.get(&internal).map(view),
+                    c.internal.map(want),
+                    "{}: {internal}",
+                    c.name
+                );
+            }
+            let cluster_ip = Frontend {
+                scope: ServiceScope::Internal,
+                ..Frontend::new("198.19.0.10".parse().unwrap(), 80, Protocol::Tcp)
+            };
+            assert!(
+                !model.services.contains_key(&cluster_ip),
+                "{}: cluster IPs have one entry",
+                c.name
+            );
+        }
+    }
+
+    #[test]
+    fn source_ranges_apply_per_family_and_let_a_listed_node_reach_its_load_balancer_ip() {
+        let lb = Frontend::new("198.19.100.1".parse().unwrap(), 80, Protocol::Tcp);
+        let cidrs = |list: &[&str]| list.iter().map(|c| c.parse::<Cidr>().unwrap()).collect::<Vec<_>>();
+        let cases: [(&str, &str, &[&str]); 4] = [
+            (
+                "ranges without the node: as listed",
+                "  loadBalancerSourceRanges: [198.18.0.100/32]\n",
+                &["198.18.0.100/32"],
+            ),
+            (
+                "a range holding the node: the LB IP is allowed too (allowFromNode)",
+                "  loadBalancerSourceRanges: [198.18.0.0/24, 198.18.9.0/24]\n",
+                &["198.18.0.0/24", "198.18.9.0/24", "198.19.100.1/32"],
+            ),
+            (
+                "IPv6 ranges only: the IPv4 LB IP stays open",
+                "  loadBalancerSourceRanges: [\"fd00:198:18::/48\"]\n",
+                &[],
+            ),
+            (
+                "mixed families: each address gets its family's ranges",
+                "  loadBalancerSourceRanges: [\"fd00:198:18::/48\", 198.18.0.100/32]\n",
+                &["198.18.0.100/32"],
+            ),
+        ];
+        for (name, spec, want) in cases {
+            for policy in ["", "  externalTrafficPolicy: Local\n"] {
+                let model = lb_model(
+                    &format!("{policy}{spec}"),
+                    vec![Ep::new("198.18.1.1", NODE)],
+                    &lb_node(),
+                );
+                let internal = Frontend {
+                    scope: ServiceScope::Internal,
+                    ..lb
+                };
+                let entries: Vec<&ServicePort> = [lb, internal].iter().filter_map(|f| model.services.get(f)).collect();
+                assert_eq!(entries.len(), if policy.is_empty() { 1 } else { 2 }, "{name} {policy}");
+                for sp in entries {
+                    assert_eq!(sp.source_ranges, cidrs(want), "{name} {policy}: {}", sp.frontend);
+                    assert_eq!(
+                        sp.flags & svc_flags::SOURCE_RANGES != 0,
+                        !want.is_empty(),
+                        "{name} {policy}: {}",
+                        sp.frontend
+                    );
+                }
+                let node_port = Frontend::new("198.18.0.11".parse().unwrap(), 30080, Protocol::Tcp);
+                assert!(
+                    model.services[&node_port].source_ranges.is_empty(),
+                    "{name}: NodePorts are not filtered"
+                );
+            }
+        }
     }
 
     #[test]

@@ -138,6 +138,7 @@ impl NodeSettings {
         if self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|c| c.contains(localhost)) {
             ctx.nodeport_addrs.push(localhost);
         }
+        ctx.node_addrs = self.addrs.clone();
         ctx.masquerade_all = self.masquerade_all;
         ctx.maglev_table_size = self.maglev_table_size;
         ctx.default_table_size = if self.maglev_default { self.maglev_table_size } else { 0 };

@@ -176,11 +176,7 @@ fn v4(a: [u8; 4]) -> std::net::IpAddr {
 }
 
 fn service_port(vip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4], u16)]) -> ServicePort {
-    let frontend = Frontend {
-        ip: v4(vip),
-        port,
-        protocol,
-    };
+    let frontend = Frontend::new(v4(vip), port, protocol);
     ServicePort::new(
         format!("net-test/{frontend}"),
         frontend,
@@ -1218,11 +1214,7 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
             };
             let dport = u16::from_be_bytes([pkt[l4_off + 2], pkt[l4_off + 3]]);
             let proto = if l4 == 6 { Protocol::Tcp } else { Protocol::Udp };
-            let frontend = Frontend {
-                ip: addr(&pkt[dst_at.clone()]),
-                port: dport,
-                protocol: proto,
-            };
+            let frontend = Frontend::new(addr(&pkt[dst_at.clone()]), dport, proto);
             if let Some(sp) = model.services.get(&frontend) {
                 let to = Endpoint {
                     ip: addr(&out[dst_at]),
@@ -1725,11 +1717,7 @@ fn udp6(ip: Ip6, sport: u16, dport: u16) -> Vec<u8> {
 }
 
 fn service_port6(vip: [u8; 16], port: u16, protocol: Protocol, backends: &[([u8; 16], u16)]) -> ServicePort {
-    let frontend = Frontend {
-        ip: Ipv6Addr::from(vip).into(),
-        port,
-        protocol,
-    };
+    let frontend = Frontend::new(Ipv6Addr::from(vip).into(), port, protocol);
     ServicePort::new(
         format!("net-test/{frontend}"),
         frontend,
@@ -2003,4 +1991,164 @@ fn icmpv6_errors_about_nated_flows_are_translated_back_and_ndp_is_untouched() {
         let (action, out) = h.run(&pkt);
         assert_eq!((action, hex(&out)), (TC_ACT_OK, hex(&pkt)));
     }
+}
+
+// ---- externalTrafficPolicy Local: in-cluster sources ---------------------------
+
+/// A pod of the node's cluster CIDR (198.18.1.0/24, fd00:198:18:1::/64).
+const POD_CLIENT: [u8; 4] = [198, 18, 1, 50];
+const POD_CLIENT6: [u8; 16] = v6(0x18, 1, 0x50);
+
+/// An eTP Local frontend as the model programs it on a node without a
+/// local endpoint: the frontend's entry is empty (external sources are
+/// dropped) and flagged to send in-cluster sources to its internal entry,
+/// which holds the service's endpoints elsewhere.
+fn etp_local_without_local_endpoint(external: ServicePort) -> Vec<ServicePort> {
+    use lb_common::{ServiceScope, svc_flags};
+    let mut internal = external.clone();
+    internal.frontend.scope = ServiceScope::Internal;
+    internal.flags = svc_flags::SNAT_OUTSIDE_CLUSTER | (external.flags & svc_flags::SOURCE_RANGES);
+    let mut external = external;
+    external.endpoints.clear();
+    external.flags |= svc_flags::DROP_IF_EMPTY | svc_flags::IN_CLUSTER_USES_INTERNAL;
+    vec![external, internal]
+}
+
+const LB_IP_LOCAL: [u8; 4] = [198, 19, 100, 2];
+
+fn etp_local_model() -> Model {
+    let mut ports =
+        etp_local_without_local_endpoint(service_port(NODE_PORT_ADDR, 30085, Protocol::Tcp, &[(POD_A, 80)]));
+    ports.extend(etp_local_without_local_endpoint(service_port6(
+        NODE_ADDR6,
+        30085,
+        Protocol::Tcp,
+        &[(BACKEND6, 80)],
+    )));
+    // A load-balancer IP with source ranges: one pod range, and the client.
+    let mut lb = service_port(LB_IP_LOCAL, 80, Protocol::Tcp, &[(POD_A, 80)]);
+    lb.flags = lb_common::svc_flags::SOURCE_RANGES;
+    lb.source_ranges = vec!["198.18.1.48/28".parse().unwrap(), "198.18.2.0/24".parse().unwrap()];
+    ports.extend(etp_local_without_local_endpoint(lb));
+    model(ports)
+}
+
+fn etp_local_harness() -> Harness {
+    let h = Harness::new(&etp_local_model());
+    let mut h = h;
+    h.datapath
+        .maps
+        .set_cidrs(&[
+            ("198.18.1.0/24".parse().unwrap(), lb_common::cidr_kind::CLUSTER),
+            ("fd00:198:18:1::/64".parse().unwrap(), lb_common::cidr_kind::CLUSTER),
+        ])
+        .unwrap();
+    h
+}
+
+#[test]
+fn etp_local_sends_pods_to_every_endpoint_and_drops_external_sources_without_a_local_one() {
+    let mut h = etp_local_harness();
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "pod → eTP Local NodePort, no local endpoint: remote endpoint, pod source kept",
+                input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42000, 30085, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(ip(POD_CLIENT, POD_A).forwarded(), 42000, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "its reply: from the NodePort again",
+                input: tcp(ip(POD_A, POD_CLIENT), 80, 42000, Tcp::SynAck),
+                expect: Expect::Rewritten(tcp(
+                    ip(NODE_PORT_ADDR, POD_CLIENT).forwarded(),
+                    30085,
+                    42000,
+                    Tcp::SynAck,
+                )),
+            },
+            Case {
+                name: "the pod's next segment stays on the internal entry's flow",
+                input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42000, 30085, Tcp::Ack),
+                expect: Expect::Rewritten(tcp(ip(POD_CLIENT, POD_A).forwarded(), 42000, 80, Tcp::Ack)),
+            },
+            Case {
+                name: "external client → the same NodePort: dropped (no local endpoint)",
+                input: tcp(ip(CLIENT, NODE_PORT_ADDR), 42001, 30085, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "IPv6 pod → eTP Local NodePort: remote endpoint, pod source kept",
+                input: tcp6(ip6(POD_CLIENT6, NODE_ADDR6), 42002, 30085, Tcp::Syn),
+                expect: Expect::Rewritten(tcp6(ip6(POD_CLIENT6, BACKEND6).forwarded(), 42002, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "IPv6 reply: from the NodePort again",
+                input: tcp6(ip6(BACKEND6, POD_CLIENT6), 80, 42002, Tcp::SynAck),
+                expect: Expect::Rewritten(tcp6(
+                    ip6(NODE_ADDR6, POD_CLIENT6).forwarded(),
+                    30085,
+                    42002,
+                    Tcp::SynAck,
+                )),
+            },
+            Case {
+                name: "IPv6 external client: dropped",
+                input: tcp6(ip6(CLIENT6, NODE_ADDR6), 42003, 30085, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "pod in the LB IP's source ranges: short-circuited to the remote endpoint",
+                input: tcp(ip(POD_CLIENT, LB_IP_LOCAL), 42004, 80, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(ip(POD_CLIENT, POD_A).forwarded(), 42004, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "pod outside the source ranges: dropped (the firewall comes before the short-circuit)",
+                input: tcp(ip([198, 18, 1, 100], LB_IP_LOCAL), 42005, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::SourceRange),
+            },
+            Case {
+                name: "external client in the source ranges, no local endpoint: dropped",
+                input: tcp(ip(CLIENT, LB_IP_LOCAL), 42006, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "external client outside the source ranges: dropped by the firewall",
+                input: tcp(ip([198, 18, 3, 10], LB_IP_LOCAL), 42007, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::SourceRange),
+            },
+        ],
+    );
+
+    // The XDP path makes the same choice.
+    let dev = h.prepare_xdp();
+    let (action, out) = h.run_xdp(dev, &tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42010, 30085, Tcp::Syn));
+    assert_eq!(action, XDP_REDIRECT, "XDP: pod source → internal entry");
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            tcp(ip(POD_CLIENT, POD_A).forwarded(), 42010, 80, Tcp::Syn),
+            POD_A_MAC
+        ))
+    );
+    let external = tcp(ip(CLIENT, NODE_PORT_ADDR), 42011, 30085, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &external);
+    assert_eq!(
+        action, XDP_PASS,
+        "XDP: external source without a local endpoint goes to TC"
+    );
+    assert_eq!(hex(&out), hex(&external));
+    drop(h);
+
+    // Without --cluster-cidr nothing tells pods apart (kube-proxy's
+    // detectLocal is off): a pod is an external source like any other.
+    let mut h = Harness::new(&etp_local_model());
+    check(
+        &mut h,
+        Case {
+            name: "no cluster CIDR: no short-circuit for pods",
+            input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42020, 30085, Tcp::Syn),
+            expect: Expect::Dropped(DropReason::NoBackend),
+        },
+    );
 }

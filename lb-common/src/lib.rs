@@ -129,4 +129,5 @@ mod pod_impls {
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for sock::NodeConfig {}
     unsafe impl aya::Pod for sock::SockRevNat {}
+    unsafe impl aya::Pod for sock::SockNatKey {}
 }

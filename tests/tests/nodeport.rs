@@ -99,6 +99,21 @@ fn manifests(c: &Cluster) -> String {
             &[] as &[(String, Ipv4Addr, String)],
         ),
         service("sticky", "  clusterIP: 198.19.0.30\n  sessionAffinity: ClientIP\n", "", &[http(None)], &both),
+        service(
+            "web-lb-local",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.14\n  externalTrafficPolicy: Local\n",
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.19.100.2\n",
+            &[("http", "TCP", 80, 80, Some(30083))],
+            &one,
+        ),
+        // Source ranges listing node-1 (and ext-0), not ext-1.
+        service(
+            "web-lb-node",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.15\n  loadBalancerSourceRanges: [198.18.0.100/32, 198.18.0.11/32]\n",
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.19.100.3\n",
+            &[("http", "TCP", 80, 80, Some(30084))],
+            &both,
+        ),
     ]
     .join("---\n")
 }
@@ -124,6 +139,9 @@ enum Want {
     RefusedOnRetry,
     /// No answer at all (dropped).
     NoAnswer,
+    /// connect() fails at once with EPERM: a host socket the datapath
+    /// may not translate (a drop, as far as a socket can tell).
+    Denied,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +223,13 @@ fn check(c: &Cluster, case: &Case) {
                 _ => Duration::from_millis(1500),
             };
             assert!(took < limit, "{}: refused only after {took:?}", case.name);
+        }
+        Want::Denied => {
+            let result = ns
+                .run(move || TcpStream::connect_timeout(&target, Duration::from_secs(1)).map(|_| ()))
+                .unwrap();
+            let kind = result.as_ref().map_err(|e| e.kind());
+            assert_eq!(kind, Err(ErrorKind::PermissionDenied), "{}", case.name);
         }
         Want::NoAnswer => {
             let result = ns
@@ -290,6 +315,60 @@ fn packet_flows(xdp: XdpMode) {
             want: Want::NoAnswer,
         },
         Case {
+            name: "pod on node-2 → node-2 NodePort (eTP Local, no local endpoint): node-1's pod, pod address kept",
+            from: From::Pod("web-2a"),
+            to: to(N2, 30081),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "host process on node-2 → its NodePort (eTP Local, no local endpoint): node-1's pod",
+            from: From::Host(1),
+            to: to(N2, 30081),
+            want: Want::Pods(&["web-1a"], Seen::Node(1)),
+        },
+        Case {
+            name: "pod on node-2 → eTP Local LB IP: node-1's pod, pod address kept",
+            from: From::Pod("web-2a"),
+            to: to(Ipv4Addr::new(198, 19, 100, 2), 80),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "host process on node-2 → eTP Local LB IP: node-1's pod",
+            from: From::Host(1),
+            to: to(Ipv4Addr::new(198, 19, 100, 2), 80),
+            want: Want::Pods(&["web-1a"], Seen::Node(1)),
+        },
+        Case {
+            name: "external → eTP Local LB IP (routed to node-1): local pod, client address kept",
+            from: From::External(0),
+            to: to(Ipv4Addr::new(198, 19, 100, 2), 80),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "host process → LB IP whose source ranges list the node (allowFromNode)",
+            from: From::Host(0),
+            to: to(Ipv4Addr::new(198, 19, 100, 3), 80),
+            want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "external → that LB IP from outside its source ranges: dropped",
+            from: From::External(1),
+            to: to(Ipv4Addr::new(198, 19, 100, 3), 80),
+            want: Want::NoAnswer,
+        },
+        Case {
+            name: "host process → LB IP whose source ranges leave the node out: not translated (kube-proxy drops)",
+            from: From::Host(0),
+            to: to(Ipv4Addr::new(198, 19, 100, 1), 80),
+            want: Want::Denied,
+        },
+        Case {
+            name: "host process → ClusterIP without endpoints: ECONNREFUSED at once (REJECT)",
+            from: From::Host(0),
+            to: to(Ipv4Addr::new(198, 19, 0, 13), 8080),
+            want: Want::Refused,
+        },
+        Case {
             name: "pod → ClusterIP (backend on the other node): pod source kept",
             from: From::Pod("web-2a"),
             to: to(Ipv4Addr::new(198, 19, 0, 20), 8080),
@@ -353,6 +432,16 @@ fn packet_flows(xdp: XdpMode) {
     for case in &cases {
         check(&cluster, case);
     }
+    // `lb-agent services` shows node-2's eTP Local NodePort twice: empty
+    // for external sources, node-1's pod for in-cluster ones.
+    let services = agents[1].services().unwrap();
+    let web_1a = format!("{}:80", cluster.pod("web-1a").ip);
+    assert_eq!(services.get(&format!("{N2}:30081/TCP")), Some(&vec![]), "{services:?}");
+    assert_eq!(
+        services.get(&format!("{N2}:30081/TCP (internal)")),
+        Some(&vec![web_1a]),
+        "{services:?}"
+    );
     let rules = cluster.nat_rules().unwrap();
     assert!(rules.is_empty(), "NAT rules in a node:\n{rules}");
     assert_xdp_used(xdp, &agents);
@@ -553,6 +642,7 @@ fn ipv6_and_dual_stack(xdp: XdpMode) {
     let agents = cluster.start_agents(true).expect("agents");
     let both: &'static [&'static str] = &["web-1a", "web-2a"];
     let n1_6 = cluster.nodes[0].addr6;
+    let n2_6 = cluster.nodes[1].addr6;
     let vip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, host);
     let cases = [
         Case {
@@ -572,6 +662,24 @@ fn ipv6_and_dual_stack(xdp: XdpMode) {
             from: From::External6(0),
             to: to(n1_6, 30181),
             want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "IPv6 pod on node-2 → node-2 IPv6 NodePort (eTP Local, no local endpoint): node-1's pod, pod address kept",
+            from: From::Pod6("web-2a"),
+            to: to(n2_6, 30181),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "IPv6 host process on node-2 → its IPv6 NodePort (eTP Local): node-1's pod",
+            from: From::Host6(1),
+            to: to(n2_6, 30181),
+            want: Want::Pods(&["web-1a"], Seen::Node(1)),
+        },
+        Case {
+            name: "IPv6 external → node-2 IPv6 NodePort (eTP Local) without local endpoint: dropped",
+            from: From::External6(0),
+            to: to(n2_6, 30181),
+            want: Want::NoAnswer,
         },
         Case {
             name: "IPv6 hairpin: pod → its own service → itself, masqueraded",
@@ -615,4 +723,94 @@ fn ipv6_and_dual_stack(xdp: XdpMode) {
     }
     // External IPv6 traffic went to node 1's NodePorts.
     assert_xdp_used(xdp, &agents[..1]);
+}
+
+/// Host processes (socket hooks): an unconnected UDP socket keeps each
+/// service on one backend and sees every reply from the service's address,
+/// also when it talks to two services; a service without endpoints is
+/// ECONNREFUSED at once, as kube-proxy's REJECT makes it.
+#[test]
+fn host_udp_sockets_stick_to_one_backend_and_services_without_endpoints_refuse() {
+    use std::net::UdpSocket;
+    let cluster = Cluster::new([&["web-1a", "web-1b"], &["web-2a", "web-2b"]]).expect("cluster");
+    let three = cluster.endpoints(&["web-1a", "web-1b", "web-2a"]);
+    let dns = ("dns", "UDP", 53, 5353, None);
+    let docs = [
+        service("dns3", "  clusterIP: 198.19.0.50\n", "", &[dns], &three),
+        service(
+            "dns1",
+            "  clusterIP: 198.19.0.51\n",
+            "",
+            &[dns],
+            &cluster.endpoints(&["web-2b"]),
+        ),
+        service(
+            "empty",
+            "  clusterIP: 198.19.0.13\n",
+            "",
+            &[dns, ("http", "TCP", 8080, 80, None)],
+            &[] as &[(String, Ipv4Addr, String)],
+        ),
+    ];
+    cluster.write_manifest("services.yaml", &docs.join("---\n")).unwrap();
+    let _agents = cluster.start_agents(true).expect("agents");
+    let dns3 = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 50), 53));
+    let dns1 = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 51), 53));
+    let empty_udp = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 13), 53));
+    let empty_tcp = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 13), 8080));
+
+    // One unconnected socket queries both services, both queries in flight
+    // at once: every answer (pod, source) must show its service's address.
+    let answers = cluster.nodes[0]
+        .ns
+        .run(move || -> anyhow::Result<Vec<(String, SocketAddr)>> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut out = Vec::new();
+            for _ in 0..8 {
+                socket.send_to(b"who are you", dns3)?;
+                socket.send_to(b"who are you", dns1)?;
+                for _ in 0..2 {
+                    let mut buf = [0u8; 1500];
+                    let (n, from) = socket.recv_from(&mut buf)?;
+                    out.push((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from));
+                }
+            }
+            Ok(out)
+        })
+        .unwrap()
+        .expect("UDP answers");
+    let mut dns3_pods = BTreeSet::new();
+    for (pod, from) in &answers {
+        let service = if pod == "web-2b" { dns1 } else { dns3 };
+        assert_eq!(
+            *from, service,
+            "the answer of {pod} must come from its service's address and port"
+        );
+        if service == dns3 {
+            dns3_pods.insert(pod.as_str());
+        }
+    }
+    assert_eq!(answers.len(), 16);
+    assert_eq!(dns3_pods.len(), 1, "one socket, one backend per service: {dns3_pods:?}");
+
+    // Without endpoints: ECONNREFUSED for TCP connect, UDP connect and an
+    // unconnected UDP send alike (kube-proxy's ICMP port unreachable shows
+    // a UDP client ECONNREFUSED on its next call).
+    let errors = cluster.nodes[0]
+        .ns
+        .run(move || {
+            let kind = |r: std::io::Result<()>| r.map_err(|e| e.kind());
+            let tcp = kind(TcpStream::connect_timeout(&empty_tcp, Duration::from_secs(1)).map(|_| ()));
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let udp_send = kind(socket.send_to(b"x", empty_udp).map(|_| ()));
+            let udp_connect = kind(socket.connect(empty_udp));
+            [tcp, udp_connect, udp_send]
+        })
+        .unwrap();
+    assert_eq!(
+        errors,
+        [Err(ErrorKind::ConnectionRefused); 3],
+        "TCP connect, UDP connect, UDP sendto"
+    );
 }

@@ -74,7 +74,7 @@ fn layout_signature(opts: &LoadOptions) -> String {
     use lb_common::*;
     use std::mem::size_of;
     format!(
-        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={} limits={}/{}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
+        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={}/{} limits={}/{}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
         size_of::<ServiceKey>(),
         size_of::<ServiceValue>(),
         size_of::<BackendSlotKey>(),
@@ -85,6 +85,7 @@ fn layout_signature(opts: &LoadOptions) -> String {
         size_of::<AffinityValue>(),
         size_of::<SourceRange>(),
         size_of::<sock::NodeConfig>(),
+        size_of::<sock::SockNatKey>(),
         size_of::<sock::SockRevNat>(),
         limits::MAX_SERVICES,
         limits::MAX_BACKENDS,
