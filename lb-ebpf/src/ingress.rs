@@ -105,7 +105,7 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
             && b.addr == e.nat_addr
             && b.port == e.nat_port
         {
-            conntrack::touch(entry, pkt, now);
+            conntrack::touch(entry, pkt, CtKind::Forward, now);
             let scratch = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: as above.
             *scratch = unsafe { *entry };
@@ -233,7 +233,7 @@ fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Drop
     if pkt.fragment != Fragment::None {
         return Err(DropReason::FragmentToService);
     }
-    conntrack::touch(entry, pkt, now);
+    conntrack::touch(entry, pkt, CtKind::Reply, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { *entry };
     nat::rewrite(ctx, pkt, Side::Source, &e.nat_addr, e.nat_port)?;

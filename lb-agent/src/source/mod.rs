@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::model::{NodeSpec, ServiceSpec, SliceSpec, Snapshot};
+use crate::model::{FieldError, NodeSpec, ServiceSpec, SliceSpec, Snapshot};
 
 /// namespace/name of an object.
 pub type ObjectKey = (String, String);
@@ -142,4 +142,12 @@ pub enum Kind {
     Service,
     Slice,
     Node,
+}
+
+/// Logs the values a conversion skipped as kube-proxy skips them (the rest
+/// of the object is used).
+pub fn warn_ignored(kind: &str, namespace: &str, name: &str, ignored: &[FieldError]) {
+    for e in ignored {
+        tracing::warn!("{kind} {namespace}/{name}: {e}; value ignored");
+    }
 }
