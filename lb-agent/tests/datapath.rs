@@ -1356,6 +1356,52 @@ fn conntrack_lifetime_follows_the_flow_state_in_both_entries() {
     }
 }
 
+/// A masqueraded flow's reply entry is keyed on the node's address and
+/// port: the "replied" state still reaches the forward entry (and the
+/// forward path still refreshes the reply entry).
+#[test]
+fn masqueraded_udp_flow_becomes_a_stream_in_both_entries() {
+    let mut node_port = service_port(NODE_PORT_ADDR, 30053, Protocol::Udp, &[(POD_A, 5353)]);
+    node_port.flags = lb_common::svc_flags::SNAT_ALWAYS;
+    let mut h = Harness::new(&model(vec![node_port]));
+    h.datapath
+        .maps
+        .set_conntrack_timeouts(&ConntrackTimeouts {
+            udp: 9,
+            udp_stream: 40,
+            ..Default::default()
+        })
+        .unwrap();
+    let now = lb_agent::run::monotonic_secs();
+    let lifetimes = |h: &Harness| {
+        let mut l: Vec<(u8, u32)> = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK")
+            .unwrap()
+            .into_iter()
+            .map(|(k, e)| (k.kind, e.expires_at - now))
+            .collect();
+        l.sort();
+        l
+    };
+    let (action, out) = h.run(&udp(ip(CLIENT, NODE_PORT_ADDR), 52000, 30053));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let (node_addr, snat_port) = (
+        <[u8; 4]>::try_from(&out[26..30]).unwrap(),
+        u16::from_be_bytes([out[34], out[35]]),
+    );
+    assert_eq!(node_addr, NODE_ADDR, "masqueraded as the node");
+    let ttls = lifetimes(&h);
+    assert!(ttls.iter().all(|(_, t)| (9..=10).contains(t)), "no reply yet: {ttls:?}");
+    let (action, out) = h.run(&udp(ip(POD_A, NODE_ADDR), 5353, snat_port));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &CLIENT, "the reply goes back to the client");
+    let ttls = lifetimes(&h);
+    assert_eq!(ttls.len(), 2, "{ttls:?}");
+    assert!(
+        ttls.iter().all(|(_, t)| (40..=41).contains(t)),
+        "after the reply: {ttls:?}"
+    );
+}
+
 #[test]
 fn a_full_conntrack_table_still_balances_new_flows() {
     let b = |last| ([198, 18, 1, last], 80);
