@@ -1332,8 +1332,8 @@ fn conntrack_lifetime_follows_the_flow_state_in_both_entries() {
     }
     let entries = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
     for &(name, sport, _, want) in cases {
-        let lifetime = |kind: lb_common::CtKind| {
-            let (_, e) = entries
+        let entry = |kind: lb_common::CtKind| {
+            let (k, e) = entries
                 .iter()
                 .find(|(k, _)| {
                     k.kind == kind as u8
@@ -1344,13 +1344,28 @@ fn conntrack_lifetime_follows_the_flow_state_in_both_entries() {
                         }) == sport
                 })
                 .unwrap_or_else(|| panic!("{name}: no {kind:?} entry"));
-            e.expires_at - now
+            (k, e)
+        };
+        // The state `lb-agent conntrack` shows: the timeouts above are distinct.
+        let state = match want {
+            5 => "SYN_SENT",
+            700 => "ESTABLISHED",
+            300 => "CLOSE_WAIT",
+            3 => "CLOSING",
+            9 => "UNREPLIED",
+            _ => "ASSURED",
         };
         for kind in [lb_common::CtKind::Forward, lb_common::CtKind::Reply] {
-            let got = lifetime(kind);
+            let (key, e) = entry(kind);
+            let got = e.expires_at - now;
             assert!(
                 (want..=want + 1).contains(&got),
                 "{name}: {kind:?} entry lives {got}s, want {want}s"
+            );
+            assert_eq!(
+                lb_common::CtState::of_entry(key.proto, e).name(),
+                state,
+                "{name}: {kind:?}"
             );
         }
     }

@@ -56,6 +56,64 @@ pub mod ct_timeouts {
     pub const UDP_STREAM: u32 = 120;
 }
 
+/// A flow's state as nf_conntrack names it, from the TCP flags each
+/// direction has sent (`own`, `peer`) and whether the backend has
+/// answered; it picks the flow's lifetime (`ct_timeouts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// TCP, only the opening SYN so far.
+    TcpSyn,
+    TcpEstablished,
+    /// TCP, FIN from one side only: the other side may still send for long.
+    TcpCloseWait,
+    /// TCP, FIN from both sides or a RST: only stragglers are left.
+    TcpClosing,
+    /// UDP (or other non-TCP), no reply yet.
+    Unreplied,
+    /// UDP (or other non-TCP) that has seen a reply (nf_conntrack's ASSURED).
+    Stream,
+}
+
+impl CtState {
+    #[inline(always)]
+    pub fn of(proto: u8, own: u8, peer: u8, replied: bool) -> Self {
+        let both = own | peer;
+        if proto != crate::proto::TCP {
+            if replied { CtState::Stream } else { CtState::Unreplied }
+        } else if both & ct_flags::RST != 0 || own & peer & ct_flags::FIN != 0 {
+            CtState::TcpClosing
+        } else if both & ct_flags::FIN != 0 {
+            CtState::TcpCloseWait
+        } else if both & ct_flags::ACK != 0 {
+            CtState::TcpEstablished
+        } else {
+            CtState::TcpSyn
+        }
+    }
+
+    /// The state of a flow whose entry (either direction) is `e`.
+    #[inline(always)]
+    pub fn of_entry(proto: u8, e: &CtEntry) -> Self {
+        Self::of(
+            proto,
+            e.tcp_flags_seen,
+            e.peer_tcp_flags,
+            e.flags & entry_flags::REPLIED != 0,
+        )
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtState::TcpSyn => "SYN_SENT",
+            CtState::TcpEstablished => "ESTABLISHED",
+            CtState::TcpCloseWait => "CLOSE_WAIT",
+            CtState::TcpClosing => "CLOSING",
+            CtState::Unreplied => "UNREPLIED",
+            CtState::Stream => "ASSURED",
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtEntry {

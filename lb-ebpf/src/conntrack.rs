@@ -3,9 +3,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    CtEntry, CtKey, CtKind, RawAddr,
-    conntrack::{ct_flags, ct_timeouts, entry_flags},
-    proto,
+    CtEntry, CtKey, CtKind, CtState, RawAddr,
+    conntrack::{ct_timeouts, entry_flags},
 };
 
 use crate::{
@@ -64,31 +63,19 @@ pub fn set_key(k: &mut CtKey, pkt: &Packet, kind: CtKind) {
     k._pad = [0; 2];
 }
 
-/// How long a flow lives after a packet, given the TCP flags each
-/// direction has sent so far (`own`, `peer`) and whether the backend has
-/// answered (`replied`): nf_conntrack's states as kube-proxy tunes them.
-/// A FIN from one side only is CLOSE_WAIT (the other side may still send
-/// for long: 1 h); FINs from both sides or a RST leave only stragglers.
+/// How long a flow in `state` lives after a packet.
 #[inline(always)]
-fn lifetime(pkt_proto: u8, own: u8, peer: u8, replied: bool) -> u32 {
+fn lifetime(state: CtState) -> u32 {
     // The agent's --conntrack-* settings, else the defaults.
     let cfg = CONFIG.get(0).copied().unwrap_or_default();
     let pick = |configured: u32, default: u32| if configured != 0 { configured } else { default };
-    let both = own | peer;
-    if pkt_proto != proto::TCP {
-        if replied {
-            pick(cfg.udp_stream_timeout, ct_timeouts::UDP_STREAM)
-        } else {
-            pick(cfg.udp_timeout, ct_timeouts::UDP)
-        }
-    } else if both & ct_flags::RST != 0 || own & peer & ct_flags::FIN != 0 {
-        pick(cfg.tcp_closing_timeout, ct_timeouts::TCP_CLOSING)
-    } else if both & ct_flags::FIN != 0 {
-        pick(cfg.tcp_close_wait_timeout, ct_timeouts::TCP_CLOSE_WAIT)
-    } else if both & ct_flags::ACK != 0 {
-        pick(cfg.tcp_established_timeout, ct_timeouts::TCP_ESTABLISHED)
-    } else {
-        pick(cfg.tcp_syn_timeout, ct_timeouts::TCP_SYN)
+    match state {
+        CtState::TcpSyn => pick(cfg.tcp_syn_timeout, ct_timeouts::TCP_SYN),
+        CtState::TcpEstablished => pick(cfg.tcp_established_timeout, ct_timeouts::TCP_ESTABLISHED),
+        CtState::TcpCloseWait => pick(cfg.tcp_close_wait_timeout, ct_timeouts::TCP_CLOSE_WAIT),
+        CtState::TcpClosing => pick(cfg.tcp_closing_timeout, ct_timeouts::TCP_CLOSING),
+        CtState::Unreplied => pick(cfg.udp_timeout, ct_timeouts::UDP),
+        CtState::Stream => pick(cfg.udp_stream_timeout, ct_timeouts::UDP_STREAM),
     }
 }
 
@@ -118,7 +105,8 @@ pub fn touch(entry: *mut CtEntry, pkt: &Packet, kind: CtKind, now: u32) {
         CtKind::Reply => e.flags | entry_flags::REPLIED,
         CtKind::Forward => e.flags,
     };
-    let expires = now + lifetime(pkt.proto, own, e.peer_tcp_flags, flags & entry_flags::REPLIED != 0);
+    let state = CtState::of(pkt.proto, own, e.peer_tcp_flags, flags & entry_flags::REPLIED != 0);
+    let expires = now + lifetime(state);
     if own == e.tcp_flags_seen && flags == e.flags && expires <= e.expires_at + 1 {
         return;
     }
@@ -188,7 +176,7 @@ pub fn init_entry(
     e.flags = 0;
     e.backend_id = backend_id;
     e.service_id = service_id;
-    e.expires_at = now + lifetime(pkt.proto, pkt.tcp_flags, 0, false);
+    e.expires_at = now + lifetime(CtState::of(pkt.proto, pkt.tcp_flags, 0, false));
     e.snat_addr = [0; 16];
     e.snat_port = 0;
     e.peer_tcp_flags = 0;
