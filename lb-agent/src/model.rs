@@ -589,6 +589,8 @@ pub struct NodeSpec {
     pub deleting: bool,
     /// Keys of spec.taints.
     pub taints: Vec<String>,
+    /// Values skipped; the sources log them.
+    pub ignored: Vec<FieldError>,
 }
 
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -603,6 +605,7 @@ impl NodeSpec {
             .clone()
             .ok_or_else(|| field_err("metadata.name", "missing"))?;
         let mut addresses = Vec::new();
+        let mut ignored = Vec::new();
         for (i, a) in node
             .status
             .iter()
@@ -610,7 +613,11 @@ impl NodeSpec {
             .enumerate()
         {
             if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-                addresses.push(parse_ip(&format!("status.addresses[{i}].address"), &a.address)?);
+                // A bad address must not lose the node (its eligibility).
+                match parse_ip(&format!("status.addresses[{i}].address"), &a.address) {
+                    Ok(ip) => addresses.push(ip),
+                    Err(e) => ignored.push(e),
+                }
             }
         }
         let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
@@ -626,6 +633,7 @@ impl NodeSpec {
             zone,
             deleting: node.metadata.deletion_timestamp.is_some(),
             taints,
+            ignored,
         })
     }
 
@@ -1654,6 +1662,12 @@ mod tests {
         assert!(!tainted.eligible());
         let deleting = node("  deletionTimestamp: '2026-01-01T00:00:00Z'\n");
         assert!(deleting.deleting && !deleting.eligible());
+        let bad_address = node(
+            "status: {addresses: [{type: InternalIP, address: 198.18.0.300}, {type: InternalIP, address: 198.18.0.11}]}\n",
+        );
+        assert_eq!(bad_address.addresses, ["198.18.0.11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(bad_address.ignored[0].field, "status.addresses[0].address");
+        assert!(bad_address.eligible(), "a bad address does not lose the node");
     }
 
     #[test]

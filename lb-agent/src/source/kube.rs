@@ -117,6 +117,9 @@ fn node_change(node: &Node, deleted: bool) -> Option<Change> {
         return Some(Change::Node(name, None));
     }
     let spec = converted("Node", &(String::new(), name.clone()), NodeSpec::from_k8s(node));
+    if let Some(n) = &spec {
+        super::warn_ignored("Node", "", &n.name, &n.ignored);
+    }
     Some(Change::Node(name, spec))
 }
 

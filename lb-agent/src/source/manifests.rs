@@ -360,7 +360,11 @@ fn parse_object(doc: &Value) -> Result<Option<(ObjectRef, Object)>, ObjectError>
                 }
             }
         }
-        ("v1", "Node") => Object::Node(NodeSpec::from_k8s(&typed::<Node>(doc, &r)?).map_err(|e| spec_err(&r, e))?),
+        ("v1", "Node") => {
+            let n = NodeSpec::from_k8s(&typed::<Node>(doc, &r)?).map_err(|e| spec_err(&r, e))?;
+            super::warn_ignored("Node", "", &n.name, &n.ignored);
+            Object::Node(n)
+        }
         _ => {
             debug!(api_version, kind, "ignoring object of a kind the proxy does not use");
             return Ok(None);

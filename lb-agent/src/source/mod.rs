@@ -146,8 +146,10 @@ pub enum Kind {
 
 /// Logs the values a conversion skipped as kube-proxy skips them (the rest
 /// of the object is used).
+/// `namespace` is "" for cluster-scoped objects.
 pub fn warn_ignored(kind: &str, namespace: &str, name: &str, ignored: &[FieldError]) {
+    let slash = if namespace.is_empty() { "" } else { "/" };
     for e in ignored {
-        tracing::warn!("{kind} {namespace}/{name}: {e}; value ignored");
+        tracing::warn!("{kind} {namespace}{slash}{name}: {e}; value ignored");
     }
 }
