@@ -139,6 +139,15 @@ pub async fn serve_proxy_health(addr: SocketAddr, status: SharedStatus, timeout:
         move |State(status): State<SharedStatus>| async move {
             let (health, eligible) = ProxyHealth::read(&status, timeout);
             let (code, body) = health.response(with_node.then_some(eligible));
+            {
+                let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
+                let answers = if with_node {
+                    &mut st.healthz_answers
+                } else {
+                    &mut st.livez_answers
+                };
+                *answers.entry(code.as_u16()).or_default() += 1;
+            }
             (code, [JSON, NOSNIFF], body).into_response()
         }
     };

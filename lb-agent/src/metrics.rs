@@ -38,6 +38,10 @@ pub struct AgentStatus {
     pub services: BTreeMap<u32, (String, String)>,
     /// Backend id → (service port name, endpoint).
     pub backends: BTreeMap<u32, (String, String)>,
+    /// Answers of /healthz and of /livez by status code (kube-proxy's
+    /// proxy_healthz_total / proxy_livez_total).
+    pub healthz_answers: BTreeMap<u16, u64>,
+    pub livez_answers: BTreeMap<u16, u64>,
 }
 
 impl Default for AgentStatus {
@@ -51,6 +55,8 @@ impl Default for AgentStatus {
             service_ports: 0,
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
+            healthz_answers: BTreeMap::new(),
+            livez_answers: BTreeMap::new(),
         }
     }
 }
@@ -117,6 +123,21 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
     endpoints.set(st.backends.len() as i64);
     registry.register("backends", "Backends programmed", endpoints);
 
+    for (name, help, answers) in [
+        (
+            "proxy_healthz",
+            "/healthz answers by HTTP status code",
+            &st.healthz_answers,
+        ),
+        ("proxy_livez", "/livez answers by HTTP status code", &st.livez_answers),
+    ] {
+        let family = counter_family(&mut registry, name, help);
+        for (code, n) in answers {
+            family
+                .get_or_create(&vec![("code".into(), code.to_string())])
+                .inc_by(*n);
+        }
+    }
     labelled_counters(
         &mut registry,
         ("drops", "Packets dropped by the datapath, by reason", "reason"),

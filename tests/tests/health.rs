@@ -12,8 +12,14 @@ use lb_tests::cluster::Cluster;
 const HEALTH_PORT: u16 = 32000;
 const PROXY_HEALTH_PORT: u16 = 10256;
 
-/// Status code, headers and body of `GET path` (HTTP/1.0).
+/// Status code, headers (lower case) and JSON body of `GET path`.
 fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, serde_json::Value)> {
+    let (code, head, body) = get_text(addr, path)?;
+    Ok((code, head, serde_json::from_str(&body)?))
+}
+
+/// Status code, headers (lower case) and body of `GET path` (HTTP/1.0).
+fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -22,7 +28,7 @@ fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, serde_json:
     conn.read_to_string(&mut out)?;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
     let code = head.split_whitespace().nth(1).unwrap_or_default().parse()?;
-    Ok((code, head.to_ascii_lowercase(), serde_json::from_str(body)?))
+    Ok((code, head.to_ascii_lowercase(), body.to_string()))
 }
 
 /// The service with one ready pod on node 1 (both families), then the
@@ -123,4 +129,19 @@ fn health_check_node_port_and_proxy_health_like_kube_proxy() {
     assert!(body.get("nodeEligible").is_none(), "{body}");
     let (code, _, body) = ask(node(1, false, PROXY_HEALTH_PORT), "/healthz").unwrap();
     assert_eq!((code, &body["nodeEligible"]), (200, &true.into()), "node 2: {body}");
+
+    // The answers are counted like kube-proxy's proxy_healthz_total.
+    let metrics = cluster.nodes[0]
+        .ns
+        .run(|| get_text(SocketAddr::from(([127, 0, 0, 1], 10249)), "/metrics"))
+        .unwrap()
+        .unwrap()
+        .2;
+    for series in [
+        "lbagent_proxy_healthz_total{code=\"200\"}",
+        "lbagent_proxy_healthz_total{code=\"503\"}",
+        "lbagent_proxy_livez_total{code=\"200\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
 }
