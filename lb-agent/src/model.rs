@@ -527,7 +527,7 @@ impl SliceSpec {
                     None
                 }
                 None => {
-                    ignored.push(field_err(field("port"), "missing: the port is ignored"));
+                    ignored.push(field_err(field("port"), "missing"));
                     None
                 }
             };
