@@ -543,5 +543,50 @@ mod tests {
             "IPv4 and IPv6 --nodeport-addresses, no localhost"
         );
         assert!(ctx.cluster_cidr_known.v4 && !ctx.cluster_cidr_known.v6);
+        assert_eq!(
+            settings.health_check_addrs(),
+            want,
+            "healthCheckNodePorts listen on the --nodeport-addresses node addresses"
+        );
+        let everywhere = NodeSettings {
+            nodeport_cidrs: vec![],
+            ..settings
+        };
+        assert!(
+            everywhere.health_check_addrs().is_empty(),
+            "no --nodeport-addresses: the wildcard"
+        );
+        assert_eq!(everywhere.families(), FamilyFlags { v4: true, v6: true });
+    }
+
+    #[test]
+    fn node_eligibility_follows_the_node_object_and_its_deletion() {
+        let mut settings = NodeSettings {
+            name: "node-1".into(),
+            addrs: vec![],
+            nodeport_cidrs: vec![],
+            masquerade_all: false,
+            cluster_cidr_known: FamilyFlags::default(),
+            maglev_table_size: 0,
+            maglev_default: false,
+            node_object_seen: false,
+        };
+        let with = |nodes: Vec<crate::model::NodeSpec>| Snapshot {
+            nodes,
+            ..Default::default()
+        };
+        let node = |name: &str, deleting: bool| crate::model::NodeSpec {
+            name: name.into(),
+            deleting,
+            ..Default::default()
+        };
+        assert!(settings.eligible(&with(vec![])), "no Node object (manifests): eligible");
+        assert!(
+            settings.eligible(&with(vec![node("node-2", true)])),
+            "another node's deletion"
+        );
+        assert!(settings.eligible(&with(vec![node("node-1", false)])));
+        assert!(!settings.eligible(&with(vec![node("node-1", true)])), "being deleted");
+        assert!(!settings.eligible(&with(vec![])), "seen, then gone: deleted");
     }
 }
