@@ -29,9 +29,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.xdp_mode
         );
     }
+    let conntrack_entries = args.conntrack_entries(cpu_count());
+    // The LRU map is allocated whole up front (~150 bytes an entry).
+    info!(
+        entries = conntrack_entries,
+        mib = (conntrack_entries as u64 * 150) >> 20,
+        "conntrack table size (--conntrack-max-per-core, --conntrack-min or --conntrack-max)"
+    );
     let mut datapath = Datapath::load(&LoadOptions {
         bpf_root: Some(args.bpf_root.clone()),
-        conntrack_max: args.conntrack_entries(cpu_count()),
+        conntrack_max: conntrack_entries,
         max_services: args.max_services,
         max_backends: args.max_backends,
     })?;
