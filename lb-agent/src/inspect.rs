@@ -300,12 +300,15 @@ pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows>
             endpoint(ip_of(&e.nat_addr), e.nat_port),
             snat,
             e.backend_id.to_string(),
+            lb_common::CtState::of_entry(k.proto, &e).name().into(),
             e.expires_at.to_string(),
         ]);
     }
     rows.sort();
     Ok(Rows {
-        columns: vec!["DIR", "PROTO", "SRC", "DST", "NAT", "SNAT", "BACKEND", "EXPIRES"],
+        columns: vec![
+            "DIR", "PROTO", "SRC", "DST", "NAT", "SNAT", "BACKEND", "STATE", "EXPIRES",
+        ],
         rows,
     })
 }

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder};
-use lb_agent::datapath::{Datapath, LoadOptions};
+use lb_agent::datapath::{ConntrackTimeouts, Datapath, LoadOptions};
 use lb_agent::model::{Endpoint, Frontend, Model, Protocol, ServicePort};
 use lb_agent::sync::Syncer;
 use lb_common::{DropReason, FlowEvent};
@@ -33,11 +33,13 @@ const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 // ---- PKTGEN ---------------------------------------------------------------
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Tcp {
     Syn,
     SynAck,
     Ack,
+    FinAck,
+    Rst,
 }
 
 struct Ip {
@@ -91,6 +93,8 @@ fn tcp_over(ip: IpHeaders, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
         Tcp::Syn => b.syn(),
         Tcp::SynAck => b.syn().ack(1001),
         Tcp::Ack => b.ack(1001),
+        Tcp::FinAck => b.fin().ack(1001),
+        Tcp::Rst => b.rst(),
     };
     let payload = b"GET / HTTP/1.0\r\n\r\n";
     let mut out = Vec::with_capacity(b.size(payload.len()));
@@ -1241,7 +1245,16 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
 #[test]
 fn conntrack_lifetimes_follow_the_config_and_gc_removes_expired_entries() {
     let mut h = Harness::new(&default_model());
-    h.datapath.maps.set_conntrack_timeouts(5, 700, 3, 9).unwrap();
+    h.datapath
+        .maps
+        .set_conntrack_timeouts(&ConntrackTimeouts {
+            tcp_syn: 5,
+            tcp_established: 700,
+            tcp_closing: 3,
+            udp: 9,
+            ..Default::default()
+        })
+        .unwrap();
     let now = lb_agent::run::monotonic_secs();
     h.run(&udp(ip(CLIENT, UDP_VIP), 50200, 53));
     h.run(&tcp(ip(CLIENT, VIP), 44000, 8080, Tcp::Syn));
@@ -1263,6 +1276,183 @@ fn conntrack_lifetimes_follow_the_config_and_gc_removes_expired_entries() {
     let left = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
     assert_eq!(left.len(), 2);
     assert!(left.iter().all(|(_, e)| e.expires_at >= now + 100));
+}
+
+/// nf_conntrack's states as kube-proxy tunes them, per flow: both entries
+/// (forward and reply) carry the flow's lifetime, whichever direction
+/// the last packet took.
+#[test]
+fn conntrack_lifetime_follows_the_flow_state_in_both_entries() {
+    let mut h = Harness::new(&default_model());
+    h.datapath
+        .maps
+        .set_conntrack_timeouts(&ConntrackTimeouts {
+            tcp_syn: 5,
+            tcp_established: 700,
+            tcp_close_wait: 300,
+            tcp_closing: 3,
+            udp: 9,
+            udp_stream: 40,
+        })
+        .unwrap();
+    #[derive(Clone, Copy, Debug)]
+    enum P {
+        /// Client → service.
+        C(Tcp),
+        /// Backend → client.
+        B(Tcp),
+        Cu,
+        Bu,
+    }
+    use P::*;
+    // (name, client port, packets in order, wanted lifetime of both entries)
+    let cases: &[(&str, u16, &[P], u32)] = &[
+        ("UDP without reply: --conntrack-udp-timeout", 51000, &[Cu], 9),
+        (
+            "UDP after a reply: --conntrack-udp-timeout-stream",
+            51001,
+            &[Cu, Bu],
+            40,
+        ),
+        ("UDP stream, client sends again", 51002, &[Cu, Bu, Cu], 40),
+        ("UDP, several requests, no reply yet", 51003, &[Cu, Cu], 9),
+        ("TCP SYN only", 45000, &[C(Tcp::Syn)], 5),
+        (
+            "TCP handshake done: established",
+            45001,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack)],
+            700,
+        ),
+        (
+            "TCP FIN from the client only: close-wait",
+            45002,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack), C(Tcp::FinAck)],
+            300,
+        ),
+        (
+            "TCP FIN from the backend only: close-wait",
+            45003,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack), B(Tcp::FinAck), C(Tcp::Ack)],
+            300,
+        ),
+        (
+            "TCP FIN from both sides: closing",
+            45004,
+            &[
+                C(Tcp::Syn),
+                B(Tcp::SynAck),
+                C(Tcp::Ack),
+                C(Tcp::FinAck),
+                B(Tcp::FinAck),
+                C(Tcp::Ack),
+            ],
+            3,
+        ),
+        (
+            "TCP RST from the backend: closing",
+            45005,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack), B(Tcp::Rst)],
+            3,
+        ),
+    ];
+    let now = lb_agent::run::monotonic_secs();
+    for &(name, sport, packets, _) in cases {
+        for p in packets {
+            let pkt = match *p {
+                C(flags) => tcp(ip(CLIENT, VIP), sport, 8080, flags),
+                B(flags) => tcp(ip(BACKEND, CLIENT), 80, sport, flags),
+                Cu => udp(ip(CLIENT, UDP_VIP), sport, 53),
+                Bu => udp(ip(UDP_BACKEND, CLIENT), 5353, sport),
+            };
+            let (action, _) = h.run(&pkt);
+            assert_eq!(action, TC_ACT_REDIRECT, "{name}: {p:?} translated");
+        }
+    }
+    let entries = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
+    for &(name, sport, _, want) in cases {
+        let entry = |kind: lb_common::CtKind| {
+            let (k, e) = entries
+                .iter()
+                .find(|(k, _)| {
+                    k.kind == kind as u8
+                        && (if kind == lb_common::CtKind::Forward {
+                            k.src_port
+                        } else {
+                            k.dst_port
+                        }) == sport
+                })
+                .unwrap_or_else(|| panic!("{name}: no {kind:?} entry"));
+            (k, e)
+        };
+        // The state `lb-agent conntrack` shows: the timeouts above are distinct.
+        let state = match want {
+            5 => "SYN_SENT",
+            700 => "ESTABLISHED",
+            300 => "CLOSE_WAIT",
+            3 => "CLOSING",
+            9 => "UNREPLIED",
+            _ => "ASSURED",
+        };
+        for kind in [lb_common::CtKind::Forward, lb_common::CtKind::Reply] {
+            let (key, e) = entry(kind);
+            let got = e.expires_at - now;
+            assert!(
+                (want..=want + 1).contains(&got),
+                "{name}: {kind:?} entry lives {got}s, want {want}s"
+            );
+            assert_eq!(
+                lb_common::CtState::of_entry(key.proto, e).name(),
+                state,
+                "{name}: {kind:?}"
+            );
+        }
+    }
+}
+
+/// A masqueraded flow's reply entry is keyed on the node's address and
+/// port: the "replied" state still reaches the forward entry (and the
+/// forward path still refreshes the reply entry).
+#[test]
+fn masqueraded_udp_flow_becomes_a_stream_in_both_entries() {
+    let mut node_port = service_port(NODE_PORT_ADDR, 30053, Protocol::Udp, &[(POD_A, 5353)]);
+    node_port.flags = lb_common::svc_flags::SNAT_ALWAYS;
+    let mut h = Harness::new(&model(vec![node_port]));
+    h.datapath
+        .maps
+        .set_conntrack_timeouts(&ConntrackTimeouts {
+            udp: 9,
+            udp_stream: 40,
+            ..Default::default()
+        })
+        .unwrap();
+    let now = lb_agent::run::monotonic_secs();
+    let lifetimes = |h: &Harness| {
+        let mut l: Vec<(u8, u32)> = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK")
+            .unwrap()
+            .into_iter()
+            .map(|(k, e)| (k.kind, e.expires_at - now))
+            .collect();
+        l.sort();
+        l
+    };
+    let (action, out) = h.run(&udp(ip(CLIENT, NODE_PORT_ADDR), 52000, 30053));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let (node_addr, snat_port) = (
+        <[u8; 4]>::try_from(&out[26..30]).unwrap(),
+        u16::from_be_bytes([out[34], out[35]]),
+    );
+    assert_eq!(node_addr, NODE_ADDR, "masqueraded as the node");
+    let ttls = lifetimes(&h);
+    assert!(ttls.iter().all(|(_, t)| (9..=10).contains(t)), "no reply yet: {ttls:?}");
+    let (action, out) = h.run(&udp(ip(POD_A, NODE_ADDR), 5353, snat_port));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &CLIENT, "the reply goes back to the client");
+    let ttls = lifetimes(&h);
+    assert_eq!(ttls.len(), 2, "{ttls:?}");
+    assert!(
+        ttls.iter().all(|(_, t)| (40..=41).contains(t)),
+        "after the reply: {ttls:?}"
+    );
 }
 
 #[test]

@@ -36,13 +36,82 @@ pub mod ct_flags {
     pub const ACK: u8 = 0x10;
 }
 
-/// Lifetimes (seconds) like Cilium's defaults: a flow idle for longer is
-/// forgotten and its next packet is balanced afresh.
+/// Lifetimes (seconds): a flow idle for longer is forgotten and its next
+/// packet is balanced afresh. kube-proxy's nf_conntrack settings where it
+/// has them (--conntrack-tcp-timeout-established 24h,
+/// --conntrack-tcp-timeout-close-wait 1h, --conntrack-udp-timeout 30s,
+/// --conntrack-udp-timeout-stream 2m).
 pub mod ct_timeouts {
+    /// Only the opening SYN seen (nf_conntrack's SYN_SENT: 2 min; we keep 1 min).
     pub const TCP_SYN: u32 = 60;
-    pub const TCP_ESTABLISHED: u32 = 21_600;
+    pub const TCP_ESTABLISHED: u32 = 86_400;
+    /// FIN seen from one side only: the other may keep sending for long
+    /// (nf_conntrack's CLOSE_WAIT, which kube-proxy raises to 1 h).
+    pub const TCP_CLOSE_WAIT: u32 = 3_600;
+    /// FIN seen from both sides, or RST: only stragglers are left.
     pub const TCP_CLOSING: u32 = 10;
-    pub const NON_TCP: u32 = 60;
+    /// A UDP (or other non-TCP) flow that has seen no reply.
+    pub const UDP: u32 = 30;
+    /// One that has seen a reply (nf_conntrack's ASSURED "stream").
+    pub const UDP_STREAM: u32 = 120;
+}
+
+/// A flow's state as nf_conntrack names it, from the TCP flags each
+/// direction has sent (`own`, `peer`) and whether the backend has
+/// answered; it picks the flow's lifetime (`ct_timeouts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// TCP, only the opening SYN so far.
+    TcpSyn,
+    TcpEstablished,
+    /// TCP, FIN from one side only: the other side may still send for long.
+    TcpCloseWait,
+    /// TCP, FIN from both sides or a RST: only stragglers are left.
+    TcpClosing,
+    /// UDP (or other non-TCP), no reply yet.
+    Unreplied,
+    /// UDP (or other non-TCP) that has seen a reply (nf_conntrack's ASSURED).
+    Stream,
+}
+
+impl CtState {
+    #[inline(always)]
+    pub fn of(proto: u8, own: u8, peer: u8, replied: bool) -> Self {
+        let both = own | peer;
+        if proto != crate::proto::TCP {
+            if replied { CtState::Stream } else { CtState::Unreplied }
+        } else if both & ct_flags::RST != 0 || own & peer & ct_flags::FIN != 0 {
+            CtState::TcpClosing
+        } else if both & ct_flags::FIN != 0 {
+            CtState::TcpCloseWait
+        } else if both & ct_flags::ACK != 0 {
+            CtState::TcpEstablished
+        } else {
+            CtState::TcpSyn
+        }
+    }
+
+    /// The state of a flow whose entry (either direction) is `e`.
+    #[inline(always)]
+    pub fn of_entry(proto: u8, e: &CtEntry) -> Self {
+        Self::of(
+            proto,
+            e.tcp_flags_seen,
+            e.peer_tcp_flags,
+            e.flags & entry_flags::REPLIED != 0,
+        )
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtState::TcpSyn => "SYN_SENT",
+            CtState::TcpEstablished => "ESTABLISHED",
+            CtState::TcpCloseWait => "CLOSE_WAIT",
+            CtState::TcpClosing => "CLOSING",
+            CtState::Unreplied => "UNREPLIED",
+            CtState::Stream => "ASSURED",
+        }
+    }
 }
 
 #[repr(C)]
@@ -66,7 +135,10 @@ pub struct CtEntry {
     /// destination is restored to.
     pub snat_addr: RawAddr,
     pub snat_port: u16,
-    pub _pad: [u8; 2],
+    /// TCP flags the other direction's entry has seen (copied when it is
+    /// refreshed): with `tcp_flags_seen`, the whole flow's state.
+    pub peer_tcp_flags: u8,
+    pub _pad: u8,
 }
 assert_size!(CtEntry, 52);
 
@@ -74,6 +146,9 @@ assert_size!(CtEntry, 52);
 pub mod entry_flags {
     /// The flow is masqueraded (KUBE-POSTROUTING MASQUERADE).
     pub const SNAT: u8 = 1 << 0;
+    /// The backend has answered (a packet hit the reply entry); the
+    /// forward entry learns it too. A UDP flow then lives `UDP_STREAM`.
+    pub const REPLIED: u8 = 1 << 1;
 }
 
 /// Source ports for masquerading: 1024–29999 and 61000–65535, all but

@@ -20,7 +20,7 @@ pub mod stats;
 
 pub use addr::RawAddr;
 pub use backend::{Backend, BackendId, BackendSlotKey};
-pub use conntrack::{CtEntry, CtKey, CtKind};
+pub use conntrack::{CtEntry, CtKey, CtKind, CtState};
 pub use service::{
     AffinityKey, AffinityValue, ServiceKey, ServiceScope, ServiceValue, SourceRange, cidr_kind, svc_flags,
 };

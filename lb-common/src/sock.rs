@@ -15,8 +15,10 @@ pub struct NodeConfig {
     pub tcp_established_timeout: u32,
     pub tcp_closing_timeout: u32,
     pub udp_timeout: u32,
+    pub tcp_close_wait_timeout: u32,
+    pub udp_stream_timeout: u32,
 }
-assert_size!(NodeConfig, 24);
+assert_size!(NodeConfig, 32);
 
 /// `SockNatKey::kind`.
 pub mod sock_nat_kind {

@@ -47,9 +47,12 @@ pub enum DropReason {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowEvent {
-    /// A TCP packet without SYN of a flow that has no conntrack entry: the
-    /// entry was evicted from a full (LRU) table, or the flow predates this
-    /// datapath. The flow is balanced anew (Maglev keeps its backend).
+    /// A TCP packet without SYN at a service frontend whose flow has no
+    /// live conntrack entry: an established flow lost its entry — evicted
+    /// from the full LRU table (raise --conntrack-max-per-core /
+    /// --conntrack-min), idle longer than its timeout, its backend removed
+    /// — or the flow predates this datapath. The flow is balanced anew
+    /// (Maglev keeps its backend).
     TcpMidFlowConntrackMiss = 1,
     /// A packet the XDP path translated and sent itself (XDP_TX/REDIRECT).
     XdpForwarded = 2,

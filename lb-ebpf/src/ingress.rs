@@ -106,7 +106,7 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
         // cleared by the agent (kube-proxy's CleanStaleEntries). A flow of a
         // service deleted and re-created under the same frontend is new.
         if e.service_id == svc.service_id {
-            conntrack::touch(entry, pkt, now);
+            conntrack::touch(entry, pkt, CtKind::Forward, now);
             let scratch = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: as above.
             *scratch = unsafe { *entry };
@@ -234,7 +234,7 @@ fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Drop
     if pkt.fragment != Fragment::None {
         return Err(DropReason::FragmentToService);
     }
-    conntrack::touch(entry, pkt, now);
+    conntrack::touch(entry, pkt, CtKind::Reply, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { *entry };
     nat::rewrite(ctx, pkt, Side::Source, &e.nat_addr, e.nat_port)?;

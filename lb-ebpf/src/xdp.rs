@@ -112,7 +112,7 @@ fn try_from_backend(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Reply), now) else {
         return Ok(XDP_PASS);
     };
-    conntrack::touch(entry, pkt, now);
+    conntrack::touch(entry, pkt, CtKind::Reply, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { &*entry };
     let (dst, dport) = if e.flags & entry_flags::SNAT != 0 {

@@ -78,7 +78,7 @@ fn manifests(c: &Cluster) -> String {
         service("web", "  type: NodePort\n  clusterIP: 198.19.0.10\n", "", &[http(Some(30080)), ("dns", "UDP", 53, 5353, Some(30053))], &both),
         service(
             "web-local",
-            "  type: NodePort\n  clusterIP: 198.19.0.11\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.11\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
             "",
             &[http(Some(30081))],
             &one,
@@ -504,10 +504,10 @@ fn udp_affinity_health_and_load(xdp: XdpMode) {
         let status = response.split_whitespace().nth(1).unwrap_or_default();
         assert_eq!(status, code, "{node}: {response}");
         assert!(
-            response.contains(&format!("\"localEndpoints\":{local}")),
+            response.contains(&format!("\"localEndpoints\": {local}")),
             "{node}: {response}"
         );
-        assert!(response.contains("\"name\":\"web-local\""), "{node}: {response}");
+        assert!(response.contains("\"name\": \"web-local\""), "{node}: {response}");
     }
 
     // 1,000 short connections in parallel through a masquerading NodePort.
