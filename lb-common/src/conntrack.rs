@@ -28,7 +28,8 @@ pub struct CtKey {
 }
 assert_size!(CtKey, 40);
 
-/// TCP flags remembered in `CtEntry::tcp_flags_seen`.
+/// TCP flags remembered in `CtEntry::tcp_flags_seen`; SCTP's chunk types
+/// are mapped onto them (`sctp::ct_flags_of`).
 pub mod ct_flags {
     pub const SYN: u8 = 0x02;
     pub const FIN: u8 = 0x01;
@@ -43,6 +44,13 @@ pub mod ct_timeouts {
     pub const TCP_ESTABLISHED: u32 = 21_600;
     pub const TCP_CLOSING: u32 = 10;
     pub const NON_TCP: u32 = 60;
+    /// SCTP, as nf_conntrack's defaults (kube-proxy sets none for SCTP):
+    /// COOKIE_WAIT / COOKIE_ECHOED, ESTABLISHED (heartbeat interval ×
+    /// path retransmissions + RTO max) and CLOSED (also used for the
+    /// SHUTDOWN states, whose 3 s it rounds up).
+    pub const SCTP_HANDSHAKE: u32 = 3;
+    pub const SCTP_ESTABLISHED: u32 = 210;
+    pub const SCTP_CLOSING: u32 = 10;
 }
 
 #[repr(C)]

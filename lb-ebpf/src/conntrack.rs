@@ -67,6 +67,9 @@ pub fn set_key(k: &mut CtKey, pkt: &Packet, kind: CtKind) {
 /// How long a flow lives after a packet with `flags_seen` so far.
 #[inline(always)]
 fn lifetime(pkt_proto: u8, flags_seen: u8) -> u32 {
+    if pkt_proto == proto::SCTP {
+        return sctp_lifetime(flags_seen);
+    }
     // The agent's --conntrack-* settings, else the defaults.
     let cfg = CONFIG.get(0).copied().unwrap_or_default();
     let pick = |configured: u32, default: u32| if configured != 0 { configured } else { default };
@@ -78,6 +81,21 @@ fn lifetime(pkt_proto: u8, flags_seen: u8) -> u32 {
         pick(cfg.tcp_established_timeout, ct_timeouts::TCP_ESTABLISHED)
     } else {
         pick(cfg.tcp_syn_timeout, ct_timeouts::TCP_SYN)
+    }
+}
+
+/// SCTP flows: nf_conntrack's fixed lifetimes (kube-proxy configures none
+/// for SCTP), by the states the first chunks showed (`sctp::ct_flags_of`).
+/// Its own BPF function: inlined, LLVM folds the choice into arithmetic on
+/// the CONFIG value pointer, which the verifier refuses.
+#[inline(never)]
+fn sctp_lifetime(flags_seen: u8) -> u32 {
+    if flags_seen & ct_flags::FIN != 0 {
+        ct_timeouts::SCTP_CLOSING
+    } else if flags_seen & ct_flags::ACK != 0 {
+        ct_timeouts::SCTP_ESTABLISHED
+    } else {
+        ct_timeouts::SCTP_HANDSHAKE
     }
 }
 
