@@ -177,4 +177,26 @@ fn sctp_reaches_clusterip_and_nodeport_backends_with_valid_crc32c() {
     }
     let forwarded = agents[0].counter("event", "xdp_forwarded").unwrap();
     assert!(forwarded > 0, "node-1's XDP carried none of the SCTP packets");
+
+    // `lb-agent trace --proto sctp` shows the same translation.
+    let src = SocketAddr::new(client_pod.ip.into(), 41000).to_string();
+    let dst = SocketAddr::new(VIP.into(), PORT).to_string();
+    let out = lb_tests::netns::run(
+        node1
+            .ns
+            .command(lb_tests::agent::agent_bin().to_str().unwrap())
+            .args(["trace", "--proto", "sctp", "--src", &src, "--dst", &dst, "-o", "json"])
+            .arg("--bpf-root")
+            .arg(&node1.bpf_root),
+    )
+    .unwrap();
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["verdict"], "forward (redirect)", "{t}");
+    assert_eq!(t["frontend"], format!("{dst}/SCTP"), "{t}");
+    assert_eq!(t["out_src"], src, "{t}");
+    assert_eq!(
+        t["out_dst"],
+        SocketAddr::new(backend_ip.into(), TARGET).to_string(),
+        "{t}"
+    );
 }
