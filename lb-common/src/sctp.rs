@@ -59,7 +59,7 @@ const X8: u32 = 1 << (31 - 8);
 /// own, like `crc32c_ports_delta`: inlined, LLVM interleaves the steps and
 /// spills to the stack, which the datapath's call chains cannot spare.
 #[inline(never)]
-pub const fn mul(a: u32, mut b: u32) -> u32 {
+const fn mul(a: u32, mut b: u32) -> u32 {
     let mut product = 0u32;
     let mut i = 0;
     while i < 32 {

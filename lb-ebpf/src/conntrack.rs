@@ -86,9 +86,7 @@ fn lifetime(pkt_proto: u8, flags_seen: u8) -> u32 {
 
 /// SCTP flows: nf_conntrack's fixed lifetimes (kube-proxy configures none
 /// for SCTP), by the states the first chunks showed (`sctp::ct_flags_of`).
-/// Its own BPF function: inlined, LLVM folds the choice into arithmetic on
-/// the CONFIG value pointer, which the verifier refuses.
-#[inline(never)]
+#[inline(always)]
 fn sctp_lifetime(flags_seen: u8) -> u32 {
     if flags_seen & ct_flags::FIN != 0 {
         ct_timeouts::SCTP_CLOSING

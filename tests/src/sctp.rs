@@ -105,8 +105,9 @@ impl RawSctp {
 
     /// Sends `sctp` (an SCTP packet) to `dst`; the kernel adds the IP header.
     pub fn send(&self, dst: IpAddr, sctp: &[u8]) -> anyhow::Result<()> {
-        // SAFETY: all-zero sockaddrs are valid; filled in below.
+        // SAFETY: an all-zero sockaddr_in is valid; filled in below.
         let mut sa4: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        // SAFETY: likewise for sockaddr_in6.
         let mut sa6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
         let (sa, len): (*const libc::sockaddr, usize) = match dst {
             IpAddr::V4(a) if !self.v6 => {
@@ -165,12 +166,13 @@ impl RawSctp {
         }
         let mut buf = [0u8; 2048];
         let mut control = [0u64; 16];
-        // SAFETY: all-zero sockaddr_in6 / msghdr are valid; filled below.
+        // SAFETY: an all-zero sockaddr_in6 is valid (recvmsg fills it).
         let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         };
+        // SAFETY: an all-zero msghdr is valid; its fields are set below.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = (&mut from as *mut libc::sockaddr_in6).cast();
         msg.msg_namelen = size_of::<libc::sockaddr_in6>() as u32;
