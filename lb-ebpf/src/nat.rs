@@ -130,16 +130,16 @@ fn rewrite_sctp(
 }
 
 /// The CRC32c (as the checksum field's little-endian value) after the
-/// ports change by the given XORs; `None`: leave the field alone. A field
-/// of 0 is what the SCTP stack leaves for CRC offload (a CHECKSUM_PARTIAL
-/// skb from a local socket, e.g. a pod's through its veth): the CRC is
-/// computed later over the bytes as they are then, our ports included,
-/// and a delta XORed in now would spoil it. (A computed CRC32c is 0 once
-/// in 2^32 packets; such a packet would then arrive with a bad CRC and be
-/// retransmitted.)
+/// ports change by the given XORs; `None`: leave the field alone (no port
+/// changed, or the CRC is yet to be computed). A field of 0 is what the
+/// SCTP stack leaves for CRC offload (a CHECKSUM_PARTIAL skb from a local
+/// socket, e.g. a pod's through its veth): the CRC is computed later over
+/// the bytes as they are then, our ports included, and a delta XORed in
+/// now would spoil it. (A computed CRC32c is 0 once in 2^32 packets; such
+/// a packet would then arrive with a bad CRC and be retransmitted.)
 #[inline(always)]
 fn sctp_crc_after(crc: u32, sport_xor: u16, dport_xor: u16, len: u16) -> Option<u32> {
-    if crc == 0 {
+    if crc == 0 || sport_xor | dport_xor == 0 {
         return None;
     }
     Some(crc ^ sctp::crc32c_ports_delta(sport_xor, dport_xor, len))
