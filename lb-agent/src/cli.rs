@@ -67,7 +67,7 @@ pub enum Command {
         /// Destination IPv4:PORT.
         #[arg(long)]
         dst: String,
-        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
         proto: String,
         #[command(flatten)]
         inspect: InspectArgs,

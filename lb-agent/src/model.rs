@@ -888,12 +888,6 @@ impl Model {
             }
             for sp in &svc.ports {
                 let name = format!("{}/{}:{}", svc.namespace, svc.name, sp.name);
-                if sp.protocol == Protocol::Sctp {
-                    warnings.push(ModelWarning(format!(
-                        "{name}: SCTP is not supported by the datapath yet; port skipped"
-                    )));
-                    continue;
-                }
                 for frontend in frontends(svc, sp, node) {
                     if let Some(existing) = model.services.get(&frontend.frontend) {
                         warnings.push(ModelWarning(format!(
@@ -1541,10 +1535,25 @@ mod tests {
             });
         }
         cases.push(Case {
-            name: "SCTP ports are skipped (datapath lacks SCTP)",
-            service: svc(vec![port("sctp", 9000, Protocol::Sctp, TargetPort::Number(9000))]),
+            name: "SCTP ports are programmed, matched to the slice's SCTP port",
+            service: svc(vec![port("sig", 9000, Protocol::Sctp, TargetPort::Number(9001))]),
+            slices: vec![slice(
+                "s",
+                vec![sport("sig", Some(9001), Protocol::Sctp)],
+                vec![Ep::new("198.18.1.1", NODE)],
+            )],
             frontend: (9000, Protocol::Sctp),
-            want: None,
+            ..case("", vec![], &["198.18.1.1:9001"])
+        });
+        cases.push(Case {
+            name: "an SCTP service port takes no TCP slice port of its name",
+            service: svc(vec![port("sig", 9000, Protocol::Sctp, TargetPort::Number(9001))]),
+            slices: vec![slice(
+                "s",
+                vec![sport("sig", Some(9001), Protocol::Tcp)],
+                vec![Ep::new("198.18.1.1", NODE)],
+            )],
+            frontend: (9000, Protocol::Sctp),
             ..case("", vec![], &[])
         });
 

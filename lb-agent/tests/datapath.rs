@@ -134,8 +134,7 @@ fn port_unreachable_for(pkt: &[u8]) -> Vec<u8> {
         .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
             DestUnreachableHeader::Port,
         ));
-    let l4 = if pkt[23] == 6 { 20 } else { 8 };
-    let quoted = &pkt[14..14 + 20 + l4];
+    let quoted = &pkt[14..14 + 20 + quoted_l4(pkt[23])];
     let mut out = Vec::with_capacity(b.size(quoted.len()));
     b.write(&mut out, quoted).unwrap();
     out
@@ -158,11 +157,20 @@ fn port_unreachable6_for(pkt: &[u8]) -> Vec<u8> {
         .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
             etherparse::icmpv6::DestUnreachableCode::Port,
         ));
-    let l4 = if pkt[20] == 6 { 20 } else { 8 };
-    let quoted = &pkt[14..14 + 40 + l4];
+    let quoted = &pkt[14..14 + 40 + quoted_l4(pkt[20])];
     let mut out = Vec::with_capacity(b.size(quoted.len()));
     b.write(&mut out, quoted).unwrap();
     out
+}
+
+/// How much of the L4 header a REJECT quotes: TCP through its checksum,
+/// SCTP's common header, UDP's header.
+fn quoted_l4(protocol: u8) -> usize {
+    match protocol {
+        6 => 20,
+        132 => 12,
+        _ => 8,
+    }
 }
 
 /// UDP checksum 0 means "no checksum" and must stay 0 through NAT.
@@ -1063,9 +1071,19 @@ fn fuzz_template(rng: &mut Rng) -> Vec<u8> {
     if rng.below(8) == 0 {
         ip_hdr.options = &[1, 1, 1, 0];
     }
-    match rng.below(4) {
+    match rng.below(5) {
         0 | 1 => tcp(ip_hdr, sport, dport, flags),
         2 => udp(ip_hdr, sport, dport),
+        3 => {
+            if rng.below(2) == 0 {
+                (ip_hdr.dst, dport) = *rng.pick(&[
+                    (SCTP_VIP, SCTP_PORT),
+                    (SCTP_VIP, SCTP_SAME_PORT),
+                    (NODE_PORT_ADDR, SCTP_NODE_PORT),
+                ]);
+            }
+            sctp(ip_hdr, sport, dport, fuzz_chunk(rng))
+        }
         _ => {
             let quoted = tcp(ip(dst, src), dport, sport, flags);
             icmp_error(
@@ -1096,11 +1114,20 @@ fn fuzz_template6(rng: &mut Rng) -> Vec<u8> {
         _ => {}
     }
     let flags = *rng.pick(&[Tcp::Syn, Tcp::SynAck, Tcp::Ack]);
-    if rng.below(3) == 0 {
-        udp6(ip_hdr, sport, dport)
-    } else {
-        tcp6(ip_hdr, sport, dport, flags)
+    match rng.below(4) {
+        0 => udp6(ip_hdr, sport, dport),
+        1 => {
+            if rng.below(2) == 0 {
+                (ip_hdr.dst, dport) = *rng.pick(&[(VIP6, SCTP_PORT), (NODE_ADDR6, SCTP_NODE_PORT)]);
+            }
+            sctp6(ip_hdr, sport, dport, fuzz_chunk(rng))
+        }
+        _ => tcp6(ip_hdr, sport, dport, flags),
     }
+}
+
+fn fuzz_chunk(rng: &mut Rng) -> Chunk {
+    *rng.pick(&[Chunk::Init, Chunk::InitAck, Chunk::Data, Chunk::Abort])
 }
 
 /// Breaks a packet the ways the wild does.
@@ -1136,9 +1163,10 @@ fn fuzz_mutate(rng: &mut Rng, mut pkt: Vec<u8>) -> Vec<u8> {
 #[test]
 fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
     let mut model = flow_model();
-    let model6 = model6();
-    model.services.extend(model6.services);
-    model.cluster_ips.extend(model6.cluster_ips);
+    for other in [model6(), sctp_model()] {
+        model.services.extend(other.services);
+        model.cluster_ips.extend(other.cluster_ips);
+    }
     let mut h = Harness::new(&model);
     h.datapath
         .maps
@@ -1151,6 +1179,7 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
     let dev = h.prepare_xdp();
     let mut rng = Rng(0x5eed_1b0a_d5ee_d001);
     let (mut runs, mut refused, mut dropped, mut translated) = (0u32, 0u32, 0u32, 0u32);
+    let mut sctp_translated = 0u32;
     for i in 0..100_000u32 {
         let template = fuzz_template(&mut rng);
         // The XDP path first (as on an external interface): any verdict,
@@ -1208,7 +1237,7 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
             && (ipv4 || ipv6)
             && out.len() >= l4_off + 4
             && out[l4_at] == l4
-            && (l4 == 6 || l4 == 17)
+            && (l4 == 6 || l4 == 17 || l4 == 132)
         {
             let addr = |b: &[u8]| -> std::net::IpAddr {
                 match b.len() {
@@ -1217,7 +1246,11 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
                 }
             };
             let dport = u16::from_be_bytes([pkt[l4_off + 2], pkt[l4_off + 3]]);
-            let proto = if l4 == 6 { Protocol::Tcp } else { Protocol::Udp };
+            let proto = match l4 {
+                6 => Protocol::Tcp,
+                17 => Protocol::Udp,
+                _ => Protocol::Sctp,
+            };
             let frontend = Frontend::new(addr(&pkt[dst_at.clone()]), dport, proto);
             if let Some(sp) = model.services.get(&frontend) {
                 let to = Endpoint {
@@ -1229,15 +1262,19 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
                     "packet {i} to {frontend} went to {to}: {}",
                     hex(&pkt)
                 );
+                if l4 == 132 && sctp_crc_valid(&pkt) {
+                    assert!(sctp_crc_valid(&out), "packet {i}: CRC32c spoilt: {}", hex(&pkt));
+                    sctp_translated += 1;
+                }
                 translated += 1;
             }
         }
     }
     eprintln!(
-        "fuzz: {runs} runs ({refused} refused by the kernel), {dropped} dropped (all counted), {translated} balanced"
+        "fuzz: {runs} runs ({refused} refused by the kernel), {dropped} dropped (all counted), {translated} balanced ({sctp_translated} SCTP with a valid CRC32c)"
     );
     assert!(
-        runs > 90_000 && dropped > 1_000 && translated > 1_000,
+        runs > 90_000 && dropped > 1_000 && translated > 1_000 && sctp_translated > 100,
         "the fuzz mix exercised too little"
     );
 }
@@ -2340,5 +2377,505 @@ fn etp_local_sends_pods_to_every_endpoint_and_drops_external_sources_without_a_l
             input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42020, 30085, Tcp::Syn),
             expect: Expect::Dropped(DropReason::NoBackend),
         },
+    );
+}
+
+// ---- SCTP -----------------------------------------------------------------------
+
+/// The reference CRC32c (SCTP's checksum) the expected packets carry.
+const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+const SCTP_VIP: [u8; 4] = [198, 19, 0, 40];
+const SCTP_EMPTY_VIP: [u8; 4] = [198, 19, 0, 41];
+/// Diameter's port on the service, another on the pods: DNAT changes the
+/// port, so the CRC32c must follow.
+const SCTP_PORT: u16 = 3868;
+const SCTP_TARGET: u16 = 3869;
+/// M3UA's port, the same on both ends: DNAT leaves the CRC32c as it is.
+const SCTP_SAME_PORT: u16 = 2905;
+const SCTP_NODE_PORT: u16 = 30868;
+
+/// The first (here: only) chunk of a crafted SCTP packet.
+#[derive(Clone, Copy)]
+enum Chunk {
+    Init,
+    InitAck,
+    Data,
+    /// DATA with 1400 bytes of user data.
+    BigData,
+    Abort,
+}
+
+/// An SCTP packet (common header + one chunk) with its CRC32c computed
+/// by the reference implementation.
+fn sctp_packet(sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    // INIT travels with verification tag 0; the rest with the peer's tag.
+    let vtag: u32 = if matches!(chunk, Chunk::Init) { 0 } else { 0x5ca1_ab1e };
+    let init = |tag: u32| -> Vec<u8> {
+        // Initiate tag, a_rwnd, outbound / inbound streams, initial TSN.
+        [
+            &tag.to_be_bytes()[..],
+            &65536u32.to_be_bytes(),
+            &[0, 10, 0, 10],
+            &1u32.to_be_bytes(),
+        ]
+        .concat()
+    };
+    let data = |user: &[u8]| -> Vec<u8> {
+        // TSN, stream id, stream sequence, payload protocol id, user data.
+        [&1u32.to_be_bytes()[..], &[0, 0, 0, 0], &46u32.to_be_bytes(), user].concat()
+    };
+    let (kind, flags, body) = match chunk {
+        Chunk::Init => (1u8, 0u8, init(0x1122_3344)),
+        Chunk::InitAck => (2, 0, init(0x5ca1_ab1e)),
+        Chunk::Data => (0, 3, data(b"hello")),
+        Chunk::BigData => (0, 3, data(&[0xa5; 1400])),
+        Chunk::Abort => (6, 0, vec![]),
+    };
+    let mut p = Vec::new();
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend(vtag.to_be_bytes());
+    p.extend([0u8; 4]);
+    p.extend([kind, flags]);
+    p.extend((4 + body.len() as u16).to_be_bytes());
+    p.extend(&body);
+    p.resize(p.len().next_multiple_of(4), 0);
+    let crc = CASTAGNOLI.checksum(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+fn sctp_over(ip: IpHeaders, sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    let payload = sctp_packet(sport, dport, chunk);
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, etherparse::IpNumber::SCTP, &payload).unwrap();
+    out
+}
+
+fn sctp(ip: Ip, sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    sctp_over(ip_header(&ip), sport, dport, chunk)
+}
+
+fn sctp6(ip: Ip6, sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    sctp_over(ip.headers(), sport, dport, chunk)
+}
+
+/// Where the SCTP header of a crafted frame starts (no IP options or
+/// extension headers) and where the packet the CRC32c covers ends.
+fn sctp_span(pkt: &[u8]) -> std::ops::Range<usize> {
+    if pkt[12..14] == [0x86, 0xdd] {
+        54..54 + u16::from_be_bytes([pkt[18], pkt[19]]) as usize
+    } else {
+        34..14 + u16::from_be_bytes([pkt[16], pkt[17]]) as usize
+    }
+}
+
+/// The frame with its CRC32c field set to 0, as the SCTP stack leaves it
+/// for checksum offload.
+fn offloaded_crc(mut pkt: Vec<u8>) -> Vec<u8> {
+    let at = sctp_span(&pkt).start + 8;
+    pkt[at..at + 4].fill(0);
+    pkt
+}
+
+/// Does the SCTP packet in `pkt` carry its correct CRC32c?
+fn sctp_crc_valid(pkt: &[u8]) -> bool {
+    let span = sctp_span(pkt);
+    let Some(l4) = pkt.get(span) else { return false };
+    if l4.len() < 12 {
+        return false;
+    }
+    let mut zeroed = l4.to_vec();
+    zeroed[8..12].fill(0);
+    CASTAGNOLI.checksum(&zeroed).to_le_bytes() == l4[8..12]
+}
+
+fn sctp_model() -> Model {
+    use lb_common::svc_flags;
+    let mut node_port = service_port(NODE_PORT_ADDR, SCTP_NODE_PORT, Protocol::Sctp, &[(POD_A, SCTP_TARGET)]);
+    node_port.flags = svc_flags::SNAT_ALWAYS;
+    let mut node_port6 = service_port6(NODE_ADDR6, SCTP_NODE_PORT, Protocol::Sctp, &[(BACKEND6, SCTP_TARGET)]);
+    node_port6.flags = svc_flags::SNAT_ALWAYS;
+    let mut m = model(vec![
+        service_port(SCTP_VIP, SCTP_PORT, Protocol::Sctp, &[(BACKEND, SCTP_TARGET)]),
+        service_port(SCTP_VIP, SCTP_SAME_PORT, Protocol::Sctp, &[(BACKEND, SCTP_SAME_PORT)]),
+        service_port(SCTP_VIP, 8080, Protocol::Tcp, &[(BACKEND, 80)]),
+        service_port(SCTP_EMPTY_VIP, SCTP_PORT, Protocol::Sctp, &[]),
+        node_port,
+        service_port6(VIP6, SCTP_PORT, Protocol::Sctp, &[(BACKEND6, SCTP_TARGET)]),
+        node_port6,
+    ]);
+    m.cluster_ips = [v4(SCTP_VIP), v4(SCTP_EMPTY_VIP), Ipv6Addr::from(VIP6).into()]
+        .into_iter()
+        .collect();
+    m
+}
+
+#[test]
+fn sctp_clusterip_dnat_and_reverse_nat_keep_the_crc32c_bit_exact() {
+    let mut h = Harness::new(&sctp_model());
+    // The SCTP header cut after 8 bytes (IP length and frame agree).
+    let mut cut = sctp(ip(CLIENT, SCTP_VIP), 36010, SCTP_PORT, Chunk::Init)[..14 + 20 + 8].to_vec();
+    cut[16..18].copy_from_slice(&28u16.to_be_bytes());
+    // The frame holds the whole packet, the IP length only 8 bytes of it.
+    let mut short_ip_len = sctp(ip(CLIENT, SCTP_VIP), 36011, SCTP_PORT, Chunk::Init);
+    short_ip_len[16..18].copy_from_slice(&28u16.to_be_bytes());
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "INIT to the ClusterIP: DNAT to the target port, CRC32c updated",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36000, SCTP_PORT, Chunk::Init),
+                expect: Expect::Rewritten(sctp(ip(CLIENT, BACKEND).forwarded(), 36000, SCTP_TARGET, Chunk::Init)),
+            },
+            Case {
+                name: "INIT ACK from the backend: from the ClusterIP's port again, CRC32c updated",
+                input: sctp(ip(BACKEND, CLIENT), SCTP_TARGET, 36000, Chunk::InitAck),
+                expect: Expect::Rewritten(sctp(ip(SCTP_VIP, CLIENT).forwarded(), SCTP_PORT, 36000, Chunk::InitAck)),
+            },
+            Case {
+                name: "DATA follows the association's conntrack entry",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36000, SCTP_PORT, Chunk::Data),
+                expect: Expect::Rewritten(sctp(ip(CLIENT, BACKEND).forwarded(), 36000, SCTP_TARGET, Chunk::Data)),
+            },
+            Case {
+                name: "1400 bytes of DATA: the same update, whatever the length",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36000, SCTP_PORT, Chunk::BigData),
+                expect: Expect::Rewritten(sctp(
+                    ip(CLIENT, BACKEND).forwarded(),
+                    36000,
+                    SCTP_TARGET,
+                    Chunk::BigData,
+                )),
+            },
+            Case {
+                name: "same port on both ends: addresses only, the CRC32c unchanged",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36001, SCTP_SAME_PORT, Chunk::Init),
+                expect: Expect::Rewritten(sctp(
+                    ip(CLIENT, BACKEND).forwarded(),
+                    36001,
+                    SCTP_SAME_PORT,
+                    Chunk::Init,
+                )),
+            },
+            Case {
+                name: "CRC32c 0 (left to offload): stays 0 through the port change",
+                input: offloaded_crc(sctp(ip(CLIENT, SCTP_VIP), 36002, SCTP_PORT, Chunk::Init)),
+                expect: Expect::Rewritten(offloaded_crc(sctp(
+                    ip(CLIENT, BACKEND).forwarded(),
+                    36002,
+                    SCTP_TARGET,
+                    Chunk::Init,
+                ))),
+            },
+            Case {
+                name: "SCTP to the ClusterIP's TCP port: REJECT (ICMP quoting the common header)",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36003, 8080, Chunk::Init),
+                expect: Expect::Rejected,
+            },
+            Case {
+                name: "SCTP service without endpoints: REJECT",
+                input: sctp(ip(CLIENT, SCTP_EMPTY_VIP), 36004, SCTP_PORT, Chunk::Init),
+                expect: Expect::Rejected,
+            },
+            Case {
+                name: "SCTP common header cut short: counted drop",
+                input: cut,
+                expect: Expect::Dropped(DropReason::Truncated),
+            },
+            Case {
+                name: "IP length shorter than the SCTP common header: counted drop",
+                input: short_ip_len,
+                expect: Expect::Dropped(DropReason::Truncated),
+            },
+        ],
+    );
+}
+
+#[test]
+fn sctp_nodeport_is_masqueraded_with_the_crc32c_following_both_ports_on_tc_and_xdp() {
+    let mut h = Harness::new(&sctp_model());
+    // TC.
+    let (action, out) = h.run(&sctp(ip(CLIENT, NODE_PORT_ADDR), 37000, SCTP_NODE_PORT, Chunk::Init));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let port = sport_of(&out);
+    assert!(lb_common::conntrack::snat_ports::contains(port), "SNAT port {port}");
+    assert_eq!(
+        hex(&out),
+        hex(&sctp(ip(NODE_ADDR, POD_A).forwarded(), port, SCTP_TARGET, Chunk::Init)),
+        "masqueraded as the node, to the target port"
+    );
+    let (action, out) = h.run(&sctp(ip(POD_A, NODE_ADDR), SCTP_TARGET, port, Chunk::InitAck));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        hex(&out),
+        hex(&sctp(
+            ip(NODE_PORT_ADDR, CLIENT).forwarded(),
+            SCTP_NODE_PORT,
+            37000,
+            Chunk::InitAck
+        )),
+        "reply: from the NodePort to the client"
+    );
+
+    // XDP: both ports in one update.
+    let dev = h.prepare_xdp();
+    let forwarded = h.event(FlowEvent::XdpForwarded);
+    let (action, out) = h.run_xdp(
+        dev,
+        &sctp(ip(CLIENT, NODE_PORT_ADDR), 37001, SCTP_NODE_PORT, Chunk::Init),
+    );
+    assert_eq!(action, XDP_REDIRECT, "SCTP NodePort by XDP");
+    let port = sport_of(&out);
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            sctp(ip(NODE_ADDR, POD_A).forwarded(), port, SCTP_TARGET, Chunk::Init),
+            POD_A_MAC
+        ))
+    );
+    let (action, out) = h.run_xdp(dev, &sctp(ip(POD_A, NODE_ADDR), SCTP_TARGET, port, Chunk::BigData));
+    assert_eq!(action, XDP_REDIRECT, "reply by XDP");
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            sctp(
+                ip(NODE_PORT_ADDR, CLIENT).forwarded(),
+                SCTP_NODE_PORT,
+                37001,
+                Chunk::BigData
+            ),
+            CLIENT_MAC
+        ))
+    );
+    assert_eq!(h.event(FlowEvent::XdpForwarded) - forwarded, 2);
+    // Truncated at XDP: counted like TC's.
+    let truncated = h.drops(DropReason::Truncated);
+    let mut cut = sctp(ip(CLIENT, NODE_PORT_ADDR), 37002, SCTP_NODE_PORT, Chunk::Init)[..14 + 20 + 8].to_vec();
+    cut[16..18].copy_from_slice(&28u16.to_be_bytes());
+    assert_eq!(h.run_xdp(dev, &cut).0, XDP_DROP);
+    assert_eq!(h.drops(DropReason::Truncated), truncated + 1);
+}
+
+#[test]
+fn sctp_over_ipv6_clusterip_nodeport_and_reject() {
+    let mut h = Harness::new(&sctp_model());
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "IPv6 INIT to the ClusterIP: DNAT to the target port, CRC32c updated",
+                input: sctp6(ip6(CLIENT6, VIP6), 37100, SCTP_PORT, Chunk::Init),
+                expect: Expect::Rewritten(sctp6(
+                    ip6(CLIENT6, BACKEND6).forwarded(),
+                    37100,
+                    SCTP_TARGET,
+                    Chunk::Init,
+                )),
+            },
+            Case {
+                name: "IPv6 INIT ACK: from the ClusterIP again",
+                input: sctp6(ip6(BACKEND6, CLIENT6), SCTP_TARGET, 37100, Chunk::InitAck),
+                expect: Expect::Rewritten(sctp6(ip6(VIP6, CLIENT6).forwarded(), SCTP_PORT, 37100, Chunk::InitAck)),
+            },
+            Case {
+                name: "IPv6 with extension headers: the CRC32c length excludes them",
+                input: sctp6(ip6(CLIENT6, VIP6).with_options(), 37101, SCTP_PORT, Chunk::Data),
+                expect: Expect::Rewritten(sctp6(
+                    ip6(CLIENT6, BACKEND6).with_options().forwarded(),
+                    37101,
+                    SCTP_TARGET,
+                    Chunk::Data,
+                )),
+            },
+            Case {
+                name: "IPv6 ClusterIP on a port without SCTP service: ICMPv6 port unreachable",
+                input: sctp6(ip6(CLIENT6, VIP6), 37102, 9999, Chunk::Init),
+                expect: Expect::Rejected,
+            },
+        ],
+    );
+    let (action, out) = h.run(&sctp6(ip6(CLIENT6, NODE_ADDR6), 37103, SCTP_NODE_PORT, Chunk::Init));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let port = u16::from_be_bytes([out[54], out[55]]);
+    assert_eq!(
+        hex(&out),
+        hex(&sctp6(
+            ip6(NODE_ADDR6, BACKEND6).forwarded(),
+            port,
+            SCTP_TARGET,
+            Chunk::Init
+        )),
+        "IPv6 NodePort masqueraded as the node's IPv6 address"
+    );
+    let (action, out) = h.run(&sctp6(ip6(BACKEND6, NODE_ADDR6), SCTP_TARGET, port, Chunk::InitAck));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        hex(&out),
+        hex(&sctp6(
+            ip6(NODE_ADDR6, CLIENT6).forwarded(),
+            SCTP_NODE_PORT,
+            37103,
+            Chunk::InitAck
+        ))
+    );
+}
+
+#[test]
+fn sctp_conntrack_lifetimes_follow_the_association_state() {
+    let mut h = Harness::new(&sctp_model());
+    let now = lb_agent::run::monotonic_secs();
+    let send = |h: &mut Harness, sport: u16, chunk: Chunk| {
+        let (action, _) = h.run(&sctp(ip(CLIENT, SCTP_VIP), sport, SCTP_PORT, chunk));
+        assert_eq!(action, TC_ACT_REDIRECT);
+    };
+    send(&mut h, 38000, Chunk::Init);
+    send(&mut h, 38001, Chunk::Init);
+    send(&mut h, 38001, Chunk::Data);
+    send(&mut h, 38002, Chunk::Init);
+    send(&mut h, 38002, Chunk::Data);
+    send(&mut h, 38002, Chunk::Abort);
+    let lifetimes: Vec<(u16, u32)> = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK")
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.kind == lb_common::CtKind::Forward as u8 && k.proto == lb_common::proto::SCTP)
+        .map(|(k, e)| (k.src_port, e.expires_at - now))
+        .collect();
+    let ttl = |sport: u16| lifetimes.iter().find(|l| l.0 == sport).unwrap().1;
+    use lb_common::conntrack::ct_timeouts;
+    let within = |got: u32, want: u32| (want..=want + 1).contains(&got);
+    assert!(within(ttl(38000), ct_timeouts::SCTP_HANDSHAKE), "INIT: {lifetimes:?}");
+    assert!(within(ttl(38001), ct_timeouts::SCTP_ESTABLISHED), "DATA: {lifetimes:?}");
+    assert!(within(ttl(38002), ct_timeouts::SCTP_CLOSING), "ABORT: {lifetimes:?}");
+}
+
+/// A long BPF_PROG_TEST_RUN, run again when a signal interrupted it.
+fn retry_interrupted<T>(mut run: impl FnMut() -> Result<T, aya::programs::ProgramError>) -> T {
+    for _ in 0..5 {
+        match run() {
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::Interrupted => {}
+            result => return result.expect("BPF_PROG_TEST_RUN"),
+        }
+    }
+    panic!("BPF_PROG_TEST_RUN interrupted five times in a row");
+}
+
+/// The bench object (`lb-ebpf/src/bench.rs`): the CRC32c recomputation the
+/// incremental update is measured against.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
+
+/// The CRC32c update's cost, as BPF_PROG_TEST_RUN measures it: two
+/// services whose backends are each other's frontend, so every repeated
+/// run translates the packet the previous run left (after 63 runs its TTL
+/// is spent and the packet is left to the stack instead of redirected, the
+/// same for every protocol). Prints ns per packet; the CRC32c must still be
+/// right after all those updates. Then the alternative, a recomputation
+/// over the whole packet, timed alone (no lookup, no NAT) for comparison.
+#[test]
+fn sctp_crc32c_update_cost_per_packet() {
+    let (a, b) = ([198, 19, 0, 50], [198, 19, 0, 51]);
+    let pair = |protocol, port_a, port_b| {
+        [
+            service_port(a, port_a, protocol, &[(b, port_b)]),
+            service_port(b, port_b, protocol, &[(a, port_a)]),
+        ]
+    };
+    let m = model(
+        [
+            pair(Protocol::Udp, 5000, 6000),
+            pair(Protocol::Sctp, 5000, 6000),
+            pair(Protocol::Sctp, 7000, 7000),
+        ]
+        .concat(),
+    );
+    let mut h = Harness::new(&m);
+    const RUNS: u32 = 200_000;
+    let mut measure = |name: &str, pkt: Vec<u8>| -> Vec<u8> {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let prog = h.datapath.ingress_program().unwrap();
+        let r = retry_interrupted(|| {
+            prog.test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                data_out: Some(&mut out),
+                repeat: RUNS,
+                ..Default::default()
+            })
+        });
+        out.truncate(r.data_size_out as usize);
+        eprintln!("{name}: {} ns/packet", r.duration.as_nanos());
+        out
+    };
+    measure(
+        "UDP, port changed (Internet checksum helpers)",
+        udp(ip(CLIENT, a), 40000, 5000),
+    );
+    let same = measure(
+        "SCTP, same port (no CRC32c work)",
+        sctp(ip(CLIENT, a), 40000, 7000, Chunk::Init),
+    );
+    let small = measure("SCTP INIT, port changed", sctp(ip(CLIENT, a), 40001, 5000, Chunk::Init));
+    let big = measure(
+        "SCTP 1400-byte DATA, port changed",
+        sctp(ip(CLIENT, a), 40002, 5000, Chunk::BigData),
+    );
+    for (name, out) in [("same port", same), ("INIT", small), ("DATA", big)] {
+        assert!(sctp_crc_valid(&out), "{name}: CRC32c wrong after {RUNS} translations");
+        // An even number of translations: back at the first frontend.
+        assert_eq!(&out[30..34], &a, "{name}");
+    }
+
+    let mut bench = aya::Ebpf::load(BENCH_OBJECT).expect("loading the bench object");
+    let recompute: &mut aya::programs::Xdp = bench
+        .program_mut("bench_sctp_crc_recompute")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    recompute.load().expect("verifying bench_sctp_crc_recompute");
+    for (name, chunk) in [("INIT", Chunk::Init), ("1400-byte DATA", Chunk::BigData)] {
+        let pkt = offloaded_crc(sctp(ip(CLIENT, a), 40003, 5000, chunk));
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = retry_interrupted(|| {
+            recompute.test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                data_out: Some(&mut out),
+                repeat: RUNS / 10,
+                ..Default::default()
+            })
+        });
+        out.truncate(r.data_size_out as usize);
+        assert_eq!(r.return_value, XDP_PASS, "{name}: recomputed");
+        assert!(sctp_crc_valid(&out), "{name}: the recomputed CRC32c is wrong");
+        eprintln!(
+            "{name}: recomputing the CRC32c alone: {} ns/packet",
+            r.duration.as_nanos()
+        );
+    }
+}
+
+#[test]
+fn icmp_errors_about_sctp_flows_are_translated_back() {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let mut h = Harness::new(&sctp_model());
+    // A masqueraded SCTP NodePort flow; a router on the way needs fragmentation.
+    let (_, to_backend) = h.run(&sctp(ip(CLIENT, NODE_PORT_ADDR), 39000, SCTP_NODE_PORT, Chunk::Data));
+    let quoted = &to_backend[14..14 + 28];
+    let frag_needed =
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let router = [198, 18, 1, 1];
+    let (action, out) = h.run(&icmp_error(router, NODE_ADDR, frag_needed.clone(), quoted, 64));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let want = icmp_error(
+        router,
+        CLIENT,
+        frag_needed,
+        &requote(quoted, CLIENT, 39000, NODE_PORT_ADDR, SCTP_NODE_PORT),
+        63,
+    );
+    assert_eq!(
+        hex(&out),
+        hex(&want),
+        "PMTU error about an SCTP flow reaches its client, quoting its packet"
     );
 }

@@ -28,7 +28,8 @@ pub struct CtKey {
 }
 assert_size!(CtKey, 40);
 
-/// TCP flags remembered in `CtEntry::tcp_flags_seen`.
+/// TCP flags remembered in `CtEntry::tcp_flags_seen`; SCTP's chunk types
+/// are mapped onto them (`sctp::ct_flags_of`).
 pub mod ct_flags {
     pub const SYN: u8 = 0x02;
     pub const FIN: u8 = 0x01;
@@ -54,6 +55,13 @@ pub mod ct_timeouts {
     pub const UDP: u32 = 30;
     /// One that has seen a reply (nf_conntrack's ASSURED "stream").
     pub const UDP_STREAM: u32 = 120;
+    /// SCTP, as nf_conntrack's defaults (kube-proxy sets none for SCTP):
+    /// COOKIE_WAIT / COOKIE_ECHOED, ESTABLISHED (heartbeat interval ×
+    /// path retransmissions + RTO max) and CLOSED (also used for the
+    /// SHUTDOWN states, whose 3 s it rounds up).
+    pub const SCTP_HANDSHAKE: u32 = 3;
+    pub const SCTP_ESTABLISHED: u32 = 210;
+    pub const SCTP_CLOSING: u32 = 10;
 }
 
 /// A flow's state as nf_conntrack names it, from the TCP flags each
@@ -72,13 +80,27 @@ pub enum CtState {
     Unreplied,
     /// UDP (or other non-TCP) that has seen a reply (nf_conntrack's ASSURED).
     Stream,
+    /// SCTP, by the chunks seen (`sctp::ct_flags_of`: INIT/COOKIE as SYN,
+    /// data as ACK, ABORT/SHUTDOWN as FIN): INIT to COOKIE ECHO.
+    SctpHandshake,
+    SctpEstablished,
+    /// After ABORT or a SHUTDOWN chunk.
+    SctpClosing,
 }
 
 impl CtState {
     #[inline(always)]
     pub fn of(proto: u8, own: u8, peer: u8, replied: bool) -> Self {
         let both = own | peer;
-        if proto != crate::proto::TCP {
+        if proto == crate::proto::SCTP {
+            if both & ct_flags::FIN != 0 {
+                CtState::SctpClosing
+            } else if both & ct_flags::ACK != 0 {
+                CtState::SctpEstablished
+            } else {
+                CtState::SctpHandshake
+            }
+        } else if proto != crate::proto::TCP {
             if replied { CtState::Stream } else { CtState::Unreplied }
         } else if both & ct_flags::RST != 0 || own & peer & ct_flags::FIN != 0 {
             CtState::TcpClosing
@@ -110,6 +132,9 @@ impl CtState {
             CtState::TcpClosing => "CLOSING",
             CtState::Unreplied => "UNREPLIED",
             CtState::Stream => "ASSURED",
+            CtState::SctpHandshake => "SCTP_HANDSHAKE",
+            CtState::SctpEstablished => "SCTP_ESTABLISHED",
+            CtState::SctpClosing => "SCTP_CLOSING",
         }
     }
 }

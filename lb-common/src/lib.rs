@@ -14,6 +14,7 @@
 pub mod addr;
 pub mod backend;
 pub mod conntrack;
+pub mod sctp;
 pub mod service;
 pub mod sock;
 pub mod stats;

@@ -76,6 +76,9 @@ fn lifetime(state: CtState) -> u32 {
         CtState::TcpClosing => pick(cfg.tcp_closing_timeout, ct_timeouts::TCP_CLOSING),
         CtState::Unreplied => pick(cfg.udp_timeout, ct_timeouts::UDP),
         CtState::Stream => pick(cfg.udp_stream_timeout, ct_timeouts::UDP_STREAM),
+        CtState::SctpHandshake => ct_timeouts::SCTP_HANDSHAKE,
+        CtState::SctpEstablished => ct_timeouts::SCTP_ESTABLISHED,
+        CtState::SctpClosing => ct_timeouts::SCTP_CLOSING,
     }
 }
 

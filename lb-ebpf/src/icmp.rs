@@ -41,6 +41,14 @@ struct InnerIp {
     daddr: u32,
 }
 
+/// Protocols of the flows we translate: their quoted header starts with
+/// the ports. (A quoted SCTP CRC32c is left as it was: nobody checks a
+/// quote's checksum.)
+#[inline(always)]
+fn quotes_ports(inner_proto: u8) -> bool {
+    inner_proto == proto::TCP || inner_proto == proto::UDP || inner_proto == proto::SCTP
+}
+
 #[inline(always)]
 fn replace(ctx: &TcContext, off: usize, csum_offs: (usize, usize), old: u32, new: u32) -> Result<(), DropReason> {
     // The 4 bytes at `off` change: fix the IP header checksum that covers
@@ -97,7 +105,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason>
         )
     };
     let inner_ihl = (version_ihl & 0x0f) as usize;
-    if version_ihl >> 4 != 4 || inner_ihl < 5 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+    if version_ihl >> 4 != 4 || inner_ihl < 5 || !quotes_ports(inner_proto) {
         return Ok(OK);
     }
     let inner_l4 = inner_off + inner_ihl * 4;
@@ -231,7 +239,7 @@ pub fn translate_error_v6(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReas
     };
     // SAFETY: bounds checked by ptr_at.
     let (version, inner_proto) = unsafe { ((*inner)[0] >> 4, (*inner)[6]) };
-    if version != 6 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+    if version != 6 || !quotes_ports(inner_proto) {
         return Ok(OK);
     }
     let inner_l4 = inner_off + IP6_HDR_LEN;

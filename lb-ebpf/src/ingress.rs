@@ -57,7 +57,8 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         return translate_forward(ctx, &pkt, egress);
     }
-    if let Some(verdict) = reply_from_backend(ctx, &pkt)? {
+    let verdict = reply_from_backend(ctx, &pkt)?;
+    if verdict != NOT_A_REPLY {
         return Ok(verdict);
     }
     not_a_frontend(ctx, &pkt)
@@ -223,13 +224,19 @@ fn masquerade_side(
     Ok((e.snat_addr, e.snat_port))
 }
 
+/// `reply_from_backend`'s answer for a packet that is no reply of ours.
+/// Not an `Option`: a `None` returned from a BPF function leaves its payload
+/// undefined, and LLVM may fill it from a pointer register, which the
+/// verifier refuses.
+const NOT_A_REPLY: i32 = i32::MIN;
+
 /// Backend → client: restore the frontend as the source (and the client as
-/// the destination of a masqueraded flow). `None`: not a reply of ours.
+/// the destination of a masqueraded flow). `NOT_A_REPLY`: not a reply of ours.
 #[inline(never)]
-fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, DropReason> {
+fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let now = conntrack::now_secs();
     let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Reply), now) else {
-        return Ok(None);
+        return Ok(NOT_A_REPLY);
     };
     if pkt.fragment != Fragment::None {
         return Err(DropReason::FragmentToService);
@@ -242,5 +249,5 @@ fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Drop
     // Forwarded by FIB: the restored source may be a node address (NodePort),
     // which the stack would refuse on input.
     let egress = forward::route(ctx, pkt, &e.nat_addr, &client, e.nat_port, client_port, false).map(|r| r.ifindex);
-    Ok(Some(forward::forward(ctx, pkt, egress)?))
+    forward::forward(ctx, pkt, egress)
 }

@@ -1,14 +1,13 @@
 //! The XDP fast path on the node's external interfaces (NodePort,
-//! LoadBalancer, externalIPs): the TC path's lookup, conntrack, backend
-//! choice and NAT on the same maps, before the kernel builds an skb. The
-//! translated frame leaves by XDP_REDIRECT through XDP_EGRESS: back out of
-//! the interface it came in on (a backend on another node, or a reply to an
-//! external client) or to another device (e.g. a local pod's veth).
-//! What it cannot finish goes XDP_PASS, untouched, to the TC path, which
-//! stays the reference semantics and finds the conntrack entries made here:
-//! ICMP, fragments, other protocols, services without endpoints (REJECT),
+//! LoadBalancer, externalIPs; TCP, UDP and SCTP): the TC path's lookup,
+//! conntrack, backend choice and NAT on the same maps, before the kernel
+//! builds an skb. The translated frame leaves by XDP_REDIRECT through
+//! XDP_EGRESS: back out of the interface it came in on (a backend on another
+//! node, or a reply to an external client) or to another device (e.g. a
+//! local pod's veth). What it cannot finish goes XDP_PASS, untouched, to the
+//! TC path, which stays the reference semantics and finds the conntrack
+//! entries made here: ICMP, fragments, services without endpoints (REJECT),
 //! next hops not resolved yet, egress devices outside XDP_EGRESS, TTL ≤ 1.
-
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::programs::XdpContext;
 use lb_common::{CtKind, DropReason, FlowEvent, conntrack::entry_flags, proto, svc_flags};

@@ -15,6 +15,7 @@ pub mod fake_apiserver;
 pub mod manifests;
 pub mod netns;
 pub mod sandbox;
+pub mod sctp;
 pub mod servers;
 
 pub use agent::Agent;
