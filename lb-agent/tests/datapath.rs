@@ -635,6 +635,17 @@ fn established_tcp_flow_keeps_its_backend_after_it_leaves_the_service() {
     let stale = h.syncer.take_stale_udp_flows();
     assert!(stale.is_empty(), "no UDP port: {stale:?}");
     assert_eq!(backend_of(&mut h, 45000, Tcp::Ack), first);
+
+    // The connection closes (FIN both ways); the client opens a new one
+    // from the same port: a new flow, on a live backend.
+    assert_eq!(backend_of(&mut h, 45000, Tcp::FinAck), first);
+    let (action, _) = h.run(&tcp(ip(first, CLIENT), 80, 45000, Tcp::FinAck));
+    assert_eq!(action, TC_ACT_REDIRECT, "the backend's FIN goes back");
+    let reopened = backend_of(&mut h, 45000, Tcp::Syn);
+    assert!(
+        reopened == [198, 18, 1, others[0]] || reopened == [198, 18, 1, 20],
+        "a SYN on the closed flow's tuple went to {reopened:?}"
+    );
 }
 
 #[test]

@@ -5,10 +5,10 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{
-    CtKind, DropReason, FlowEvent, RawAddr, ServiceValue,
+    CtEntry, CtKind, DropReason, FlowEvent, RawAddr, ServiceValue,
     addr::v4_word,
     cidr_kind,
-    conntrack::{ct_flags, entry_flags},
+    conntrack::{CtState, ct_flags, entry_flags},
     proto, svc_flags,
 };
 
@@ -105,8 +105,9 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
         // (terminating, removed) endpoints, so rolling updates do not reset
         // live connections. UDP flows to endpoints that stopped serving are
         // cleared by the agent (kube-proxy's CleanStaleEntries). A flow of a
-        // service deleted and re-created under the same frontend is new.
-        if e.service_id == svc.service_id {
+        // service deleted and re-created under the same frontend is new, and
+        // so is a connection opened again on the tuple of a closed one.
+        if e.service_id == svc.service_id && !reopens_closed_flow(pkt, e) {
             conntrack::touch(entry, pkt, CtKind::Forward, now);
             let scratch = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: as above.
@@ -119,6 +120,20 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
     } else {
         Flow::New
     })
+}
+
+/// A connection opened again on the tuple of one that has closed (FIN from
+/// both sides or a RST; SCTP: ABORT or SHUTDOWN): a new flow, balanced
+/// afresh, as nf_conntrack replaces a closed entry on a new SYN. Without
+/// this, a client reusing a source port would reach the old connection's
+/// backend — one that may have left the service since.
+#[inline(always)]
+fn reopens_closed_flow(pkt: &Packet, e: &CtEntry) -> bool {
+    pkt.tcp_flags & (ct_flags::SYN | ct_flags::ACK) == ct_flags::SYN
+        && matches!(
+            CtState::of_entry(pkt.proto, e),
+            CtState::TcpClosing | CtState::SctpClosing
+        )
 }
 
 /// Does this new flow need masquerading? (KUBE-MARK-MASQ's cases.)
