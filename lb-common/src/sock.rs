@@ -15,8 +15,20 @@ pub struct NodeConfig {
     pub tcp_established_timeout: u32,
     pub tcp_closing_timeout: u32,
     pub udp_timeout: u32,
+    /// `config_flags`.
+    pub flags: u32,
+    pub _pad: u32,
 }
-assert_size!(NodeConfig, 24);
+assert_size!(NodeConfig, 32);
+
+/// `NodeConfig::flags`.
+pub mod config_flags {
+    /// Stack forwarding mode (`--forwarding-mode stack`): translated
+    /// packets are handed to the kernel's stack, which routes them through
+    /// netfilter FORWARD (iptables-based NetworkPolicy), instead of being
+    /// redirected to the next hop; masquerading happens at TC egress.
+    pub const STACK_FORWARDING: u32 = 1 << 0;
+}
 
 /// SOCK_REVNAT map: socket cookie → the frontend a host socket asked for
 /// and the backend it was connected to, to show the frontend again in
