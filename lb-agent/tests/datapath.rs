@@ -2213,3 +2213,19 @@ fn xdp_hands_balanced_flows_to_the_stack_in_stack_forwarding_mode() {
     assert_eq!(action, TC_ACT_OK);
     assert_eq!(hex(&out), hex(&tcp(ip(CLIENT, POD_A), 40000, 80, Tcp::Syn)));
 }
+
+#[test]
+fn xdp_passes_flows_to_a_host_network_endpoint_to_tc_unmasqueraded() {
+    let mut h = Harness::new(&host_endpoint_model());
+    let dev = h.prepare_xdp();
+    let passed = h.event(FlowEvent::XdpPassedToStack);
+    let syn = tcp(ip(CLIENT, NODE_PORT_ADDR), 40000, 30443, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &syn);
+    assert_eq!(action, XDP_PASS, "a local endpoint: the stack delivers it");
+    assert_eq!(hex(&out), hex(&syn), "untouched");
+    assert_eq!(h.event(FlowEvent::XdpPassedToStack), passed + 1, "counted");
+    // TC continues the flow XDP recorded: DNAT only (eTP Cluster, yet not masqueraded).
+    let (action, out) = h.run(&syn);
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(hex(&out), hex(&tcp(ip(CLIENT, NODE_ADDR), 40000, 6443, Tcp::Syn)));
+}
