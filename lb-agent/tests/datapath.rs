@@ -2059,8 +2059,33 @@ fn host_network_endpoint_is_delivered_locally_and_its_replies_leave_as_the_front
         assert_eq!(hex(&out), hex(&f.leaves), "{}: reply leaves as", f.name);
         assert_eq!(h.event(FlowEvent::EgressReverseNat), revnat + 1, "{}: counted", f.name);
     }
+    // The node answers a UDP flow with "port unreachable" (no server on the
+    // endpoint port): the client must see it about its own packet, from the frontend.
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let unreachable = || Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let (_, delivered) = h.run(&udp(ip(CLIENT, UDP_VIP), 50002, 53));
+    let quoted = &delivered[14..14 + 28];
+    let error = icmp_error(NODE_ADDR, CLIENT, unreachable(), quoted, 64);
+    let (action, out) = h.run_egress(&error);
+    assert_eq!(action, TC_ACT_OK, "ICMP error at egress");
+    let want = icmp_error(
+        UDP_VIP,
+        CLIENT,
+        unreachable(),
+        &requote(quoted, CLIENT, 50002, UDP_VIP, 53),
+        64,
+    );
+    assert_eq!(hex(&out), hex(&want), "the node's port unreachable shows the frontend");
     // Not ours: untouched, whatever they look like.
+    let stray = icmp_error(
+        NODE_ADDR,
+        CLIENT,
+        unreachable(),
+        &requote(quoted, CLIENT, 1, NODE_ADDR, 2),
+        64,
+    );
     for (name, pkt) in [
+        ("an ICMP error about no flow of ours", stray),
         (
             "the node's own traffic",
             tcp(ip(NODE_ADDR, CLIENT), 6443, 40999, Tcp::Ack),

@@ -10,6 +10,9 @@
 //!   MASQUERADE in POSTROUTING), and backend replies — passed through the
 //!   stack untranslated — get the frontend as their source.
 //!
+//! ICMP errors about translated flows the node sends are translated like
+//! the flows' replies.
+//!
 //! Packets that are not ours cost a parse and one conntrack lookup (two in
 //! stack mode) and always pass: egress never drops what it does not know.
 
@@ -18,6 +21,7 @@ use lb_common::{CtKind, DropReason, FlowEvent, conntrack::entry_flags, proto};
 
 use crate::{
     conntrack, forward,
+    icmp::{self, Then},
     nat::{self, Side},
     parse::{self, Fragment, Packet},
     stats,
@@ -30,6 +34,15 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Ok(Some(pkt)) = parse::parse(ctx) else {
         return Ok(OK);
     };
+    // An error the node sends about a translated flow (a host-network
+    // endpoint's port unreachable, a forwarded packet's time exceeded)
+    // must show the frontend, as the flow's replies do.
+    if pkt.proto == proto::ICMP {
+        return icmp::translate_error(ctx, pkt, Then::Pass);
+    }
+    if pkt.proto == proto::ICMPV6 {
+        return icmp::translate_error_v6(ctx, pkt, Then::Pass);
+    }
     if pkt.proto != proto::TCP && pkt.proto != proto::UDP {
         return Ok(OK);
     }

@@ -29,10 +29,10 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(OK);
     };
     if pkt.proto == proto::ICMP {
-        return icmp::translate_error(ctx, pkt);
+        return icmp::translate_error(ctx, pkt, icmp::Then::Forward);
     }
     if pkt.proto == proto::ICMPV6 {
-        return icmp::translate_error_v6(ctx, pkt);
+        return icmp::translate_error_v6(ctx, pkt, icmp::Then::Forward);
     }
     // Each step is its own BPF function called from here, never from each
     // other: the 512-byte stack limit counts every frame of a call chain.

@@ -671,6 +671,14 @@ fn host_endpoint_manifests(c: &Cluster) -> String {
             &ports(None, None),
             &host6,
         ),
+        // Nothing listens on the endpoint port: the node's port unreachable.
+        service(
+            "closed",
+            "  clusterIP: 198.19.0.53\n",
+            "",
+            &[("dns", "UDP", 53, HOST_UDP + 1, None)],
+            &host,
+        ),
         service(
             "hostnet",
             "  type: NodePort\n  clusterIP: 198.19.0.51\n",
@@ -792,6 +800,20 @@ fn host_network_endpoints_answer_from_pods_the_node_and_outside() {
     ] {
         check_udp(&cluster, name, from, target, "node-1-host");
     }
+    // No server on the endpoint port: the node's ICMP port unreachable
+    // reaches the client about its own packet (to the cluster IP), so its
+    // connected socket is refused at once instead of waiting in vain.
+    let closed = to(Ipv4Addr::new(198, 19, 0, 53), 53);
+    let refused = cluster
+        .pod("web-1a")
+        .ns
+        .run(move || udp_ask(closed).map_err(|e| e.downcast::<std::io::Error>().map(|e| e.kind()).ok()))
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(Some(ErrorKind::ConnectionRefused)),
+        "UDP to a closed host port"
+    );
     // Node-1 delivered the balanced packets locally and translated the replies at egress.
     let n1 = &agents[0];
     assert!(
