@@ -2,6 +2,9 @@
 //! forward. Packets to a frontend are DNATed (and masqueraded where kube-
 //! proxy would) to a backend; the backend's replies are translated back so
 //! the client only ever sees the address and port it connected to.
+//! A backend that is the node's own address is delivered locally (its
+//! replies are translated at TC egress); in stack forwarding mode every
+//! translated packet goes to the stack and masquerading waits for egress.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{
