@@ -929,6 +929,13 @@ fn iptables_forward_rules_apply_to_service_traffic_in_stack_forwarding_mode() {
             Some((a, Seen::Node(0))),
         ),
         (
+            "hairpin: web-1a → its own ClusterIP → itself (masqueraded)",
+            From::Pod("web-1a"),
+            to(Ipv4Addr::new(198, 19, 0, 61), 8080),
+            Some((a, Seen::Node(0))),
+            Some((a, Seen::Node(0))),
+        ),
+        (
             "pod → web-1b's own address (plain routing: always filtered)",
             From::Pod("client-1"),
             to(b.ip, 80),
