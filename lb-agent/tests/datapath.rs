@@ -2117,7 +2117,7 @@ fn egress_costs_little_for_packets_that_are_not_ours() {
     // Not IP at all: what BPF_PROG_TEST_RUN itself costs, for comparison.
     let mut arp = tcp_not_ours.clone();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    let mut average = |h: &mut Harness, pkt: &[u8]| {
+    let average = |h: &mut Harness, pkt: &[u8]| {
         let mut out = vec![0u8; pkt.len() + 256];
         let r = h
             .datapath
