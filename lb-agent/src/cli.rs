@@ -221,9 +221,28 @@ pub struct RunArgs {
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     pub masquerade_all: bool,
+    /// Where translated service packets go after TC ingress: `redirect`
+    /// sends them straight to the next hop, past netfilter's FORWARD chain
+    /// (fastest); `stack` hands them to the kernel's routing, so FORWARD
+    /// rules — iptables-based NetworkPolicy (Calico in iptables mode,
+    /// kube-router, flannel with a policy controller) — apply to service
+    /// traffic too. In `stack` mode masquerading happens at TC egress and
+    /// the XDP fast path hands balanced flows to the stack.
+    #[arg(long, value_enum, default_value = "redirect")]
+    pub forwarding_mode: ForwardingMode,
     /// Quiet period after a manifest file change before it is read.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub manifests_debounce: Duration,
+}
+
+/// `--forwarding-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// bpf_redirect_neigh to the FIB's next hop (netfilter FORWARD bypassed).
+    Redirect,
+    /// Up the kernel's stack (netfilter FORWARD applies).
+    Stack,
 }
 
 impl RunArgs {
@@ -277,6 +296,7 @@ struct ConfigFile {
     cluster_cidr: Option<Vec<String>>,
     service_cluster_ip_range: Option<Vec<String>>,
     masquerade_all: Option<bool>,
+    forwarding_mode: Option<ForwardingMode>,
     metrics_bind_address: Option<String>,
     healthz_bind_address: Option<String>,
 }
@@ -330,6 +350,7 @@ impl RunArgs {
         take!(sync_period, duration);
         take!(manifests_debounce, duration);
         take!(masquerade_all);
+        take!(forwarding_mode);
         take!(metrics_bind_address);
         take!(healthz_bind_address);
         let cidrs = |key: &str, list: Vec<String>| -> anyhow::Result<Vec<Cidr>> {
@@ -462,6 +483,19 @@ mod tests {
         assert_eq!(args.conntrack_tcp_timeout_close_wait, Duration::from_secs(1800));
         let args = run_args(&["--conntrack-max", "4096"], "").unwrap();
         assert_eq!(args.conntrack_entries(64), 4096, "--conntrack-max overrides");
+    }
+
+    #[test]
+    fn forwarding_mode_from_flag_or_config() {
+        assert_eq!(run_args(&[], "").unwrap().forwarding_mode, ForwardingMode::Redirect);
+        let args = run_args(&[], "forwardingMode: stack\n").unwrap();
+        assert_eq!(args.forwarding_mode, ForwardingMode::Stack);
+        let args = run_args(&["--forwarding-mode", "redirect"], "forwardingMode: stack\n").unwrap();
+        assert_eq!(args.forwarding_mode, ForwardingMode::Redirect, "the flag wins");
+        assert!(
+            run_args(&[], "forwardingMode: bypass\n").is_err(),
+            "unknown mode refused"
+        );
     }
 
     #[test]

@@ -282,10 +282,10 @@ pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows>
         if wanted.is_some_and(|id| id != e.service_id) {
             continue;
         }
-        let kind = if k.kind == lb_common::CtKind::Forward as u8 {
-            "forward"
-        } else {
-            "reply"
+        let kind = match k.kind {
+            k if k == lb_common::CtKind::Forward as u8 => "forward",
+            k if k == lb_common::CtKind::Snat as u8 => "snat",
+            _ => "reply",
         };
         let snat = if e.flags & lb_common::conntrack::entry_flags::SNAT != 0 {
             endpoint(ip_of(&e.snat_addr), e.snat_port)

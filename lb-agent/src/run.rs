@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Duration, sleep_until};
 use tracing::{error, info, warn};
 
-use crate::cli::RunArgs;
+use crate::cli::{ForwardingMode, RunArgs};
 use crate::datapath::xdp::{XdpModeArg, XdpPath};
 use crate::datapath::{ConntrackTimeouts, Datapath, LoadOptions, attach};
 use crate::health::HealthServers;
@@ -237,6 +237,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         udp: secs(args.conntrack_udp_timeout),
         udp_stream: secs(args.conntrack_udp_timeout_stream),
     })?;
+    let stack_forwarding = args.forwarding_mode == ForwardingMode::Stack;
+    datapath.maps.set_stack_forwarding(stack_forwarding)?;
+    if stack_forwarding && args.xdp_mode != XdpModeArg::Off {
+        warn!("--forwarding-mode stack: the XDP fast path hands every balanced flow to the stack");
+    }
     start_conntrack_gc(args.bpf_root.clone(), args.conntrack_gc_interval);
     let state = Arc::new(SourceState::default());
     start_source(args, &node.name, state.clone())?;
@@ -287,9 +292,13 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
     let mut attacher = attach::Attacher::new(attach::TcIngress, args.interfaces.clone(), datapath.pin_root())?;
+    let mut egress = attach::Attacher::new(attach::TcEgress, args.interfaces.clone(), datapath.pin_root())?;
     let interfaces = attach::list_interfaces().await?;
     attacher.sweep_stale_pins(&interfaces);
+    egress.sweep_stale_pins(&interfaces);
     for iface in &interfaces {
+        // Egress first: replies of flows ingress translates need it.
+        egress.attach(datapath.egress_program()?, iface)?;
         attacher.attach(datapath.ingress_program()?, iface)?;
     }
     let mut xdp = XdpPath::new(
@@ -352,6 +361,9 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
             Some(event) = links.recv() => {
                 match event {
                     attach::LinkEvent::Added(iface) => {
+                        if let Err(e) = egress.attach(datapath.egress_program()?, &iface) {
+                            error!(interface = %iface.name, "TC egress attach failed: {e:#}");
+                        }
                         if let Err(e) = attacher.attach(datapath.ingress_program()?, &iface) {
                             error!(interface = %iface.name, "attach failed: {e:#}");
                         }
@@ -359,6 +371,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                     }
                     attach::LinkEvent::Removed(index) => {
                         attacher.forget(datapath.ingress_program()?, index);
+                        egress.forget(datapath.egress_program()?, index);
                         xdp.link_removed(datapath, index)?;
                     }
                     attach::LinkEvent::AddressesChanged => match attach::list_addresses().await {
@@ -382,6 +395,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         info!("shutting down: detaching programs");
         xdp.detach_all(datapath)?;
         attacher.detach_all(datapath.ingress_program()?);
+        egress.detach_all(datapath.egress_program()?);
     } else {
         info!("shutting down: the datapath stays in place (pinned) for the next agent");
     }

@@ -2890,3 +2890,307 @@ fn icmp_errors_about_sctp_flows_are_translated_back() {
         "PMTU error about an SCTP flow reaches its client, quoting its packet"
     );
 }
+
+// ---- Host-network endpoints, TC egress, stack forwarding ------------------------
+
+impl Harness {
+    /// Runs `lb_egress` on `pkt` (a packet leaving the node).
+    fn run_egress(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = self
+            .datapath
+            .egress_program()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (egress)");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+}
+
+/// `kubernetes.default` on a control-plane node and a NodePort to a
+/// hostNetwork pod: the endpoints are the node's own address (NODE_ADDR,
+/// NODE_ADDR6 are local in the test namespace).
+fn host_endpoint_model() -> Model {
+    use lb_common::svc_flags;
+    let mut api = service_port(VIP, 443, Protocol::Tcp, &[(NODE_ADDR, 6443)]);
+    // A client outside the cluster CIDRs would be masqueraded (to a remote backend).
+    api.flags = svc_flags::SNAT_OUTSIDE_CLUSTER;
+    let dns = service_port(UDP_VIP, 53, Protocol::Udp, &[(NODE_ADDR, 5353)]);
+    let mut node_port = service_port(NODE_PORT_ADDR, 30443, Protocol::Tcp, &[(NODE_ADDR, 6443)]);
+    node_port.flags = svc_flags::SNAT_ALWAYS;
+    let api6 = service_port6(VIP6, 443, Protocol::Tcp, &[(NODE_ADDR6, 6443)]);
+    model(vec![api, dns, node_port, api6])
+}
+
+/// A request in, the local endpoint's reply out: what each hook must make of them.
+struct HostFlow {
+    name: &'static str,
+    /// Client → frontend, at TC ingress.
+    request: Vec<u8>,
+    /// Delivered locally as: DNATed, not masqueraded, TTL untouched.
+    delivered: Vec<u8>,
+    /// The endpoint's reply, at TC egress.
+    reply: Vec<u8>,
+    /// What leaves: from the frontend, checksums bit-exact.
+    leaves: Vec<u8>,
+}
+
+#[test]
+fn host_network_endpoint_is_delivered_locally_and_its_replies_leave_as_the_frontend() {
+    let mut h = Harness::new(&host_endpoint_model());
+    let flows = [
+        HostFlow {
+            name: "TCP to kubernetes.default (masquerade wanted: skipped for a local endpoint)",
+            request: tcp(ip(CLIENT, VIP), 40000, 443, Tcp::Syn),
+            delivered: tcp(ip(CLIENT, NODE_ADDR), 40000, 6443, Tcp::Syn),
+            reply: tcp(ip(NODE_ADDR, CLIENT), 6443, 40000, Tcp::SynAck),
+            leaves: tcp(ip(VIP, CLIENT), 443, 40000, Tcp::SynAck),
+        },
+        HostFlow {
+            name: "UDP to a ClusterIP served by the node",
+            request: udp(ip(CLIENT, UDP_VIP), 50000, 53),
+            delivered: udp(ip(CLIENT, NODE_ADDR), 50000, 5353),
+            reply: udp(ip(NODE_ADDR, CLIENT), 5353, 50000),
+            leaves: udp(ip(UDP_VIP, CLIENT), 53, 50000),
+        },
+        HostFlow {
+            name: "UDP without checksum keeps checksum 0 on the way out",
+            request: without_udp_checksum(udp(ip(CLIENT, UDP_VIP), 50001, 53)),
+            delivered: without_udp_checksum(udp(ip(CLIENT, NODE_ADDR), 50001, 5353)),
+            reply: without_udp_checksum(udp(ip(NODE_ADDR, CLIENT), 5353, 50001)),
+            leaves: without_udp_checksum(udp(ip(UDP_VIP, CLIENT), 53, 50001)),
+        },
+        HostFlow {
+            name: "NodePort (eTP Cluster) to a hostNetwork endpoint: not masqueraded",
+            request: tcp(ip(CLIENT, NODE_PORT_ADDR), 40001, 30443, Tcp::Syn),
+            delivered: tcp(ip(CLIENT, NODE_ADDR), 40001, 6443, Tcp::Syn),
+            reply: tcp(ip(NODE_ADDR, CLIENT), 6443, 40001, Tcp::SynAck),
+            leaves: tcp(ip(NODE_PORT_ADDR, CLIENT), 30443, 40001, Tcp::SynAck),
+        },
+        HostFlow {
+            name: "IPv6 TCP to a ClusterIP served by the node",
+            request: tcp6(ip6(CLIENT6, VIP6), 40002, 443, Tcp::Syn),
+            delivered: tcp6(ip6(CLIENT6, NODE_ADDR6), 40002, 6443, Tcp::Syn),
+            reply: tcp6(ip6(NODE_ADDR6, CLIENT6), 6443, 40002, Tcp::SynAck),
+            leaves: tcp6(ip6(VIP6, CLIENT6), 443, 40002, Tcp::SynAck),
+        },
+    ];
+    for f in flows {
+        let (local, revnat) = (h.event(FlowEvent::LocalEndpoint), h.event(FlowEvent::EgressReverseNat));
+        let (action, out) = h.run(&f.request);
+        assert_eq!(action, TC_ACT_OK, "{}: handed to the local stack", f.name);
+        assert_eq!(hex(&out), hex(&f.delivered), "{}: delivered", f.name);
+        assert_eq!(h.event(FlowEvent::LocalEndpoint), local + 1, "{}: counted", f.name);
+        let (action, out) = h.run_egress(&f.reply);
+        assert_eq!(action, TC_ACT_OK, "{}: reply", f.name);
+        assert_eq!(hex(&out), hex(&f.leaves), "{}: reply leaves as", f.name);
+        assert_eq!(h.event(FlowEvent::EgressReverseNat), revnat + 1, "{}: counted", f.name);
+    }
+    // The node answers a UDP flow with "port unreachable" (no server on the
+    // endpoint port): the client must see it about its own packet, from the frontend.
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let unreachable = || Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let (_, delivered) = h.run(&udp(ip(CLIENT, UDP_VIP), 50002, 53));
+    let quoted = &delivered[14..14 + 28];
+    let error = icmp_error(NODE_ADDR, CLIENT, unreachable(), quoted, 64);
+    let (action, out) = h.run_egress(&error);
+    assert_eq!(action, TC_ACT_OK, "ICMP error at egress");
+    let want = icmp_error(
+        UDP_VIP,
+        CLIENT,
+        unreachable(),
+        &requote(quoted, CLIENT, 50002, UDP_VIP, 53),
+        64,
+    );
+    assert_eq!(hex(&out), hex(&want), "the node's port unreachable shows the frontend");
+    // Not ours: untouched, whatever they look like.
+    let stray = icmp_error(
+        NODE_ADDR,
+        CLIENT,
+        unreachable(),
+        &requote(quoted, CLIENT, 1, NODE_ADDR, 2),
+        64,
+    );
+    for (name, pkt) in [
+        ("an ICMP error about no flow of ours", stray),
+        (
+            "the node's own traffic",
+            tcp(ip(NODE_ADDR, CLIENT), 6443, 40999, Tcp::Ack),
+        ),
+        ("a forwarded packet", tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Ack)),
+        (
+            "an already translated reply",
+            tcp(ip(VIP, CLIENT), 443, 40000, Tcp::Ack),
+        ),
+        ("UDP of the node", udp(ip(NODE_ADDR, CLIENT), 5353, 50999)),
+        (
+            "IPv6 of the node",
+            tcp6(ip6(NODE_ADDR6, CLIENT6), 6443, 40999, Tcp::Ack),
+        ),
+    ] {
+        let (action, out) = h.run_egress(&pkt);
+        assert_eq!(action, TC_ACT_OK, "{name}");
+        assert_eq!(hex(&out), hex(&pkt), "{name}: untouched");
+    }
+}
+
+/// What TC egress costs a packet that is not ours (the common case on
+/// every interface): printed, and bounded loosely so a regression to
+/// something expensive shows.
+#[test]
+fn egress_costs_little_for_packets_that_are_not_ours() {
+    let mut h = Harness::new(&host_endpoint_model());
+    let tcp_not_ours = tcp(ip(NODE_ADDR, CLIENT), 22, 40999, Tcp::Ack);
+    // Not IP at all: what BPF_PROG_TEST_RUN itself costs, for comparison.
+    let mut arp = tcp_not_ours.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let average = |h: &mut Harness, pkt: &[u8]| {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = h
+            .datapath
+            .egress_program()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                repeat: 100_000,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (egress)");
+        assert_eq!(r.return_value, TC_ACT_OK);
+        r.duration.as_nanos() as f64
+    };
+    let floor = average(&mut h, &arp);
+    for stack in [false, true] {
+        h.datapath.maps.set_stack_forwarding(stack).unwrap();
+        let ns = average(&mut h, &tcp_not_ours);
+        println!(
+            "lb_egress, TCP packet not ours, stack forwarding {stack}: {ns:.0} ns/packet (non-IP: {floor:.0} ns; test_run averages)"
+        );
+        assert!(ns < 2_000.0, "egress takes {ns} ns for a packet not ours");
+    }
+}
+
+#[test]
+fn stack_forwarding_mode_dnats_at_ingress_and_masquerades_and_reverse_nats_at_egress() {
+    use lb_common::svc_flags;
+    let mut masqueraded = service_port(SELF_VIP, 8080, Protocol::Tcp, &[(POD_A, 80)]);
+    masqueraded.flags = svc_flags::SNAT_ALWAYS;
+    let mut h = Harness::new(&model(vec![
+        service_port(VIP, 8080, Protocol::Tcp, &[(BACKEND, 80)]),
+        masqueraded,
+    ]));
+    h.datapath.maps.set_stack_forwarding(true).unwrap();
+
+    // Not masqueraded: DNAT at ingress, handed to the stack (which routes
+    // and decrements the TTL); the reply crosses the stack as the backend
+    // sent it and gets the frontend as its source at egress.
+    let steps = [
+        (
+            "SYN at ingress: DNAT only",
+            tcp(ip(CLIENT, VIP), 40000, 8080, Tcp::Syn),
+            false,
+            tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn),
+        ),
+        (
+            "SYN at egress: nothing more",
+            tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn),
+            true,
+            tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn),
+        ),
+        (
+            "reply at ingress: untouched for the stack",
+            tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
+            false,
+            tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
+        ),
+        (
+            "reply at egress: from the frontend",
+            tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
+            true,
+            tcp(ip(VIP, CLIENT), 8080, 40000, Tcp::SynAck),
+        ),
+    ];
+    for (name, input, egress, want) in steps {
+        let (action, out) = if egress { h.run_egress(&input) } else { h.run(&input) };
+        assert_eq!(action, TC_ACT_OK, "{name}: to the stack");
+        assert_eq!(hex(&out), hex(&want), "{name}");
+    }
+
+    // Masqueraded: the node address becomes the source only at egress
+    // (arriving with it, the packet would be a martian).
+    let (action, out) = h.run(&tcp(ip(CLIENT, SELF_VIP), 40001, 8080, Tcp::Syn));
+    assert_eq!(action, TC_ACT_OK, "masqueraded SYN to the stack");
+    let dnated = tcp(ip(CLIENT, POD_A), 40001, 80, Tcp::Syn);
+    assert_eq!(hex(&out), hex(&dnated), "masqueraded SYN: DNAT only at ingress");
+    let masq = h.event(FlowEvent::EgressMasquerade);
+    let (action, out) = h.run_egress(&dnated);
+    assert_eq!(action, TC_ACT_OK);
+    let port = sport_of(&out);
+    assert!(lb_common::conntrack::snat_ports::contains(port), "SNAT port {port}");
+    assert_eq!(
+        hex(&out),
+        hex(&tcp(ip(NODE_ADDR, POD_A), port, 80, Tcp::Syn)),
+        "masqueraded at egress"
+    );
+    assert_eq!(h.event(FlowEvent::EgressMasquerade), masq + 1);
+    // The reply: destination restored at ingress, source at egress.
+    let (action, out) = h.run(&tcp(ip(POD_A, NODE_ADDR), 80, port, Tcp::SynAck));
+    assert_eq!(action, TC_ACT_OK, "masqueraded reply to the stack");
+    let unmasqueraded = tcp(ip(POD_A, CLIENT), 80, 40001, Tcp::SynAck);
+    assert_eq!(hex(&out), hex(&unmasqueraded), "reply: back to the client at ingress");
+    let (action, out) = h.run_egress(&unmasqueraded);
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(
+        hex(&out),
+        hex(&tcp(ip(SELF_VIP, CLIENT), 8080, 40001, Tcp::SynAck)),
+        "reply at egress"
+    );
+
+    // Back to redirect mode: forwarded by FIB again, translated at once.
+    h.datapath.maps.set_stack_forwarding(false).unwrap();
+    let (action, out) = h.run(&tcp(ip(CLIENT, VIP), 40002, 8080, Tcp::Syn));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        hex(&out),
+        hex(&tcp(ip(CLIENT, BACKEND).forwarded(), 40002, 80, Tcp::Syn))
+    );
+}
+
+#[test]
+fn xdp_hands_balanced_flows_to_the_stack_in_stack_forwarding_mode() {
+    let mut h = Harness::new(&xdp_model());
+    let dev = h.prepare_xdp();
+    h.datapath.maps.set_stack_forwarding(true).unwrap();
+    let passed = h.event(FlowEvent::XdpPassedToStack);
+    let syn = tcp(ip(CLIENT, NODE_PORT_ADDR), 40000, 30081, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &syn);
+    assert_eq!(action, XDP_PASS, "XDP leaves it to TC and the stack");
+    assert_eq!(hex(&out), hex(&syn), "untouched");
+    assert_eq!(h.event(FlowEvent::XdpPassedToStack), passed + 1, "counted");
+    // TC continues the flow XDP recorded, and hands it to the stack.
+    let (action, out) = h.run(&syn);
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(hex(&out), hex(&tcp(ip(CLIENT, POD_A), 40000, 80, Tcp::Syn)));
+}
+
+#[test]
+fn xdp_passes_flows_to_a_host_network_endpoint_to_tc_unmasqueraded() {
+    let mut h = Harness::new(&host_endpoint_model());
+    let dev = h.prepare_xdp();
+    let passed = h.event(FlowEvent::XdpPassedToStack);
+    let syn = tcp(ip(CLIENT, NODE_PORT_ADDR), 40000, 30443, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &syn);
+    assert_eq!(action, XDP_PASS, "a local endpoint: the stack delivers it");
+    assert_eq!(hex(&out), hex(&syn), "untouched");
+    assert_eq!(h.event(FlowEvent::XdpPassedToStack), passed + 1, "counted");
+    // TC continues the flow XDP recorded: DNAT only (eTP Cluster, yet not masqueraded).
+    let (action, out) = h.run(&syn);
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(hex(&out), hex(&tcp(ip(CLIENT, NODE_ADDR), 40000, 6443, Tcp::Syn)));
+}

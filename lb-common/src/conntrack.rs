@@ -10,6 +10,10 @@ pub enum CtKind {
     Forward = 0,
     /// Key is the backend's reply (src = backend, dst = client).
     Reply = 1,
+    /// Stack forwarding mode, masqueraded flows: key is the client's packet
+    /// after DNAT (src = client, dst = backend), as it leaves the node; the
+    /// entry's SNAT address and port become its source at TC egress.
+    Snat = 2,
 }
 
 #[repr(C)]

@@ -17,8 +17,20 @@ pub struct NodeConfig {
     pub udp_timeout: u32,
     pub tcp_close_wait_timeout: u32,
     pub udp_stream_timeout: u32,
+    /// `config_flags`.
+    pub flags: u32,
+    pub _pad: u32,
 }
-assert_size!(NodeConfig, 32);
+assert_size!(NodeConfig, 40);
+
+/// `NodeConfig::flags`.
+pub mod config_flags {
+    /// Stack forwarding mode (`--forwarding-mode stack`): translated
+    /// packets are handed to the kernel's stack, which routes them through
+    /// netfilter FORWARD (iptables-based NetworkPolicy), instead of being
+    /// redirected to the next hop; masquerading happens at TC egress.
+    pub const STACK_FORWARDING: u32 = 1 << 0;
+}
 
 /// `SockNatKey::kind`.
 pub mod sock_nat_kind {

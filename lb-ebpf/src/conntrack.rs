@@ -42,12 +42,24 @@ pub fn set_reply_key(
     to_port: u16,
     proto: u8,
 ) {
-    k.src_addr = *backend_addr;
-    k.dst_addr = *to_addr;
-    k.src_port = backend_port;
-    k.dst_port = to_port;
+    set_tuple_key(
+        k,
+        (backend_addr, backend_port),
+        (to_addr, to_port),
+        proto,
+        CtKind::Reply,
+    );
+}
+
+/// Sets `k` to the `kind` key of packets from `src` to `dst` (address, port in host order).
+#[inline(always)]
+pub fn set_tuple_key(k: &mut CtKey, src: (&RawAddr, u16), dst: (&RawAddr, u16), proto: u8, kind: CtKind) {
+    k.src_addr = *src.0;
+    k.dst_addr = *dst.0;
+    k.src_port = src.1;
+    k.dst_port = dst.1;
     k.proto = proto;
-    k.kind = CtKind::Reply as u8;
+    k.kind = kind as u8;
     k._pad = [0; 2];
 }
 
@@ -106,7 +118,7 @@ pub fn touch(entry: *mut CtEntry, pkt: &Packet, kind: CtKind, now: u32) {
     let own = e.tcp_flags_seen | pkt.tcp_flags;
     let flags = match kind {
         CtKind::Reply => e.flags | entry_flags::REPLIED,
-        CtKind::Forward => e.flags,
+        CtKind::Forward | CtKind::Snat => e.flags,
     };
     let state = CtState::of(pkt.proto, own, e.peer_tcp_flags, flags & entry_flags::REPLIED != 0);
     let expires = now + lifetime(state);
@@ -150,6 +162,8 @@ fn sync_peer(e: &CtEntry, pkt: &Packet, kind: CtKind) {
             k.kind = CtKind::Forward as u8;
             k._pad = [0; 2];
         }
+        // Stack forwarding's egress masquerade entry lives on its own.
+        CtKind::Snat => return,
     }
     if let Some(peer) = CONNTRACK.get_ptr_mut(k) {
         // SAFETY: pointer from a successful lookup; the peer is another

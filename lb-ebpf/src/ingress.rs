@@ -2,6 +2,9 @@
 //! forward. Packets to a frontend are DNATed (and masqueraded where kube-
 //! proxy would) to a backend; the backend's replies are translated back so
 //! the client only ever sees the address and port it connected to.
+//! A backend that is the node's own address is delivered locally (its
+//! replies are translated at TC egress); in stack forwarding mode every
+//! translated packet goes to the stack and masquerading waits for egress.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{
@@ -15,7 +18,8 @@ use lb_common::{
 use crate::{
     conntrack,
     ctx::PacketCtx,
-    forward, icmp,
+    forward::{self, Fib},
+    icmp,
     nat::{self, Side},
     parse::{self, Fragment, Packet},
     reject, select, snat, stats,
@@ -28,10 +32,10 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(OK);
     };
     if pkt.proto == proto::ICMP {
-        return icmp::translate_error(ctx, pkt);
+        return icmp::translate_error(ctx, pkt, icmp::Then::Forward);
     }
     if pkt.proto == proto::ICMPV6 {
-        return icmp::translate_error_v6(ctx, pkt);
+        return icmp::translate_error_v6(ctx, pkt, icmp::Then::Forward);
     }
     // Each step is its own BPF function called from here, never from each
     // other: the 512-byte stack limit counts every frame of a call chain.
@@ -169,11 +173,21 @@ pub fn new_flow(ctx: &impl PacketCtx, pkt: &Packet, svc: &ServiceValue) -> Resul
     let route = if wants_snat(svc, pkt, &backend.addr) {
         masquerade(ctx, pkt, &backend.addr, backend.port)?
     } else {
-        let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
-        conntrack::set_reply_key(key, &backend.addr, backend.port, &pkt.src, pkt.sport, pkt.proto);
-        conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
         0
     };
+    let stack = forward::stack_forwarding();
+    if route == 0 || stack {
+        // Replies addressed to the client itself: not masqueraded, or (in
+        // stack mode) masqueraded and given back their destination at
+        // ingress, their source at egress.
+        let snat = e.flags;
+        e.flags &= !entry_flags::SNAT;
+        let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
+        conntrack::set_reply_key(key, &backend.addr, backend.port, &pkt.src, pkt.sport, pkt.proto);
+        let inserted = conntrack::insert(key, e);
+        e.flags = snat;
+        inserted.map_err(|_| DropReason::ConntrackInsert)?;
+    }
     // Forward entry: the client's packets go to the backend (masqueraded as
     // the node address and port above, when chosen).
     e.nat_addr = backend.addr;
@@ -181,21 +195,35 @@ pub fn new_flow(ctx: &impl PacketCtx, pkt: &Packet, svc: &ServiceValue) -> Resul
     let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
     conntrack::set_key(key, pkt, CtKind::Forward);
     conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
+    if stack && route != 0 {
+        // Stack mode masquerades at egress, where the packet shows the
+        // backend as destination: the same entry under that key.
+        let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
+        let (client, backend) = ((&pkt.src, pkt.sport), (&backend.addr, backend.port));
+        conntrack::set_tuple_key(key, client, backend, pkt.proto, CtKind::Snat);
+        conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
+    }
     Ok(route)
 }
 
 /// Masquerades the new flow whose reply entry is in the scratch slot: as
 /// the node address the kernel would send from toward the backend, with a
 /// port free for this backend (claimed by inserting the reply entry, which
-/// also restores the client as destination). Returns the egress ifindex.
+/// also restores the client as destination). Returns the egress ifindex,
+/// or 0 when the backend is an address of this node (a host-network
+/// endpoint): such packets are delivered locally, which kube-proxy's
+/// masquerade (POSTROUTING) never sees, so they are not masqueraded.
 /// Its own BPF function: the FIB parameters and the port search need stack
 /// of their own.
 #[inline(never)]
 fn masquerade(ctx: &impl PacketCtx, pkt: &Packet, backend: &RawAddr, backend_port: u16) -> Result<u32, DropReason> {
     let now = conntrack::now_secs();
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
-    let route =
-        forward::route(ctx, pkt, &pkt.src, backend, pkt.sport, backend_port, true).ok_or(DropReason::NoRoute)?;
+    let route = match forward::lookup(ctx, pkt, &pkt.src, backend, pkt.sport, backend_port, true) {
+        Fib::Forward(route) => route,
+        Fib::Local => return Ok(0),
+        Fib::Unroutable => return Err(DropReason::NoRoute),
+    };
     e.flags |= entry_flags::SNAT;
     e.snat_addr = pkt.src;
     e.snat_port = pkt.sport;
@@ -212,10 +240,25 @@ fn masquerade(ctx: &impl PacketCtx, pkt: &Packet, backend: &RawAddr, backend_por
 fn translate_forward(ctx: &TcContext, pkt: &Packet, egress: u32) -> Result<i32, DropReason> {
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
     nat::rewrite(ctx, pkt, Side::Destination, &e.nat_addr, e.nat_port)?;
-    let (src, sport) = masquerade_side(ctx, pkt, e, Side::Source, (pkt.src, pkt.sport))?;
     stats::count_balanced(e.service_id, e.backend_id, ctx.len());
+    if forward::stack_forwarding() {
+        // The stack routes it (netfilter FORWARD applies); a masqueraded
+        // flow gets its source at TC egress, as a node-address source
+        // arriving here would be refused as a martian.
+        return Ok(OK);
+    }
+    let (src, sport) = masquerade_side(ctx, pkt, e, Side::Source, (pkt.src, pkt.sport))?;
     let egress = match egress {
-        0 => forward::route(ctx, pkt, &src, &e.nat_addr, sport, e.nat_port, false).map(|r| r.ifindex),
+        0 => match forward::lookup(ctx, pkt, &src, &e.nat_addr, sport, e.nat_port, false) {
+            Fib::Forward(route) => Some(route.ifindex),
+            // A host-network endpoint: up the local stack; its replies
+            // get the frontend back at TC egress (see egress.rs).
+            Fib::Local => {
+                stats::count_event(FlowEvent::LocalEndpoint);
+                None
+            }
+            Fib::Unroutable => None,
+        },
         ifindex => Some(ifindex),
     };
     forward::forward(ctx, pkt, egress)
@@ -259,6 +302,14 @@ fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     conntrack::touch(entry, pkt, CtKind::Reply, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { *entry };
+    if forward::stack_forwarding() {
+        // The stack routes the reply as the backend sent it (so netfilter
+        // sees the reply of the flow it forwarded); only a masqueraded
+        // flow's destination, a node address, goes back to the client
+        // first. The frontend becomes the source at TC egress.
+        masquerade_side(ctx, pkt, &e, Side::Destination, (pkt.dst, pkt.dport))?;
+        return Ok(OK);
+    }
     nat::rewrite(ctx, pkt, Side::Source, &e.nat_addr, e.nat_port)?;
     let (client, client_port) = masquerade_side(ctx, pkt, &e, Side::Destination, (pkt.dst, pkt.dport))?;
     // Forwarded by FIB: the restored source may be a node address (NodePort),

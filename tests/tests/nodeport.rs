@@ -814,3 +814,392 @@ fn host_udp_sockets_stick_to_one_backend_and_services_without_endpoints_refuse()
         "TCP connect, UDP connect, UDP sendto"
     );
 }
+
+/// One UDP datagram on a socket connected to `target` (it takes answers
+/// from `target` only: an answer from any other source is never seen);
+/// returns the answer.
+fn udp_ask(target: SocketAddr) -> anyhow::Result<String> {
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.connect(target)?;
+    socket.send(b"who are you")?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// UDP from `from` to `target`: `want` answers, each from `target` itself.
+fn check_udp(c: &Cluster, name: &str, from: From, target: SocketAddr, want: &str) {
+    let (ns, _) = source_ns(c, from);
+    let answers = ns
+        .run(move || (0..5).map(|_| udp_ask(target)).collect::<Vec<_>>())
+        .unwrap();
+    for a in answers {
+        let got = a.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+const HOST_TCP: u16 = 6443;
+const HOST_UDP: u16 = 6053;
+
+/// Services whose only endpoint is node-1's own address (a host-network
+/// endpoint): `kubernetes.default`-like ClusterIPs (IPv4 and IPv6) and
+/// NodePorts with eTP Cluster and Local.
+fn host_endpoint_manifests(c: &Cluster) -> String {
+    let n1 = &c.nodes[0];
+    let host = vec![("node-1-host".to_string(), n1.addr, n1.name.clone())];
+    let host6 = vec![("node-1-host".to_string(), n1.addr6, n1.name.clone())];
+    let ports = |tcp_np, udp_np| {
+        [
+            ("https", "TCP", 443, HOST_TCP, tcp_np),
+            ("dns", "UDP", 53, HOST_UDP, udp_np),
+        ]
+    };
+    [
+        service("apiserver", "  clusterIP: 198.19.0.50\n", "", &ports(None, None), &host),
+        service(
+            "apiserver6",
+            "  clusterIP: fd00:198:19::50\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n",
+            "",
+            &ports(None, None),
+            &host6,
+        ),
+        // Nothing listens on the endpoint port: the node's port unreachable.
+        service(
+            "closed",
+            "  clusterIP: 198.19.0.53\n",
+            "",
+            &[("dns", "UDP", 53, HOST_UDP + 1, None)],
+            &host,
+        ),
+        service(
+            "hostnet",
+            "  type: NodePort\n  clusterIP: 198.19.0.51\n",
+            "",
+            &ports(Some(30443), Some(30453)),
+            &host,
+        ),
+        service(
+            "hostnet-local",
+            "  type: NodePort\n  clusterIP: 198.19.0.52\n  externalTrafficPolicy: Local\n",
+            "",
+            &ports(Some(30444), Some(30454)),
+            &host,
+        ),
+    ]
+    .join("---\n")
+}
+
+/// Issue #12 point 2: a service whose endpoint is the node's own address
+/// works from pods (both nodes), from the node itself and from outside,
+/// over TCP and UDP, IPv4 and IPv6, with every reply coming from the
+/// address the client used (a TCP handshake and a connected UDP socket
+/// accept nothing else).
+#[test]
+fn host_network_endpoints_answer_from_pods_the_node_and_outside() {
+    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    // The "API server": a host-network server in node-1's own namespace,
+    // bound to the node's address like kube-apiserver's --bind-address.
+    let n1 = &cluster.nodes[0];
+    let _host = lb_tests::servers::Servers::start_on(
+        &n1.ns,
+        &[n1.addr.into(), n1.addr6.into()],
+        "node-1-host",
+        HOST_TCP,
+        HOST_UDP,
+    )
+    .expect("host-network servers on node-1");
+    cluster
+        .write_manifest("services.yaml", &host_endpoint_manifests(&cluster))
+        .unwrap();
+    let agents = cluster.start_agents(true).expect("agents");
+    let host: &'static [&'static str] = &["node-1-host"];
+    let api = Ipv4Addr::new(198, 19, 0, 50);
+    let api6: Ipv6Addr = "fd00:198:19::50".parse().unwrap();
+    let cases = [
+        Case {
+            name: "pod on node-1 → ClusterIP → node-1 itself",
+            from: From::Pod("web-1a"),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "pod on node-2 → ClusterIP → node-1",
+            from: From::Pod("web-2a"),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "node-1 itself → ClusterIP → node-1 (socket hooks)",
+            from: From::Host(0),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Node(0)),
+        },
+        Case {
+            name: "node-2 → ClusterIP → node-1 (socket hooks)",
+            from: From::Host(1),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Node(1)),
+        },
+        Case {
+            name: "external → node-1 NodePort (eTP Cluster) → node-1: delivered locally, not masqueraded",
+            from: From::External(0),
+            to: to(N1, 30443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "external → node-1 NodePort (eTP Local) → node-1",
+            from: From::External(0),
+            to: to(N1, 30444),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "external → node-2 NodePort (eTP Cluster) → node-1, masqueraded by node-2",
+            from: From::External(1),
+            to: to(N2, 30443),
+            want: Want::Pods(host, Seen::Node(1)),
+        },
+        Case {
+            name: "IPv6 pod on node-1 → IPv6 ClusterIP → node-1 itself",
+            from: From::Pod6("web-1a"),
+            to: to(api6, 443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "IPv6 node-1 itself → IPv6 ClusterIP → node-1 (socket hooks)",
+            from: From::Host6(0),
+            to: to(api6, 443),
+            want: Want::Pods(host, Seen::Node(0)),
+        },
+    ];
+    for case in &cases {
+        check(&cluster, case);
+    }
+    for (name, from, target) in [
+        ("UDP pod on node-1 → ClusterIP", From::Pod("web-1a"), to(api, 53)),
+        ("UDP pod on node-2 → ClusterIP", From::Pod("web-2a"), to(api, 53)),
+        ("UDP node-1 → ClusterIP (socket hooks)", From::Host(0), to(api, 53)),
+        (
+            "UDP external → NodePort (eTP Cluster)",
+            From::External(0),
+            to(N1, 30453),
+        ),
+        ("UDP external → NodePort (eTP Local)", From::External(0), to(N1, 30454)),
+        (
+            "UDP IPv6 pod on node-1 → IPv6 ClusterIP",
+            From::Pod6("web-1a"),
+            to(api6, 53),
+        ),
+    ] {
+        check_udp(&cluster, name, from, target, "node-1-host");
+    }
+    // No server on the endpoint port: the node's ICMP port unreachable
+    // reaches the client about its own packet (to the cluster IP), so its
+    // connected socket is refused at once instead of waiting in vain.
+    let closed = to(Ipv4Addr::new(198, 19, 0, 53), 53);
+    let refused = cluster
+        .pod("web-1a")
+        .ns
+        .run(move || udp_ask(closed).map_err(|e| e.downcast::<std::io::Error>().map(|e| e.kind()).ok()))
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(Some(ErrorKind::ConnectionRefused)),
+        "UDP to a closed host port"
+    );
+    // Node-1 delivered the balanced packets locally and translated the replies at egress.
+    let n1 = &agents[0];
+    assert!(
+        n1.counter("event", "local_endpoint").unwrap() > 0,
+        "local_endpoint counted"
+    );
+    assert!(
+        n1.counter("event", "egress_reverse_nat").unwrap() > 0,
+        "egress_reverse_nat counted"
+    );
+    assert_eq!(
+        n1.counter("drop", "no_route").unwrap(),
+        0,
+        "nothing dropped as unroutable"
+    );
+}
+
+/// Issue #12 point 7: an iptables FORWARD rule (what iptables-based
+/// NetworkPolicy programs) blocking pod `web-1b` is bypassed by the default
+/// redirect forwarding but enforced on ClusterIP and NodePort traffic with
+/// `--forwarding-mode stack`, while other pods keep answering.
+#[test]
+fn iptables_forward_rules_apply_to_service_traffic_in_stack_forwarding_mode() {
+    let mut cluster = Cluster::new([&["client-1", "web-1a", "web-1b"], &NODE2]).expect("cluster");
+    let open = cluster.endpoints(&["web-1a"]);
+    let blocked = cluster.endpoints(&["web-1b"]);
+    let open6 = cluster.endpoints6(&["web-1a"]);
+    let blocked6 = cluster.endpoints6(&["web-1b"]);
+    let http = |np: Option<u16>| ("http", "TCP", 8080, 80, np);
+    let dns = |np: Option<u16>| ("dns", "UDP", 53, 5353, np);
+    let v6_only = "  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n";
+    let docs = [
+        service(
+            "open",
+            "  type: NodePort\n  clusterIP: 198.19.0.61\n",
+            "",
+            &[http(Some(30601)), dns(Some(30611))],
+            &open,
+        ),
+        service(
+            "blocked",
+            "  type: NodePort\n  clusterIP: 198.19.0.60\n",
+            "",
+            &[http(Some(30600))],
+            &blocked,
+        ),
+        service(
+            "open6",
+            &format!("  type: NodePort\n  clusterIP: fd00:198:19::61\n{v6_only}"),
+            "",
+            &[http(Some(30621))],
+            &open6,
+        ),
+        service(
+            "blocked6",
+            &format!("  clusterIP: fd00:198:19::60\n{v6_only}"),
+            "",
+            &[http(None)],
+            &blocked6,
+        ),
+    ];
+    cluster.write_manifest("services.yaml", &docs.join("---\n")).unwrap();
+    // What an iptables NetworkPolicy would program on node-1: web-1b takes nothing forwarded.
+    let node1 = &cluster.nodes[0].ns;
+    let b = cluster.pod("web-1b");
+    lb_tests::netns::run(
+        node1
+            .command("iptables-nft")
+            .args(["-A", "FORWARD", "-d", &b.ip.to_string(), "-j", "DROP"]),
+    )
+    .unwrap();
+    lb_tests::netns::run(node1.command("ip6tables-nft").args([
+        "-A",
+        "FORWARD",
+        "-d",
+        &b.ip6.to_string(),
+        "-j",
+        "DROP",
+    ]))
+    .unwrap();
+    let n1_6 = cluster.nodes[0].addr6;
+    let vip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, host);
+    let a: &'static [&'static str] = &["web-1a"];
+    let b_only: &'static [&'static str] = &["web-1b"];
+    // (case name, from, to, answered by with redirect forwarding, with stack forwarding)
+    let table = [
+        (
+            "pod → ClusterIP of web-1b",
+            From::Pod("client-1"),
+            to(Ipv4Addr::new(198, 19, 0, 60), 8080),
+            Some((b_only, Seen::Client)),
+            None,
+        ),
+        (
+            "pod → ClusterIP of web-1a",
+            From::Pod("client-1"),
+            to(Ipv4Addr::new(198, 19, 0, 61), 8080),
+            Some((a, Seen::Client)),
+            Some((a, Seen::Client)),
+        ),
+        (
+            "external → NodePort of web-1b",
+            From::External(0),
+            to(N1, 30600),
+            Some((b_only, Seen::Node(0))),
+            None,
+        ),
+        (
+            "external → NodePort of web-1a (masqueraded)",
+            From::External(0),
+            to(N1, 30601),
+            Some((a, Seen::Node(0))),
+            Some((a, Seen::Node(0))),
+        ),
+        (
+            "hairpin: web-1a → its own ClusterIP → itself (masqueraded)",
+            From::Pod("web-1a"),
+            to(Ipv4Addr::new(198, 19, 0, 61), 8080),
+            Some((a, Seen::Node(0))),
+            Some((a, Seen::Node(0))),
+        ),
+        (
+            "pod → web-1b's own address (plain routing: always filtered)",
+            From::Pod("client-1"),
+            to(b.ip, 80),
+            None,
+            None,
+        ),
+        (
+            "IPv6 pod → ClusterIP of web-1b",
+            From::Pod6("client-1"),
+            to(vip6(0x60), 8080),
+            Some((b_only, Seen::Client)),
+            None,
+        ),
+        (
+            "IPv6 pod → ClusterIP of web-1a",
+            From::Pod6("client-1"),
+            to(vip6(0x61), 8080),
+            Some((a, Seen::Client)),
+            Some((a, Seen::Client)),
+        ),
+        (
+            "IPv6 external → NodePort of web-1a (masqueraded)",
+            From::External6(0),
+            to(n1_6, 30621),
+            Some((a, Seen::Node(0))),
+            Some((a, Seen::Node(0))),
+        ),
+    ];
+    for stack in [false, true] {
+        cluster.set_agent_args(if stack { &["--forwarding-mode", "stack"] } else { &[] });
+        let agents = cluster.start_agents(true).expect("agents");
+        let mode = if stack { "stack" } else { "redirect" };
+        for (name, from, target, redirect, stacked) in &table {
+            let want = match if stack { stacked } else { redirect } {
+                Some((pods, seen)) => Want::Pods(pods, *seen),
+                None => Want::NoAnswer,
+            };
+            let name: &'static str = format!("{mode} forwarding: {name}").leak();
+            check(
+                &cluster,
+                &Case {
+                    name,
+                    from: *from,
+                    to: *target,
+                    want,
+                },
+            );
+        }
+        check_udp(
+            &cluster,
+            &format!("{mode}: UDP external → NodePort of web-1a"),
+            From::External(0),
+            to(N1, 30611),
+            "web-1a",
+        );
+        check_udp(
+            &cluster,
+            &format!("{mode}: UDP pod → ClusterIP of web-1a"),
+            From::Pod("client-1"),
+            to(Ipv4Addr::new(198, 19, 0, 61), 53),
+            "web-1a",
+        );
+        let masqueraded_at_egress = agents[0].counter("event", "egress_masquerade").unwrap();
+        assert_eq!(masqueraded_at_egress > 0, stack, "{mode}: masquerading at egress");
+        for agent in agents {
+            agent.kill().unwrap();
+        }
+    }
+}

@@ -147,6 +147,19 @@ impl BpfMaps {
         Ok(())
     }
 
+    /// Stack forwarding mode on or off (`--forwarding-mode`).
+    pub fn set_stack_forwarding(&mut self, on: bool) -> anyhow::Result<()> {
+        use lb_common::sock::config_flags::STACK_FORWARDING;
+        let mut config = self.config.get(&0, 0).unwrap_or_default();
+        config.flags = if on {
+            config.flags | STACK_FORWARDING
+        } else {
+            config.flags & !STACK_FORWARDING
+        };
+        self.config.set(0, config, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
     /// Deletes expired conntrack entries (`now`: the datapath's clock, in
     /// seconds); returns how many. The LRU evicts under pressure anyway;
     /// this keeps the table and `lb-agent conntrack` clean.
