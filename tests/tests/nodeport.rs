@@ -70,6 +70,26 @@ fn slice<A: Into<IpAddr> + Copy>(
     y
 }
 
+/// `yaml` with the endpoint of `pod` given these conditions instead of
+/// `{ready: true}` (kube-proxy's terminating-endpoint cases).
+fn with_conditions(yaml: String, pod: &str, conditions: &str) -> String {
+    let target = format!("name: {pod}}}");
+    let mut lines: Vec<String> = yaml.lines().map(String::from).collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("targetRef:") && l.ends_with(&target))
+        .unwrap_or_else(|| panic!("no endpoint of {pod}"));
+    let cond = (0..at)
+        .rev()
+        .find(|&i| lines[i].trim_start().starts_with("conditions:"))
+        .expect("conditions line");
+    lines[cond] = format!("  conditions: {conditions}");
+    lines.join("\n") + "\n"
+}
+
+const TERMINATING_SERVING: &str = "{ready: false, serving: true, terminating: true}";
+const TERMINATING_GONE: &str = "{ready: false, serving: false, terminating: true}";
+
 fn manifests(c: &Cluster) -> String {
     let both = c.endpoints(&["web-1a", "web-2a"]);
     let one = c.endpoints(&["web-1a"]);
@@ -99,6 +119,27 @@ fn manifests(c: &Cluster) -> String {
             &[] as &[(String, Ipv4Addr, String)],
         ),
         service("sticky", "  clusterIP: 198.19.0.30\n  sessionAffinity: ClientIP\n", "", &[http(None)], &both),
+        // kube-proxy's terminating-endpoint flows: web-1a terminating (still serving).
+        with_conditions(
+            service(
+                "drain-local",
+                "  type: NodePort\n  clusterIP: 198.19.0.16\n  externalTrafficPolicy: Local\n",
+                "",
+                &[http(Some(30084))],
+                &both,
+            ),
+            "web-1a",
+            TERMINATING_SERVING,
+        ),
+        with_conditions(
+            with_conditions(
+                service("drain-all", "  clusterIP: 198.19.0.17\n", "", &[http(None)], &both),
+                "web-1a",
+                TERMINATING_SERVING,
+            ),
+            "web-2a",
+            TERMINATING_GONE,
+        ),
         service(
             "web-lb-local",
             "  type: LoadBalancer\n  clusterIP: 198.19.0.14\n  externalTrafficPolicy: Local\n",
@@ -421,6 +462,30 @@ fn packet_flows(xdp: XdpMode) {
             from: From::Host(0),
             to: to(N1, 30080),
             want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "eTP Local, the local endpoint terminating (serving): still used for external traffic",
+            from: From::External(0),
+            to: to(N1, 30084),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "eTP Local on the node with a ready endpoint: only it",
+            from: From::External(0),
+            to: to(N2, 30084),
+            want: Want::Pods(&["web-2a"], Seen::Client),
+        },
+        Case {
+            name: "eTP Local in-cluster: ready endpoints only, the terminating one avoided",
+            from: From::Pod("web-2a"),
+            to: to(Ipv4Addr::new(198, 19, 0, 16), 8080),
+            want: Want::Pods(&["web-2a"], Seen::Node(1)),
+        },
+        Case {
+            name: "no ready endpoint: serving terminating ones are used, non-serving ones never",
+            from: From::Pod("web-2a"),
+            to: to(Ipv4Addr::new(198, 19, 0, 17), 8080),
+            want: Want::Pods(&["web-1a"], Seen::Client),
         },
         Case {
             name: "ClusterIP on a port the service lacks: refused",
