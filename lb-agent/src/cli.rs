@@ -112,6 +112,13 @@ pub struct RunArgs {
     /// Kubeconfig for the API server; default: in-cluster config, then $KUBECONFIG.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's address, e.g. https://192.168.0.10:6443 (overrides
+    /// the kubeconfig's and the in-cluster `kubernetes` Service address,
+    /// which nothing programs before this agent runs: set it on nodes
+    /// without kube-proxy). The service account's token and CA are still
+    /// used when present.
+    #[arg(long, value_parser = parse_master, conflicts_with = "manifests")]
+    pub master: Option<http::Uri>,
     /// Directory on a bpffs where the maps are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
     pub bpf_root: PathBuf,
@@ -226,6 +233,7 @@ struct ConfigFile {
     node_name: Option<String>,
     manifests: Option<PathBuf>,
     kubeconfig: Option<PathBuf>,
+    master: Option<String>,
     bpf_root: Option<PathBuf>,
     interfaces: Option<Vec<String>>,
     xdp_mode: Option<XdpModeArg>,
@@ -274,6 +282,12 @@ impl RunArgs {
         take!(node_name);
         take!(manifests);
         take!(kubeconfig);
+        if !from_cli("master")
+            && let Some(v) = file.master
+        {
+            self.master =
+                Some(parse_master(&v).map_err(|e| anyhow::anyhow!("--config {}: master: {e}", path.display()))?);
+        }
         take!(bpf_root);
         take!(interfaces);
         take!(xdp_mode);
@@ -306,13 +320,24 @@ impl RunArgs {
         take_cidrs!(nodeport_addresses);
         take_cidrs!(cluster_cidr);
         take_cidrs!(service_cluster_ip_range);
-        if self.manifests.is_some() && self.kubeconfig.is_some() {
+        if self.manifests.is_some() && (self.kubeconfig.is_some() || self.master.is_some()) {
             anyhow::bail!(
-                "--manifests and --kubeconfig exclude each other (check --config {})",
+                "--manifests excludes --kubeconfig and --master (check --config {})",
                 path.display()
             );
         }
         Ok(())
+    }
+}
+
+/// An API server address: http(s)://HOST[:PORT] (kube-proxy's --master).
+fn parse_master(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?}: {e} (expected https://HOST:PORT)"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https" | "http"), Some(_)) => Ok(uri),
+        _ => Err(format!("{s:?}: expected https://HOST:PORT")),
     }
 }
 

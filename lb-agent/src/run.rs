@@ -97,11 +97,11 @@ fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) -> any
             tokio::spawn(source::manifests::run(manifests, state, args.manifests_debounce));
         }
         None => {
-            let kubeconfig = args.kubeconfig.clone();
+            let (kubeconfig, master) = (args.kubeconfig.clone(), args.master.clone());
             let node_name = node_name.to_string();
-            info!(kubeconfig = ?kubeconfig, "source: Kubernetes API");
+            info!(kubeconfig = ?kubeconfig, master = ?master.as_ref().map(ToString::to_string), "source: Kubernetes API");
             tokio::spawn(async move {
-                match source::kube::client(kubeconfig.as_deref()).await {
+                match source::kube::client(kubeconfig.as_deref(), master.as_ref()).await {
                     Ok(client) => source::kube::run(client, node_name, state).await,
                     Err(e) => error!("cannot reach the Kubernetes API: {e:#}"),
                 }
