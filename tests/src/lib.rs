@@ -12,8 +12,10 @@ pub mod cleanup;
 pub mod client;
 pub mod cluster;
 pub mod fake_apiserver;
+pub mod image;
 pub mod manifests;
 pub mod netns;
+pub mod podspec;
 pub mod sandbox;
 pub mod servers;
 

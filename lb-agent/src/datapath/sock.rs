@@ -88,6 +88,10 @@ pub fn cgroup2_root(wanted: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// What to do when the socket hooks have no host cgroup root.
+const HOST_CGROUP_HINT: &str = "Mount the host's /sys/fs/cgroup into the container (deploy/ does: \
+    hostPath /sys/fs/cgroup at /run/lb-agent/host-cgroup) or pass --cgroup-root with the host's cgroup2 mount";
+
 /// Only non-root cgroups have a `cgroup.type` file (cgroup v2).
 fn is_hierarchy_root(dir: &Path) -> bool {
     dir.is_dir() && !dir.join("cgroup.type").exists()
@@ -101,9 +105,7 @@ fn require_hierarchy_root(dir: &Path) -> anyhow::Result<PathBuf> {
         bail!(
             "cgroup2 at {} is not the root of the host's cgroup hierarchy (it has cgroup.type): \
              in a container with its own cgroup namespace the socket hooks would only see the \
-             container's processes, not the node's. Mount the host's /sys/fs/cgroup into the \
-             container (deploy/ does: hostPath /sys/fs/cgroup at /run/lb-agent/host-cgroup) \
-             or pass --cgroup-root with the host's cgroup2 mount",
+             container's processes, not the node's. {HOST_CGROUP_HINT}",
             dir.display()
         );
     }
@@ -127,7 +129,7 @@ fn mount_own_cgroup2() -> anyhow::Result<()> {
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EBUSY) {
-            bail!("mounting cgroup2 on {OWN_CGROUP2}: {err}");
+            bail!("no cgroup2 mount found, and mounting one on {OWN_CGROUP2} failed: {err}. {HOST_CGROUP_HINT}");
         }
     }
     info!(path = OWN_CGROUP2, "mounted cgroup2 for the socket hooks");
