@@ -77,7 +77,7 @@ pub enum Command {
         /// Destination IPv4:PORT.
         #[arg(long)]
         dst: String,
-        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
         proto: String,
         #[command(flatten)]
         inspect: InspectArgs,
@@ -166,21 +166,38 @@ pub struct RunArgs {
     /// Maglev table size per service port: a prime, ~100x its backends.
     #[arg(long, default_value_t = lb_common::limits::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_prime)]
     pub maglev_table_size: u32,
-    /// Conntrack table capacity (forward + reply entries).
-    #[arg(long, default_value_t = lb_common::limits::DEFAULT_CONNTRACK_ENTRIES)]
-    pub conntrack_max: u32,
-    /// Conntrack lifetime of established TCP flows.
-    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    /// Conntrack table capacity in entries (two per flow: forward and
+    /// reply); overrides --conntrack-max-per-core / --conntrack-min.
+    #[arg(long)]
+    pub conntrack_max: Option<u32>,
+    /// Flows to track per CPU (kube-proxy's flag): the table holds
+    /// max(this × CPUs, --conntrack-min) flows.
+    #[arg(long, default_value_t = 32_768)]
+    pub conntrack_max_per_core: u32,
+    /// Minimum number of flows to track, whatever the CPU count.
+    #[arg(long, default_value_t = 131_072)]
+    pub conntrack_min: u32,
+    /// Conntrack lifetime of idle established TCP flows.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub conntrack_tcp_timeout_established: Duration,
-    /// Conntrack lifetime of TCP flows after FIN or RST.
+    /// Conntrack lifetime of TCP flows after a FIN from one side only
+    /// (nf_conntrack's CLOSE_WAIT: the other side may still send).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+    /// Conntrack lifetime of TCP flows after FINs from both sides or a RST.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub conntrack_tcp_timeout_close: Duration,
     /// Conntrack lifetime of TCP flows that only sent SYN.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub conntrack_tcp_timeout_syn: Duration,
-    /// Conntrack lifetime of idle UDP flows.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// Conntrack lifetime of idle UDP (and other non-TCP) flows that have
+    /// seen no reply.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub conntrack_udp_timeout: Duration,
+    /// Conntrack lifetime of idle UDP flows that have seen a reply (a
+    /// "stream", nf_conntrack's ASSURED).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Duration,
     /// How often expired conntrack entries are deleted.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub conntrack_gc_interval: Duration,
@@ -209,7 +226,8 @@ pub struct RunArgs {
     /// Prometheus /metrics address ("" to disable).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
-    /// /healthz and /livez address ("" to disable).
+    /// /healthz and /livez address ("" to disable); 0.0.0.0 or [::] take
+    /// both families.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
     /// On exit, detach the programs and remove the pins. By default the
@@ -220,12 +238,43 @@ pub struct RunArgs {
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     pub masquerade_all: bool,
+    /// Where translated service packets go after TC ingress: `redirect`
+    /// sends them straight to the next hop, past netfilter's FORWARD chain
+    /// (fastest); `stack` hands them to the kernel's routing, so FORWARD
+    /// rules — iptables-based NetworkPolicy (Calico in iptables mode,
+    /// kube-router, flannel with a policy controller) — apply to service
+    /// traffic too. In `stack` mode masquerading happens at TC egress and
+    /// the XDP fast path hands balanced flows to the stack.
+    #[arg(long, value_enum, default_value = "redirect")]
+    pub forwarding_mode: ForwardingMode,
     /// Quiet period after a manifest file change before it is read.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub manifests_debounce: Duration,
 }
 
+/// `--forwarding-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// bpf_redirect_neigh to the FIB's next hop (netfilter FORWARD bypassed).
+    Redirect,
+    /// Up the kernel's stack (netfilter FORWARD applies).
+    Stack,
+}
+
 impl RunArgs {
+    /// CONNTRACK map entries: --conntrack-max, else two (forward + reply)
+    /// per flow of kube-proxy's nf_conntrack_max rule,
+    /// max(--conntrack-max-per-core × `cpus`, --conntrack-min).
+    pub fn conntrack_entries(&self, cpus: u32) -> u32 {
+        self.conntrack_max.unwrap_or_else(|| {
+            self.conntrack_max_per_core
+                .saturating_mul(cpus)
+                .max(self.conntrack_min)
+                .saturating_mul(2)
+        })
+    }
+
     pub fn node_name(&self) -> String {
         self.node_name.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -250,6 +299,14 @@ struct ConfigFile {
     xdp_interfaces: Option<Vec<String>>,
     xdp_redirect_interfaces: Option<Vec<String>>,
     conntrack_max: Option<u32>,
+    conntrack_max_per_core: Option<u32>,
+    conntrack_min: Option<u32>,
+    conntrack_tcp_timeout_established: Option<String>,
+    conntrack_tcp_timeout_close_wait: Option<String>,
+    conntrack_tcp_timeout_close: Option<String>,
+    conntrack_tcp_timeout_syn: Option<String>,
+    conntrack_udp_timeout: Option<String>,
+    conntrack_udp_timeout_stream: Option<String>,
     min_sync_period: Option<String>,
     sync_period: Option<String>,
     manifests_debounce: Option<String>,
@@ -257,6 +314,7 @@ struct ConfigFile {
     cluster_cidr: Option<Vec<String>>,
     service_cluster_ip_range: Option<Vec<String>>,
     masquerade_all: Option<bool>,
+    forwarding_mode: Option<ForwardingMode>,
     metrics_bind_address: Option<String>,
     healthz_bind_address: Option<String>,
 }
@@ -304,10 +362,19 @@ impl RunArgs {
         take!(xdp_interfaces);
         take!(xdp_redirect_interfaces);
         take!(conntrack_max);
+        take!(conntrack_max_per_core);
+        take!(conntrack_min);
+        take!(conntrack_tcp_timeout_established, duration);
+        take!(conntrack_tcp_timeout_close_wait, duration);
+        take!(conntrack_tcp_timeout_close, duration);
+        take!(conntrack_tcp_timeout_syn, duration);
+        take!(conntrack_udp_timeout, duration);
+        take!(conntrack_udp_timeout_stream, duration);
         take!(min_sync_period, duration);
         take!(sync_period, duration);
         take!(manifests_debounce, duration);
         take!(masquerade_all);
+        take!(forwarding_mode);
         take!(metrics_bind_address);
         take!(healthz_bind_address);
         let cidrs = |key: &str, list: Vec<String>| -> anyhow::Result<Vec<Cidr>> {
@@ -421,13 +488,49 @@ mod tests {
         assert_eq!(args.min_sync_period, Duration::from_millis(250));
         assert_eq!(args.sync_period, Duration::from_secs(5), "the flag wins");
         assert_eq!(args.node_name.as_deref(), Some("n1"));
-        assert_eq!(args.conntrack_max, 1024);
+        assert_eq!(args.conntrack_max, Some(1024));
         let err = run_args(&[], "minSyncPeriod: soon\n").unwrap_err().to_string();
         assert!(
             err.contains("minSyncPeriod") || err.contains("min_sync_period"),
             "{err}"
         );
         assert!(run_args(&[], "bogusKey: 1\n").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn conntrack_defaults_and_sizing_follow_kube_proxy() {
+        let args = run_args(&[], "").unwrap();
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        assert_eq!(args.conntrack_tcp_timeout_established, hours(24));
+        assert_eq!(args.conntrack_tcp_timeout_close_wait, hours(1));
+        assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(30));
+        assert_eq!(args.conntrack_udp_timeout_stream, Duration::from_secs(120));
+        // Two entries (forward + reply) per flow; max(per core × CPUs, min) flows.
+        assert_eq!(args.conntrack_entries(2), 2 * 131_072, "the minimum wins on 2 CPUs");
+        assert_eq!(args.conntrack_entries(8), 2 * 8 * 32_768);
+        let args = run_args(
+            &["--conntrack-min", "1000"],
+            "conntrackMaxPerCore: 0\nconntrackMin: 5\nconntrackUdpTimeoutStream: 5m\nconntrackTcpTimeoutCloseWait: 30m\n",
+        )
+        .unwrap();
+        assert_eq!(args.conntrack_entries(4), 2_000, "per core 0: the minimum alone");
+        assert_eq!(args.conntrack_udp_timeout_stream, Duration::from_secs(300));
+        assert_eq!(args.conntrack_tcp_timeout_close_wait, Duration::from_secs(1800));
+        let args = run_args(&["--conntrack-max", "4096"], "").unwrap();
+        assert_eq!(args.conntrack_entries(64), 4096, "--conntrack-max overrides");
+    }
+
+    #[test]
+    fn forwarding_mode_from_flag_or_config() {
+        assert_eq!(run_args(&[], "").unwrap().forwarding_mode, ForwardingMode::Redirect);
+        let args = run_args(&[], "forwardingMode: stack\n").unwrap();
+        assert_eq!(args.forwarding_mode, ForwardingMode::Stack);
+        let args = run_args(&["--forwarding-mode", "redirect"], "forwardingMode: stack\n").unwrap();
+        assert_eq!(args.forwarding_mode, ForwardingMode::Redirect, "the flag wins");
+        assert!(
+            run_args(&[], "forwardingMode: bypass\n").is_err(),
+            "unknown mode refused"
+        );
     }
 
     #[test]

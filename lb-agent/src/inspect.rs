@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 
-use lb_common::{BackendSlotKey, RawAddr, map_names, proto};
+use lb_common::{BackendSlotKey, RawAddr, ServiceScope, map_names, proto};
 use serde::Serialize;
 
 use crate::datapath::BpfMaps;
@@ -24,6 +24,17 @@ fn proto_name(p: u8) -> String {
         proto::UDP => "UDP".into(),
         proto::SCTP => "SCTP".into(),
         other => other.to_string(),
+    }
+}
+
+/// As `Frontend`'s Display shows it: nothing for the `Cluster` entry.
+fn scope_suffix(scope: u8) -> String {
+    if scope == ServiceScope::Internal as u8 {
+        format!(" ({})", crate::model::scope_name(ServiceScope::Internal))
+    } else if scope != ServiceScope::Cluster as u8 {
+        format!(" (scope {scope})")
+    } else {
+        String::new()
     }
 }
 
@@ -66,7 +77,12 @@ pub fn services(maps: &BpfMaps) -> anyhow::Result<ServicesView> {
             continue; // a cluster IP's marker, not a frontend
         }
         let mut view = ServiceView {
-            frontend: format!("{}/{}", endpoint(ip_of(&key.addr), key.port), proto_name(key.proto)),
+            frontend: format!(
+                "{}/{}{}",
+                endpoint(ip_of(&key.addr), key.port),
+                proto_name(key.proto),
+                scope_suffix(key.scope)
+            ),
             service_id: value.service_id,
             revision: value.revision,
             backends: Vec::new(),
@@ -266,10 +282,10 @@ pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows>
         if wanted.is_some_and(|id| id != e.service_id) {
             continue;
         }
-        let kind = if k.kind == lb_common::CtKind::Forward as u8 {
-            "forward"
-        } else {
-            "reply"
+        let kind = match k.kind {
+            k if k == lb_common::CtKind::Forward as u8 => "forward",
+            k if k == lb_common::CtKind::Snat as u8 => "snat",
+            _ => "reply",
         };
         let snat = if e.flags & lb_common::conntrack::entry_flags::SNAT != 0 {
             endpoint(ip_of(&e.snat_addr), e.snat_port)
@@ -284,12 +300,15 @@ pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows>
             endpoint(ip_of(&e.nat_addr), e.nat_port),
             snat,
             e.backend_id.to_string(),
+            lb_common::CtState::of_entry(k.proto, &e).name().into(),
             e.expires_at.to_string(),
         ]);
     }
     rows.sort();
     Ok(Rows {
-        columns: vec!["DIR", "PROTO", "SRC", "DST", "NAT", "SNAT", "BACKEND", "EXPIRES"],
+        columns: vec![
+            "DIR", "PROTO", "SRC", "DST", "NAT", "SNAT", "BACKEND", "STATE", "EXPIRES",
+        ],
         rows,
     })
 }

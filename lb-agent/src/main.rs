@@ -37,11 +37,9 @@ async fn main() -> anyhow::Result<()> {
             proto,
             inspect: a,
         } => {
-            let protocol = if proto == "udp" {
-                lb_common::proto::UDP
-            } else {
-                lb_common::proto::TCP
-            };
+            let protocol = lb_agent::model::Protocol::parse(Some(&proto.to_uppercase()))
+                .map_err(anyhow::Error::msg)?
+                .ip_proto();
             let t = lb_agent::trace::trace(
                 &a.bpf_root,
                 lb_agent::trace::parse_endpoint(&src, 40000)?,

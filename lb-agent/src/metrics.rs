@@ -1,19 +1,16 @@
-//! Operator endpoints, like kube-proxy's: Prometheus `/metrics`
-//! (`--metrics-bind-address`, default 127.0.0.1:10249) and `/healthz` +
-//! `/livez` (`--healthz-bind-address`, default 0.0.0.0:10256). Kernel
-//! counters are read from the pinned maps at scrape time; the agent's own
-//! numbers come from `AgentStatus`, which the sync loop updates.
+//! Prometheus `/metrics` like kube-proxy's (`--metrics-bind-address`,
+//! default 127.0.0.1:10249); `/healthz` and `/livez` are in `health`.
+//! Kernel counters are read from the pinned maps at scrape time; the
+//! agent's own numbers come from `AgentStatus`, which the sync loop updates.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::header;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -24,18 +21,27 @@ use prometheus_client::registry::Registry;
 use tracing::{error, info};
 
 use crate::datapath::BpfMaps;
+use crate::model::FamilyFlags;
 
 /// What the sync loop reports.
 pub struct AgentStatus {
     pub last_sync: Option<SystemTime>,
     /// When a change arrived that is not programmed yet.
     pub pending_since: Option<Instant>,
+    /// This node may take load-balancer traffic (`NodeSpec::eligible`).
+    pub node_eligible: bool,
+    /// The families of the node's addresses (the proxy serves those).
+    pub families: FamilyFlags,
     pub sync_seconds: Histogram,
     pub service_ports: usize,
     /// Service id → (service port name, frontend).
     pub services: BTreeMap<u32, (String, String)>,
     /// Backend id → (service port name, endpoint).
     pub backends: BTreeMap<u32, (String, String)>,
+    /// Answers of /healthz and of /livez by status code (kube-proxy's
+    /// proxy_healthz_total / proxy_livez_total).
+    pub healthz_answers: BTreeMap<u16, u64>,
+    pub livez_answers: BTreeMap<u16, u64>,
 }
 
 impl Default for AgentStatus {
@@ -43,10 +49,14 @@ impl Default for AgentStatus {
         AgentStatus {
             last_sync: None,
             pending_since: None,
+            node_eligible: true,
+            families: FamilyFlags::default(),
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             service_ports: 0,
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
+            healthz_answers: BTreeMap::new(),
+            livez_answers: BTreeMap::new(),
         }
     }
 }
@@ -113,6 +123,21 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
     endpoints.set(st.backends.len() as i64);
     registry.register("backends", "Backends programmed", endpoints);
 
+    for (name, help, answers) in [
+        (
+            "proxy_healthz",
+            "/healthz answers by HTTP status code",
+            &st.healthz_answers,
+        ),
+        ("proxy_livez", "/livez answers by HTTP status code", &st.livez_answers),
+    ] {
+        let family = counter_family(&mut registry, name, help);
+        for (code, n) in answers {
+            family
+                .get_or_create(&vec![("code".into(), code.to_string())])
+                .inc_by(*n);
+        }
+    }
     labelled_counters(
         &mut registry,
         ("drops", "Packets dropped by the datapath, by reason", "reason"),
@@ -170,46 +195,8 @@ pub async fn serve_metrics(addr: SocketAddr, status: SharedStatus, bpf_root: Pat
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = crate::health::listen(addr)?;
     info!(%addr, "metrics server listening");
-    axum::serve(listener, app).await?;
-    Ok(())
-}
-
-/// kube-proxy's health semantics: unhealthy when a change has waited for a
-/// sync longer than `timeout` (syncs stall), healthy otherwise.
-fn health(status: &SharedStatus, timeout: Duration) -> (StatusCode, String) {
-    let st = lock(status);
-    let healthy = st.last_sync.is_some() && st.pending_since.is_none_or(|t| t.elapsed() < timeout);
-    let fmt = |t: Option<SystemTime>| {
-        t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0.0, |d| d.as_secs_f64())
-    };
-    let body = serde_json::json!({
-        "lastUpdated": fmt(st.last_sync),
-        "currentTime": fmt(Some(SystemTime::now())),
-        "nodeEligible": true,
-    });
-    let code = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, body.to_string())
-}
-
-/// Serves `/healthz` and `/livez` on `addr`.
-pub async fn serve_health(addr: SocketAddr, status: SharedStatus, timeout: Duration) -> anyhow::Result<()> {
-    let answer = move |State(status): State<SharedStatus>| async move {
-        let (code, body) = health(&status, timeout);
-        (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
-    };
-    let app = Router::new()
-        .route("/healthz", get(answer))
-        .route("/livez", get(answer))
-        .with_state(status);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "health server listening");
     axum::serve(listener, app).await?;
     Ok(())
 }

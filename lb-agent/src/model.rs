@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use lb_common::svc_flags;
+use lb_common::{ServiceScope, svc_flags};
 
 /// Label kube-proxy honours: a service with it belongs to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -188,14 +188,19 @@ pub struct ServiceSpec {
     pub kind: ServiceKind,
     /// spec.externalIPs: captured on every node like the cluster IP.
     pub external_ips: Vec<IpAddr>,
-    /// status.loadBalancer.ingress[].ip (ipMode VIP; Proxy ones are not captured).
+    /// status.loadBalancer.ingress[].ip with ipMode VIP or unset (kube-proxy
+    /// leaves other modes, e.g. Proxy, to the load balancer).
     pub load_balancer_ips: Vec<IpAddr>,
-    /// spec.loadBalancerSourceRanges.
+    /// spec.loadBalancerSourceRanges, both families (each load-balancer IP
+    /// is guarded by the ranges of its own family only).
     pub source_ranges: Vec<Cidr>,
-    /// spec.healthCheckNodePort (LoadBalancer/NodePort with eTP Local).
+    /// spec.healthCheckNodePort (LoadBalancer with eTP Local).
     pub health_check_node_port: Option<u16>,
     /// The LB_ALGORITHM_ANNOTATION, overriding --lb-algorithm.
     pub lb_algorithm: Option<LbAlgorithm>,
+    /// Values skipped as kube-proxy skips them (the rest of the service is
+    /// programmed); the sources log them.
+    pub ignored: Vec<FieldError>,
 }
 
 /// How a new flow's backend is chosen.
@@ -361,13 +366,23 @@ impl ServiceSpec {
             Some("LoadBalancer") => ServiceKind::LoadBalancer,
             _ => ServiceKind::ClusterIp,
         };
-        let external_ips = spec
+        // kube-proxy (MapIPsByIPFamily / MapCIDRsByIPFamily) skips an
+        // address or range it cannot parse and programs the rest.
+        let mut ignored = Vec::new();
+        let mut tolerant_ip = |field: String, value: &str| match parse_ip(&field, value.trim()) {
+            Ok(ip) => Some(ip),
+            Err(e) => {
+                ignored.push(e);
+                None
+            }
+        };
+        let external_ips: Vec<IpAddr> = spec
             .external_ips
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, ip)| parse_ip(&format!("spec.externalIPs[{i}]"), ip))
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|(i, ip)| tolerant_ip(format!("spec.externalIPs[{i}]"), ip))
+            .collect();
         let mut load_balancer_ips = Vec::new();
         let ingress = svc
             .status
@@ -375,11 +390,14 @@ impl ServiceSpec {
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|l| l.ingress.as_ref());
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
-            // ipMode Proxy: the load balancer delivers to the node, not to the VIP.
-            if let Some(ip) = &ing.ip
-                && ing.ip_mode.as_deref() != Some("Proxy")
+            // kube-proxy's IsVIPMode: only ipMode VIP (or unset) is captured
+            // on the node; with Proxy (or anything else) the load balancer
+            // delivers to the node itself.
+            if let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty())
+                && matches!(ing.ip_mode.as_deref(), None | Some("VIP"))
+                && let Some(ip) = tolerant_ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)
             {
-                load_balancer_ips.push(parse_ip(&format!("status.loadBalancer.ingress[{i}].ip"), ip)?);
+                load_balancer_ips.push(ip);
             }
         }
         let source_ranges = spec
@@ -387,11 +405,25 @@ impl ServiceSpec {
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, r)| {
-                r.parse::<Cidr>()
-                    .map_err(|m| field_err(format!("spec.loadBalancerSourceRanges[{i}]"), m))
+            .filter_map(|(i, r)| {
+                let r = r.trim();
+                // ParseCIDRSloppy: a range needs its prefix length.
+                match r.parse::<Cidr>().and_then(|c| {
+                    if r.contains('/') {
+                        Ok(c)
+                    } else {
+                        Err(format!("{r:?} is not a CIDR (like 198.18.0.0/16)"))
+                    }
+                }) {
+                    Ok(c) => Some(c),
+                    Err(_) if r.is_empty() => None,
+                    Err(m) => {
+                        ignored.push(field_err(format!("spec.loadBalancerSourceRanges[{i}]"), m));
+                        None
+                    }
+                }
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         let lb_algorithm = svc
             .metadata
             .annotations
@@ -421,6 +453,7 @@ impl ServiceSpec {
             source_ranges,
             health_check_node_port,
             lb_algorithm,
+            ignored,
         })
     }
 }
@@ -428,8 +461,8 @@ impl ServiceSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePort {
     pub name: String,
-    /// None: the slice does not restrict the port; the service's numeric
-    /// targetPort is used.
+    /// None: no (valid) number; kube-proxy ignores such a port, and so
+    /// does the model.
     pub port: Option<u16>,
     pub protocol: Protocol,
 }
@@ -453,6 +486,8 @@ pub struct SliceSpec {
     pub service_name: String,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<EndpointSpec>,
+    /// Values skipped as kube-proxy skips them; the sources log them.
+    pub ignored: Vec<FieldError>,
 }
 
 impl SliceSpec {
@@ -480,11 +515,25 @@ impl SliceSpec {
             other => return Err(field_err("addressType", format!("unknown address type {other:?}"))),
         }
         let mut ports = Vec::new();
+        let mut ignored = Vec::new();
         for (i, p) in slice.ports.iter().flatten().enumerate() {
             let field = |f: &str| format!("ports[{i}].{f}");
+            // A port without a valid number is kept (so it matches its
+            // service port) but contributes no endpoints.
+            let port = match p.port.map(|n| port_number(&field("port"), n)) {
+                Some(Ok(n)) => Some(n),
+                Some(Err(e)) => {
+                    ignored.push(e);
+                    None
+                }
+                None => {
+                    ignored.push(field_err(field("port"), "missing"));
+                    None
+                }
+            };
             ports.push(SlicePort {
                 name: p.name.clone().unwrap_or_default(),
-                port: p.port.map(|n| port_number(&field("port"), n)).transpose()?,
+                port,
                 protocol: Protocol::parse(p.protocol.as_deref()).map_err(|m| field_err(field("protocol"), m))?,
             });
         }
@@ -525,19 +574,28 @@ impl SliceSpec {
             service_name,
             ports,
             endpoints,
+            ignored,
         }))
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeSpec {
     pub name: String,
     pub addresses: Vec<IpAddr>,
     /// `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// metadata.deletionTimestamp is set.
+    pub deleting: bool,
+    /// Keys of spec.taints.
+    pub taints: Vec<String>,
+    /// Values skipped; the sources log them.
+    pub ignored: Vec<FieldError>,
 }
 
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 impl NodeSpec {
     pub fn from_k8s(node: &Node) -> Result<Self, FieldError> {
@@ -547,6 +605,7 @@ impl NodeSpec {
             .clone()
             .ok_or_else(|| field_err("metadata.name", "missing"))?;
         let mut addresses = Vec::new();
+        let mut ignored = Vec::new();
         for (i, a) in node
             .status
             .iter()
@@ -554,11 +613,35 @@ impl NodeSpec {
             .enumerate()
         {
             if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-                addresses.push(parse_ip(&format!("status.addresses[{i}].address"), &a.address)?);
+                // A bad address must not lose the node (its eligibility).
+                match parse_ip(&format!("status.addresses[{i}].address"), &a.address) {
+                    Ok(ip) => addresses.push(ip),
+                    Err(e) => ignored.push(e),
+                }
             }
         }
         let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
-        Ok(NodeSpec { name, addresses, zone })
+        let taints = node
+            .spec
+            .iter()
+            .flat_map(|s| s.taints.iter().flatten())
+            .map(|t| t.key.clone())
+            .collect();
+        Ok(NodeSpec {
+            name,
+            addresses,
+            zone,
+            deleting: node.metadata.deletion_timestamp.is_some(),
+            taints,
+            ignored,
+        })
+    }
+
+    /// kube-proxy's node eligibility for /healthz: not being deleted and
+    /// not tainted for deletion by the cluster autoscaler, so load
+    /// balancers drain the node first.
+    pub fn eligible(&self) -> bool {
+        !self.deleting && !self.taints.iter().any(|t| t == TO_BE_DELETED_TAINT)
     }
 }
 
@@ -576,14 +659,41 @@ pub struct Frontend {
     pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// `Cluster` for every frontend; `Internal` for the second entry of an
+    /// externalTrafficPolicy Local frontend (in-cluster sources).
+    pub scope: ServiceScope,
+}
+
+impl Frontend {
+    /// The frontend's `Cluster` entry (the one every packet finds first).
+    pub fn new(ip: IpAddr, port: u16, protocol: Protocol) -> Self {
+        Frontend {
+            ip,
+            port,
+            protocol,
+            scope: ServiceScope::Cluster,
+        }
+    }
+}
+
+/// How a scope is shown (`inspect`, logs).
+pub fn scope_name(scope: ServiceScope) -> &'static str {
+    match scope {
+        ServiceScope::Cluster => "cluster",
+        ServiceScope::Internal => "internal",
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.ip {
-            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
-            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol)?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol)?,
         }
+        if self.scope != ServiceScope::Cluster {
+            write!(f, " ({})", scope_name(self.scope))?;
+        }
+        Ok(())
     }
 }
 
@@ -713,6 +823,9 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// This node's addresses NodePorts listen on (--nodeport-addresses).
     pub nodeport_addrs: Vec<IpAddr>,
+    /// Every address of this node: a loadBalancerSourceRanges CIDR holding
+    /// one lets the node reach the load-balancer IPs (kube-proxy's allowFromNode).
+    pub node_addrs: Vec<IpAddr>,
     /// --masquerade-all.
     pub masquerade_all: bool,
     /// --cluster-cidr given for IPv4 / for IPv6: sources outside it are
@@ -775,12 +888,6 @@ impl Model {
             }
             for sp in &svc.ports {
                 let name = format!("{}/{}:{}", svc.namespace, svc.name, sp.name);
-                if sp.protocol == Protocol::Sctp {
-                    warnings.push(ModelWarning(format!(
-                        "{name}: SCTP is not supported by the datapath yet; port skipped"
-                    )));
-                    continue;
-                }
                 for frontend in frontends(svc, sp, node) {
                     if let Some(existing) = model.services.get(&frontend.frontend) {
                         warnings.push(ModelWarning(format!(
@@ -800,9 +907,16 @@ impl Model {
                     } else {
                         cluster_endpoints(&candidates, node)
                     };
+                    let all_endpoints = cluster_endpoints(&candidates, node);
                     let mut flags = 0;
-                    if local_only && endpoints.is_empty() && !cluster_endpoints(&candidates, node).is_empty() {
+                    if local_only && endpoints.is_empty() && !all_endpoints.is_empty() {
                         flags |= svc_flags::DROP_IF_EMPTY;
+                    }
+                    // kube-proxy's KUBE-EXT short-circuit: pod and node
+                    // sources of an eTP Local frontend go to all endpoints.
+                    let short_circuit = frontend.external && svc.external_local;
+                    if short_circuit {
+                        flags |= svc_flags::IN_CLUSTER_USES_INTERNAL;
                     }
                     if frontend.external && !svc.external_local {
                         // KUBE-EXT: external traffic with policy Cluster is masqueraded.
@@ -814,56 +928,102 @@ impl Model {
                     if !frontend.external && node.cluster_cidr_known.of(frontend.ip) {
                         flags |= svc_flags::SNAT_OUTSIDE_CLUSTER;
                     }
-                    let mut source_ranges = if frontend.load_balancer {
-                        svc.source_ranges.clone()
+                    let source_ranges = if frontend.load_balancer {
+                        load_balancer_source_ranges(svc, frontend.ip, node)
                     } else {
                         Vec::new()
                     };
-                    source_ranges.sort();
-                    source_ranges.dedup();
                     if !source_ranges.is_empty() {
                         flags |= svc_flags::SOURCE_RANGES;
                     }
-                    model.services.insert(
-                        frontend.frontend,
-                        ServicePort {
-                            name: name.clone(),
-                            frontend: frontend.frontend,
-                            endpoints,
-                            affinity_timeout: svc.affinity_timeout,
-                            flags,
-                            table_size: match svc.lb_algorithm {
-                                Some(LbAlgorithm::Maglev) => node.maglev_table_size,
-                                Some(LbAlgorithm::Random) => 0,
-                                None => node.default_table_size,
-                            },
-                            source_ranges,
-                            udp_serving: if sp.protocol == Protocol::Udp {
-                                serving_addresses(&candidates)
-                            } else {
-                                BTreeSet::new()
-                            },
+                    let port = ServicePort {
+                        name: name.clone(),
+                        frontend: frontend.frontend,
+                        endpoints,
+                        affinity_timeout: svc.affinity_timeout,
+                        flags,
+                        table_size: match svc.lb_algorithm {
+                            Some(LbAlgorithm::Maglev) => node.maglev_table_size,
+                            Some(LbAlgorithm::Random) => 0,
+                            None => node.default_table_size,
                         },
-                    );
+                        source_ranges,
+                        udp_serving: if sp.protocol == Protocol::Udp {
+                            serving_addresses(&candidates)
+                        } else {
+                            BTreeSet::new()
+                        },
+                    };
+                    if short_circuit {
+                        let internal = internal_port(&port, all_endpoints);
+                        model.services.insert(internal.frontend, internal);
+                    }
+                    model.services.insert(frontend.frontend, port);
                 }
             }
-            if svc.external_local
+            // kube-proxy's NeedsHealthCheck: a LoadBalancer with eTP Local.
+            if svc.kind == ServiceKind::LoadBalancer
+                && svc.external_local
                 && let Some(port) = svc.health_check_node_port
-                && let Some(sp) = svc.ports.first()
             {
-                let local = local_endpoints(&merged_endpoints(sp, true, slices, &node.name)).len();
                 model.health_checks.insert(
                     port,
                     HealthCheck {
                         namespace: svc.namespace.clone(),
                         name: svc.name.clone(),
-                        local_endpoints: local,
+                        local_endpoints: local_ready_addresses(slices, &node.name),
                     },
                 );
             }
         }
         (model, warnings)
     }
+}
+
+/// The `Internal` entry of an eTP Local frontend: every endpoint of the
+/// cluster (kube-proxy's cluster policy chain), pods' sources kept and the
+/// node's masqueraded (KUBE-EXT "masquerade LOCAL traffic"); the
+/// frontend's source ranges apply to it too (kube-proxy's firewall check
+/// comes before the short-circuit).
+fn internal_port(external: &ServicePort, endpoints: BTreeSet<Endpoint>) -> ServicePort {
+    let frontend = Frontend {
+        scope: ServiceScope::Internal,
+        ..external.frontend
+    };
+    ServicePort {
+        name: external.name.clone(),
+        frontend,
+        endpoints,
+        flags: svc_flags::SNAT_OUTSIDE_CLUSTER | (external.flags & svc_flags::SOURCE_RANGES),
+        ..external.clone()
+    }
+}
+
+/// loadBalancerSourceRanges of a load-balancer IP: those of its family
+/// (kube-proxy keeps one list per family, so an IPv6-only list leaves the
+/// IPv4 address open), plus the load-balancer IPs of that family when a
+/// range holds a node address: kube-proxy's allowFromNode, for the node's
+/// own traffic, whose source is the load-balancer IP when that IP is
+/// local (and the socket hooks' stand-in for the node).
+fn load_balancer_source_ranges(svc: &ServiceSpec, ip: IpAddr, node: &NodeContext) -> Vec<Cidr> {
+    let mut ranges: Vec<Cidr> = svc
+        .source_ranges
+        .iter()
+        .filter(|c| c.addr.is_ipv4() == ip.is_ipv4())
+        .copied()
+        .collect();
+    if ranges.iter().any(|c| node.node_addrs.iter().any(|a| c.contains(*a))) {
+        let host = if ip.is_ipv4() { 32 } else { 128 };
+        ranges.extend(
+            svc.load_balancer_ips
+                .iter()
+                .filter(|a| a.is_ipv4() == ip.is_ipv4())
+                .map(|&addr| Cidr { addr, prefix: host }),
+        );
+    }
+    ranges.sort();
+    ranges.dedup();
+    ranges
 }
 
 /// One address a service port is reached on.
@@ -881,11 +1041,7 @@ struct FrontendOf {
 /// KUBE-NODEPORTS and KUBE-EXT all lead to the same endpoints).
 fn frontends(svc: &ServiceSpec, sp: &ServicePortSpec, node: &NodeContext) -> Vec<FrontendOf> {
     let at = |ip: IpAddr, port: u16, external: bool, load_balancer: bool| FrontendOf {
-        frontend: Frontend {
-            ip,
-            port,
-            protocol: sp.protocol,
-        },
+        frontend: Frontend::new(ip, port, sp.protocol),
         ip,
         external,
         load_balancer,
@@ -935,10 +1091,9 @@ fn merged_endpoints<'a>(
         else {
             continue;
         };
-        let port = match (slice_port.port, &sp.target_port) {
-            (Some(p), _) => p,
-            (None, TargetPort::Number(p)) => *p,
-            (None, TargetPort::Name(_)) => continue, // unresolvable without the pod spec
+        // kube-proxy ignores a slice port without a number (endpointslicecache).
+        let Some(port) = slice_port.port else {
+            continue;
         };
         for e in &slice.endpoints {
             if e.address.is_ipv4() != want_v4 {
@@ -959,6 +1114,21 @@ fn merged_endpoints<'a>(
         }
     }
     merged.into_values().collect()
+}
+
+/// kube-proxy's LocalReadyEndpoints: the distinct addresses of this node's
+/// ready endpoints of the service, over all its ports (that have a number)
+/// and both families. Terminating endpoints are not ready, so a node whose
+/// pods are all terminating fails its health check and is drained.
+fn local_ready_addresses(slices: &[&SliceSpec], node_name: &str) -> usize {
+    slices
+        .iter()
+        .filter(|s| s.ports.iter().any(|p| p.port.is_some()))
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.ready && e.node_name.as_deref() == Some(node_name))
+        .map(|e| e.address)
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 fn select(candidates: &[Candidate<'_>], keep: impl Fn(&Candidate<'_>) -> bool) -> BTreeSet<Endpoint> {
@@ -1054,6 +1224,7 @@ mod tests {
             source_ranges: vec![],
             health_check_node_port: None,
             lb_algorithm: None,
+            ignored: vec![],
         }
     }
 
@@ -1115,6 +1286,7 @@ mod tests {
             service_name: "web".into(),
             ports,
             endpoints: eps.into_iter().map(|e| e.0).collect(),
+            ignored: vec![],
         }
     }
 
@@ -1236,23 +1408,13 @@ mod tests {
             ),
         ];
         cases.push(Case {
-            name: "slice port without number: the service's numeric targetPort",
+            name: "slice port without number: ignored like kube-proxy (not the targetPort)",
             slices: vec![slice(
                 "s",
                 vec![sport("http", None, Protocol::Tcp)],
                 vec![Ep::new("198.18.1.1", NODE)],
             )],
             service: svc(vec![port("http", 8080, Protocol::Tcp, TargetPort::Number(8081))]),
-            ..case("", vec![], &["198.18.1.1:8081"])
-        });
-        cases.push(Case {
-            name: "slice port without number and a named targetPort: unresolvable",
-            slices: vec![slice(
-                "s",
-                vec![sport("http", None, Protocol::Tcp)],
-                vec![Ep::new("198.18.1.1", NODE)],
-            )],
-            service: svc(vec![port("http", 8080, Protocol::Tcp, TargetPort::Name("web".into()))]),
             ..case("", vec![], &[])
         });
         cases.push(Case {
@@ -1373,10 +1535,25 @@ mod tests {
             });
         }
         cases.push(Case {
-            name: "SCTP ports are skipped (datapath lacks SCTP)",
-            service: svc(vec![port("sctp", 9000, Protocol::Sctp, TargetPort::Number(9000))]),
+            name: "SCTP ports are programmed, matched to the slice's SCTP port",
+            service: svc(vec![port("sig", 9000, Protocol::Sctp, TargetPort::Number(9001))]),
+            slices: vec![slice(
+                "s",
+                vec![sport("sig", Some(9001), Protocol::Sctp)],
+                vec![Ep::new("198.18.1.1", NODE)],
+            )],
             frontend: (9000, Protocol::Sctp),
-            want: None,
+            ..case("", vec![], &["198.18.1.1:9001"])
+        });
+        cases.push(Case {
+            name: "an SCTP service port takes no TCP slice port of its name",
+            service: svc(vec![port("sig", 9000, Protocol::Sctp, TargetPort::Number(9001))]),
+            slices: vec![slice(
+                "s",
+                vec![sport("sig", Some(9001), Protocol::Tcp)],
+                vec![Ep::new("198.18.1.1", NODE)],
+            )],
+            frontend: (9000, Protocol::Sctp),
             ..case("", vec![], &[])
         });
 
@@ -1392,11 +1569,7 @@ mod tests {
                 ..Default::default()
             };
             let (model, _) = Model::build(&snapshot, &node);
-            let frontend = Frontend {
-                ip: VIP.parse().unwrap(),
-                port: c.frontend.0,
-                protocol: c.frontend.1,
-            };
+            let frontend = Frontend::new(VIP.parse().unwrap(), c.frontend.0, c.frontend.1);
             let got = model
                 .services
                 .get(&frontend)
@@ -1441,13 +1614,7 @@ mod tests {
             ..Default::default()
         };
         let (model, _) = Model::build(&snapshot, &node);
-        let at = |port, protocol| {
-            &model.services[&Frontend {
-                ip: VIP.parse().unwrap(),
-                port,
-                protocol,
-            }]
-        };
+        let at = |port, protocol| &model.services[&Frontend::new(VIP.parse().unwrap(), port, protocol)];
         let udp = at(53, Protocol::Udp);
         let ips = |l: &[&str]| l.iter().map(|ip| ip.parse().unwrap()).collect::<BTreeSet<IpAddr>>();
         assert_eq!(udp.udp_serving, ips(&["198.18.1.1", "198.18.1.2", "198.18.2.1"]));
@@ -1483,13 +1650,7 @@ mod tests {
             &node,
         );
         assert!(warnings.is_empty(), "{warnings:?}");
-        let get = |ip: &str, port| {
-            &model.services[&Frontend {
-                ip: ip.parse().unwrap(),
-                port,
-                protocol: Protocol::Tcp,
-            }]
-        };
+        let get = |ip: &str, port| &model.services[&Frontend::new(ip.parse().unwrap(), port, Protocol::Tcp)];
         let eps = |sp: &ServicePort| sp.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>();
 
         let cluster = get("198.19.0.10", 80);
@@ -1515,17 +1676,315 @@ mod tests {
             get("198.18.0.11", 30080).source_ranges.is_empty(),
             "source ranges guard only LB IPs"
         );
-        let proxy_mode = Frontend {
-            ip: "198.19.100.2".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
+        let proxy_mode = Frontend::new("198.19.100.2".parse().unwrap(), 80, Protocol::Tcp);
         assert!(
             !model.services.contains_key(&proxy_mode),
             "ipMode Proxy is not captured"
         );
         assert_eq!(model.health_checks[&32000].local_endpoints, 1);
         assert!(model.cluster_ips.contains(&"198.19.0.10".parse().unwrap()));
+    }
+
+    /// A LoadBalancer service (LB IP 198.19.100.1, NodePort 30080 on
+    /// 198.18.0.11) with `extra` spec lines, endpoints on this node and node-2.
+    fn lb_model(extra: &str, eps: Vec<Ep>, node: &NodeContext) -> Model {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: net-test}}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.10\n{extra}  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.19.100.1}}]\n"
+        );
+        let svc = ServiceSpec::from_k8s(&serde_norway::from_str::<Service>(&yaml).unwrap()).unwrap();
+        let slice = slice("s", vec![sport("http", Some(8080), Protocol::Tcp)], eps);
+        let snapshot = Snapshot {
+            services: vec![svc],
+            slices: vec![slice],
+            nodes: vec![],
+        };
+        let (model, warnings) = Model::build(&snapshot, node);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        model
+    }
+
+    fn lb_node() -> NodeContext {
+        NodeContext {
+            name: NODE.into(),
+            nodeport_addrs: vec!["198.18.0.11".parse().unwrap()],
+            node_addrs: vec!["198.18.0.11".parse().unwrap()],
+            cluster_cidr_known: FamilyFlags { v4: true, v6: true },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn etp_local_frontends_send_in_cluster_sources_to_every_endpoint() {
+        struct Case {
+            name: &'static str,
+            spec: &'static str,
+            eps: Vec<Ep>,
+            /// Endpoints and flags of the external entry; of the internal one (None: no such entry).
+            external: (&'static [&'static str], u32),
+            internal: Option<(&'static [&'static str], u32)>,
+        }
+        const LOCAL: &str = "198.18.1.1:8080";
+        const REMOTE: &str = "198.18.2.1:8080";
+        let both = || vec![Ep::new("198.18.1.1", NODE), Ep::new("198.18.2.1", "node-2")];
+        let short = svc_flags::IN_CLUSTER_USES_INTERNAL;
+        let cases = [
+            Case {
+                name: "eTP Local with a local endpoint: external sources local only, in-cluster all",
+                spec: "  externalTrafficPolicy: Local\n",
+                eps: both(),
+                external: (&[LOCAL], short),
+                internal: Some((&[LOCAL, REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Local without a local endpoint: external sources dropped, in-cluster reach node-2",
+                spec: "  externalTrafficPolicy: Local\n",
+                eps: vec![Ep::new("198.18.2.1", "node-2")],
+                external: (&[], short | svc_flags::DROP_IF_EMPTY),
+                internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Local and iTP Local: the short-circuit still uses every endpoint",
+                spec: "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n",
+                eps: vec![Ep::new("198.18.2.1", "node-2")],
+                external: (&[], short | svc_flags::DROP_IF_EMPTY),
+                internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Local, no endpoint anywhere: both entries empty (REJECT)",
+                spec: "  externalTrafficPolicy: Local\n",
+                eps: vec![],
+                external: (&[], short),
+                internal: Some((&[], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+            },
+            Case {
+                name: "eTP Cluster: one entry, masqueraded",
+                spec: "",
+                eps: both(),
+                external: (&[LOCAL, REMOTE], svc_flags::SNAT_ALWAYS),
+                internal: None,
+            },
+        ];
+        for c in cases {
+            let model = lb_model(c.spec, c.eps, &lb_node());
+            for (ip, port) in [("198.18.0.11", 30080), ("198.19.100.1", 80)] {
+                let ip: IpAddr = ip.parse().unwrap();
+                let external = Frontend::new(ip, port, Protocol::Tcp);
+                let internal = Frontend {
+                    scope: ServiceScope::Internal,
+                    ..external
+                };
+                let view = |sp: &ServicePort| {
+                    let eps: Vec<String> = sp.endpoints.iter().map(|e| e.to_string()).collect();
+                    (eps, sp.flags)
+                };
+                let want = |(eps, flags): (&[&str], u32)| (eps.iter().map(|e| e.to_string()).collect(), flags);
+                assert_eq!(
+                    view(&model.services[&external]),
+                    want(c.external),
+                    "{}: {external}",
+                    c.name
+                );
+                assert_eq!(
+                    model.services.get(&internal).map(view),
+                    c.internal.map(want),
+                    "{}: {internal}",
+                    c.name
+                );
+            }
+            let cluster_ip = Frontend {
+                scope: ServiceScope::Internal,
+                ..Frontend::new("198.19.0.10".parse().unwrap(), 80, Protocol::Tcp)
+            };
+            assert!(
+                !model.services.contains_key(&cluster_ip),
+                "{}: cluster IPs have one entry",
+                c.name
+            );
+        }
+    }
+
+    #[test]
+    fn source_ranges_apply_per_family_and_let_a_listed_node_reach_its_load_balancer_ip() {
+        let lb = Frontend::new("198.19.100.1".parse().unwrap(), 80, Protocol::Tcp);
+        let cidrs = |list: &[&str]| list.iter().map(|c| c.parse::<Cidr>().unwrap()).collect::<Vec<_>>();
+        let cases: [(&str, &str, &[&str]); 4] = [
+            (
+                "ranges without the node: as listed",
+                "  loadBalancerSourceRanges: [198.18.0.100/32]\n",
+                &["198.18.0.100/32"],
+            ),
+            (
+                "a range holding the node: the LB IP is allowed too (allowFromNode)",
+                "  loadBalancerSourceRanges: [198.18.0.0/24, 198.18.9.0/24]\n",
+                &["198.18.0.0/24", "198.18.9.0/24", "198.19.100.1/32"],
+            ),
+            (
+                "IPv6 ranges only: the IPv4 LB IP stays open",
+                "  loadBalancerSourceRanges: [\"fd00:198:18::/48\"]\n",
+                &[],
+            ),
+            (
+                "mixed families: each address gets its family's ranges",
+                "  loadBalancerSourceRanges: [\"fd00:198:18::/48\", 198.18.0.100/32]\n",
+                &["198.18.0.100/32"],
+            ),
+        ];
+        for (name, spec, want) in cases {
+            for policy in ["", "  externalTrafficPolicy: Local\n"] {
+                let model = lb_model(
+                    &format!("{policy}{spec}"),
+                    vec![Ep::new("198.18.1.1", NODE)],
+                    &lb_node(),
+                );
+                let internal = Frontend {
+                    scope: ServiceScope::Internal,
+                    ..lb
+                };
+                let entries: Vec<&ServicePort> = [lb, internal].iter().filter_map(|f| model.services.get(f)).collect();
+                assert_eq!(entries.len(), if policy.is_empty() { 1 } else { 2 }, "{name} {policy}");
+                for sp in entries {
+                    assert_eq!(sp.source_ranges, cidrs(want), "{name} {policy}: {}", sp.frontend);
+                    assert_eq!(
+                        sp.flags & svc_flags::SOURCE_RANGES != 0,
+                        !want.is_empty(),
+                        "{name} {policy}: {}",
+                        sp.frontend
+                    );
+                }
+                let node_port = Frontend::new("198.18.0.11".parse().unwrap(), 30080, Protocol::Tcp);
+                assert!(
+                    model.services[&node_port].source_ranges.is_empty(),
+                    "{name}: NodePorts are not filtered"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn health_check_counts_distinct_local_ready_addresses_like_kube_proxy() {
+        let lb = ServiceSpec {
+            kind: ServiceKind::LoadBalancer,
+            external_local: true,
+            health_check_node_port: Some(32000),
+            ..svc(vec![http(), port("dns", 53, Protocol::Udp, TargetPort::Number(5353))])
+        };
+        let both_ports = |eps: Vec<Ep>| {
+            slice(
+                "s",
+                vec![
+                    sport("http", Some(80), Protocol::Tcp),
+                    sport("dns", Some(5353), Protocol::Udp),
+                ],
+                eps,
+            )
+        };
+        let cases: Vec<(&str, ServiceSpec, Vec<SliceSpec>, Option<usize>)> = vec![
+            (
+                "one pod behind two ports counts once",
+                lb.clone(),
+                vec![both_ports(vec![Ep::new("198.18.1.1", NODE)])],
+                Some(1),
+            ),
+            (
+                "both families count (one slice each)",
+                lb.clone(),
+                vec![
+                    both_ports(vec![Ep::new("198.18.1.1", NODE), Ep::new("198.18.1.2", NODE)]),
+                    SliceSpec {
+                        name: "s6".into(),
+                        ..both_ports(vec![Ep::new("fd00::1", NODE)])
+                    },
+                ],
+                Some(3),
+            ),
+            (
+                "terminating and not-ready endpoints do not count: the node drains",
+                lb.clone(),
+                vec![both_ports(vec![
+                    Ep::new("198.18.1.1", NODE).terminating(true),
+                    Ep::new("198.18.1.2", NODE).not_ready(),
+                ])],
+                Some(0),
+            ),
+            (
+                "other nodes' endpoints do not count",
+                lb.clone(),
+                vec![both_ports(vec![Ep::new("198.18.1.1", "node-2")])],
+                Some(0),
+            ),
+            (
+                "a slice whose only port has no number counts nothing",
+                lb.clone(),
+                vec![slice(
+                    "s",
+                    vec![sport("http", None, Protocol::Tcp)],
+                    vec![Ep::new("198.18.1.1", NODE)],
+                )],
+                Some(0),
+            ),
+            (
+                "externalTrafficPolicy Cluster: no health check",
+                ServiceSpec {
+                    external_local: false,
+                    ..lb.clone()
+                },
+                vec![both_ports(vec![Ep::new("198.18.1.1", NODE)])],
+                None,
+            ),
+            (
+                "a NodePort service: no health check (kube-proxy's NeedsHealthCheck)",
+                ServiceSpec {
+                    kind: ServiceKind::NodePort,
+                    ..lb.clone()
+                },
+                vec![both_ports(vec![Ep::new("198.18.1.1", NODE)])],
+                None,
+            ),
+        ];
+        for (name, service, slices, want) in cases {
+            let (model, _) = Model::build(
+                &Snapshot {
+                    services: vec![service],
+                    slices,
+                    nodes: vec![],
+                },
+                &NodeContext {
+                    name: NODE.into(),
+                    ..Default::default()
+                },
+            );
+            assert_eq!(
+                model.health_checks.get(&32000).map(|h| h.local_endpoints),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_eligibility_follows_deletion_and_the_autoscaler_taint() {
+        let node = |extra: &str| {
+            NodeSpec::from_k8s(
+                &serde_norway::from_str::<Node>(&format!(
+                    "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n{extra}"
+                ))
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        assert!(node("").eligible());
+        assert!(node("spec: {taints: [{key: other, effect: NoSchedule}]}\n").eligible());
+        let tainted = node("spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]}\n");
+        assert_eq!(tainted.taints, ["ToBeDeletedByClusterAutoscaler"]);
+        assert!(!tainted.eligible());
+        let deleting = node("  deletionTimestamp: '2026-01-01T00:00:00Z'\n");
+        assert!(deleting.deleting && !deleting.eligible());
+        let bad_address = node(
+            "status: {addresses: [{type: InternalIP, address: 198.18.0.300}, {type: InternalIP, address: 198.18.0.11}]}\n",
+        );
+        assert_eq!(bad_address.addresses, ["198.18.0.11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(bad_address.ignored[0].field, "status.addresses[0].address");
+        assert!(bad_address.eligible(), "a bad address does not lose the node");
     }
 
     #[test]
@@ -1635,6 +2094,134 @@ mod tests {
         let headless =
             parse_service("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None}\n").unwrap();
         assert_eq!(headless.skip, Some(Skip::Headless));
+    }
+
+    /// kube-proxy programs what it can of a service: a bad value is
+    /// skipped (and logged), not the whole service.
+    #[test]
+    fn one_bad_value_skips_that_value_not_the_service() {
+        let base = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: net-test}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n";
+        /// A spec/status tail and what the service keeps of it.
+        struct Case {
+            tail: &'static str,
+            ranges: &'static [&'static str],
+            lb_ips: &'static [&'static str],
+            external_ips: &'static [&'static str],
+            ignored: &'static [&'static str],
+        }
+        const NONE: &[&str] = &[];
+        let case = |tail| Case {
+            tail,
+            ranges: NONE,
+            lb_ips: NONE,
+            external_ips: NONE,
+            ignored: NONE,
+        };
+        let cases = [
+            Case {
+                ranges: &["198.18.0.0/24", "fd00::/8"],
+                ..case("  loadBalancerSourceRanges: [' 198.18.0.0/24 ', \"fd00::/8\\t\"]\n")
+            },
+            Case {
+                ranges: &["198.18.0.0/24"],
+                ignored: &[
+                    "spec.loadBalancerSourceRanges[1]",
+                    "spec.loadBalancerSourceRanges[2]",
+                    "spec.loadBalancerSourceRanges[4]",
+                ],
+                ..case("  loadBalancerSourceRanges: [198.18.0.0/24, bogus, 198.18.1.1, '', 198.18.0.0/33]\n")
+            },
+            Case {
+                external_ips: &["198.19.101.1"],
+                ignored: &["spec.externalIPs[1]"],
+                ..case("  externalIPs: [198.19.101.1, not-an-ip]\n")
+            },
+            Case {
+                lb_ips: &["198.19.100.1", "198.19.100.2"],
+                ..case("status: {loadBalancer: {ingress: [{ip: 198.19.100.1}, {ip: 198.19.100.2, ipMode: VIP}]}}\n")
+            },
+            // kube-proxy's IsVIPMode: Proxy (or an unknown mode) is not captured.
+            case(
+                "status: {loadBalancer: {ingress: [{ip: 198.19.100.1, ipMode: Proxy}, {ip: 198.19.100.2, ipMode: Future}]}}\n",
+            ),
+            Case {
+                lb_ips: &["198.19.100.3"],
+                ignored: &["status.loadBalancer.ingress[1].ip"],
+                ..case(
+                    "status: {loadBalancer: {ingress: [{hostname: lb.example}, {ip: 198.19.100.300}, {ip: 198.19.100.3}]}}\n",
+                )
+            },
+            case(""),
+        ];
+        fn strings<T: ToString>(v: &[T]) -> Vec<String> {
+            v.iter().map(T::to_string).collect()
+        }
+        for c in cases {
+            let tail = c.tail;
+            let spec = parse_service(&format!("{base}{tail}")).unwrap_or_else(|e| panic!("{tail}: {e}"));
+            assert_eq!(strings(&spec.source_ranges), c.ranges, "{tail}");
+            assert_eq!(strings(&spec.load_balancer_ips), c.lb_ips, "{tail}");
+            assert_eq!(strings(&spec.external_ips), c.external_ips, "{tail}");
+            let ignored: Vec<&str> = spec.ignored.iter().map(|e| e.field.as_str()).collect();
+            assert_eq!(ignored, c.ignored, "{tail}");
+        }
+    }
+
+    #[test]
+    fn source_ranges_guard_only_load_balancer_ips_of_their_family() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: net-test}\nspec:\n  type: LoadBalancer\n  clusterIPs: [198.19.0.10, 'fd00:198:19::10']\n  loadBalancerSourceRanges: ['fd00:198:18::/64']\n  ports: [{name: http, port: 80, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 198.19.100.1}, {ip: 'fd00:198:19:100::1'}]}}\n";
+        let (model, _) = Model::build(
+            &Snapshot {
+                services: vec![parse_service(yaml).unwrap()],
+                ..Default::default()
+            },
+            &NodeContext::default(),
+        );
+        let lb = |ip: &str| &model.services[&Frontend::new(ip.parse().unwrap(), 80, Protocol::Tcp)];
+        let v4 = lb("198.19.100.1");
+        assert_eq!(
+            v4.flags & svc_flags::SOURCE_RANGES,
+            0,
+            "IPv6 ranges leave the IPv4 LB IP open"
+        );
+        assert!(v4.source_ranges.is_empty());
+        let v6 = lb("fd00:198:19:100::1");
+        assert_eq!(v6.flags & svc_flags::SOURCE_RANGES, svc_flags::SOURCE_RANGES);
+        assert_eq!(v6.source_ranges, ["fd00:198:18::/64".parse::<Cidr>().unwrap()]);
+    }
+
+    #[test]
+    fn slice_ports_without_a_valid_number_are_ignored_not_the_slice() {
+        let slice: EndpointSlice = serde_norway::from_str(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: net-test, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http}, {name: dns, port: 0, protocol: UDP}, {name: big, port: 70000}, {name: ok, port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n  nodeName: node-1\n",
+        )
+        .unwrap();
+        let spec = SliceSpec::from_k8s(&slice).unwrap().unwrap();
+        let ports: Vec<(&str, Option<u16>)> = spec.ports.iter().map(|p| (p.name.as_str(), p.port)).collect();
+        assert_eq!(
+            ports,
+            [("http", None), ("dns", None), ("big", None), ("ok", Some(8080))]
+        );
+        let ignored: Vec<&str> = spec.ignored.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(ignored, ["ports[0].port", "ports[1].port", "ports[2].port"]);
+        let service = svc(vec![
+            port("http", 80, Protocol::Tcp, TargetPort::Number(8080)),
+            port("ok", 81, Protocol::Tcp, TargetPort::Number(8080)),
+        ]);
+        let (model, _) = Model::build(
+            &Snapshot {
+                services: vec![service],
+                slices: vec![spec],
+                nodes: vec![],
+            },
+            &NodeContext::default(),
+        );
+        let endpoints = |port| {
+            model.services[&Frontend::new(VIP.parse().unwrap(), port, Protocol::Tcp)]
+                .endpoints
+                .len()
+        };
+        assert_eq!((endpoints(80), endpoints(81)), (0, 1));
     }
 
     #[test]

@@ -9,9 +9,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Duration, sleep_until};
 use tracing::{error, info, warn};
 
-use crate::cli::RunArgs;
+use crate::cli::{ForwardingMode, RunArgs};
 use crate::datapath::xdp::{XdpModeArg, XdpPath};
-use crate::datapath::{Datapath, LoadOptions, attach};
+use crate::datapath::{ConntrackTimeouts, Datapath, LoadOptions, attach};
 use crate::health::HealthServers;
 use crate::metrics::SharedStatus;
 use crate::model::{Cidr, FamilyFlags, Model, NodeContext, Snapshot};
@@ -29,9 +29,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.xdp_mode
         );
     }
+    let conntrack_entries = args.conntrack_entries(cpu_count());
+    // The LRU map is allocated whole up front (~150 bytes an entry).
+    info!(
+        entries = conntrack_entries,
+        mib = (conntrack_entries as u64 * 150) >> 20,
+        "conntrack table size (--conntrack-max-per-core, --conntrack-min or --conntrack-max)"
+    );
     let mut datapath = Datapath::load(&LoadOptions {
         bpf_root: Some(args.bpf_root.clone()),
-        conntrack_max: args.conntrack_max,
+        conntrack_max: conntrack_entries,
         max_services: args.max_services,
         max_backends: args.max_backends,
     })?;
@@ -40,6 +47,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         datapath.remove_pins();
     }
     result
+}
+
+/// The CPUs this process may run on (Go's runtime.NumCPU, which kube-proxy sizes conntrack by).
+fn cpu_count() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 /// kube-proxy's BoundedFrequencyRunner: at most one sync per
@@ -121,6 +133,8 @@ struct NodeSettings {
     maglev_table_size: u32,
     /// --lb-algorithm maglev.
     maglev_default: bool,
+    /// This node's Node object was seen (its later absence means deleted).
+    node_object_seen: bool,
 }
 
 impl NodeSettings {
@@ -138,11 +152,46 @@ impl NodeSettings {
         if self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|c| c.contains(localhost)) {
             ctx.nodeport_addrs.push(localhost);
         }
+        ctx.node_addrs = self.addrs.clone();
         ctx.masquerade_all = self.masquerade_all;
         ctx.maglev_table_size = self.maglev_table_size;
         ctx.default_table_size = if self.maglev_default { self.maglev_table_size } else { 0 };
         ctx.cluster_cidr_known = self.cluster_cidr_known;
         ctx
+    }
+
+    /// Where healthCheckNodePorts listen: every address (empty) or, with
+    /// --nodeport-addresses, the node addresses in them (as kube-proxy).
+    fn health_check_addrs(&self) -> Vec<std::net::IpAddr> {
+        if self.nodeport_cidrs.is_empty() {
+            return Vec::new();
+        }
+        self.addrs
+            .iter()
+            .copied()
+            .filter(|ip| self.nodeport_cidrs.iter().any(|c| c.contains(*ip)))
+            // A link-local address needs a scope to bind.
+            .filter(|ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .collect()
+    }
+
+    /// The families the node has addresses of (loopback aside).
+    fn families(&self) -> FamilyFlags {
+        FamilyFlags::holding(self.addrs.iter().filter(|ip| !ip.is_loopback()))
+    }
+
+    /// kube-proxy's node eligibility from this node's Node object. Without
+    /// one (manifests without Nodes) the node is eligible, as kube-proxy's
+    /// is until a node event says otherwise; once seen, its disappearance
+    /// means it was deleted.
+    fn eligible(&mut self, snapshot: &Snapshot) -> bool {
+        match snapshot.nodes.iter().find(|n| n.name == self.name) {
+            Some(n) => {
+                self.node_object_seen = true;
+                n.eligible()
+            }
+            None => !self.node_object_seen,
+        }
     }
 
     fn build_model(&self, snapshot: &Snapshot) -> Model {
@@ -166,6 +215,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         cluster_cidr_known: FamilyFlags::holding(args.cluster_cidr.iter().map(|c| &c.addr)),
         maglev_table_size: args.maglev_table_size,
         maglev_default: args.lb_algorithm == "maglev",
+        node_object_seen: false,
     };
     let cidrs: Vec<(Cidr, u32)> = args
         .cluster_cidr
@@ -179,19 +229,27 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         .context("programming --cluster-cidr / --service-cluster-ip-range")?;
     let cgroup_root = crate::datapath::sock::cgroup2_root(args.cgroup_root.as_deref())?;
     let secs = |d: Duration| d.as_secs().clamp(1, u32::MAX as u64) as u32;
-    datapath.maps.set_conntrack_timeouts(
-        secs(args.conntrack_tcp_timeout_syn),
-        secs(args.conntrack_tcp_timeout_established),
-        secs(args.conntrack_tcp_timeout_close),
-        secs(args.conntrack_udp_timeout),
-    )?;
+    datapath.maps.set_conntrack_timeouts(&ConntrackTimeouts {
+        tcp_syn: secs(args.conntrack_tcp_timeout_syn),
+        tcp_established: secs(args.conntrack_tcp_timeout_established),
+        tcp_close_wait: secs(args.conntrack_tcp_timeout_close_wait),
+        tcp_closing: secs(args.conntrack_tcp_timeout_close),
+        udp: secs(args.conntrack_udp_timeout),
+        udp_stream: secs(args.conntrack_udp_timeout_stream),
+    })?;
+    let stack_forwarding = args.forwarding_mode == ForwardingMode::Stack;
+    datapath.maps.set_stack_forwarding(stack_forwarding)?;
+    if stack_forwarding && args.xdp_mode != XdpModeArg::Off {
+        warn!("--forwarding-mode stack: the XDP fast path hands every balanced flow to the stack");
+    }
     start_conntrack_gc(args.bpf_root.clone(), args.conntrack_gc_interval);
     let state = Arc::new(SourceState::default());
     start_source(args, &node.name, state.clone())?;
     let status: SharedStatus = Arc::default();
+    lock_status(&status).families = node.families();
     start_endpoints(args, &status)?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut health = HealthServers::default();
+    let mut health = HealthServers::new(status.clone(), health_timeout(args));
 
     // Nothing is programmed before the source has listed everything once.
     let (snapshot, mut applied_generation) = loop {
@@ -217,11 +275,12 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     }
     let mut limiter = SyncLimiter::new(args.min_sync_period);
     limiter.take();
+    lock_status(&status).node_eligible = node.eligible(&snapshot);
     let model = node.build_model(&snapshot);
     syncer
         .sync(&mut datapath.maps, &model)
         .context("first sync of the datapath maps")?;
-    health.update(&model.health_checks);
+    health.update(&model.health_checks, &node.health_check_addrs());
     report_sync(&status, &syncer, &model, Duration::ZERO);
     info!(
         service_ports = model.services.len(),
@@ -233,9 +292,13 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
     let mut attacher = attach::Attacher::new(attach::TcIngress, args.interfaces.clone(), datapath.pin_root())?;
+    let mut egress = attach::Attacher::new(attach::TcEgress, args.interfaces.clone(), datapath.pin_root())?;
     let interfaces = attach::list_interfaces().await?;
     attacher.sweep_stale_pins(&interfaces);
+    egress.sweep_stale_pins(&interfaces);
     for iface in &interfaces {
+        // Egress first: replies of flows ingress translates need it.
+        egress.attach(datapath.egress_program()?, iface)?;
         attacher.attach(datapath.ingress_program()?, iface)?;
     }
     let mut xdp = XdpPath::new(
@@ -273,13 +336,14 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                     Some((_, generation))
                         if generation == applied_generation && !node_changed && !syncer.full_resync_pending() => true,
                     Some((snapshot, generation)) => {
+                        lock_status(&status).node_eligible = node.eligible(&snapshot);
                         let model = node.build_model(&snapshot);
                         let started = Instant::now();
                         let ok = sync_once(&mut syncer, datapath, &model, generation);
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
-                            health.update(&model.health_checks);
+                            health.update(&model.health_checks, &node.health_check_addrs());
                             report_sync(&status, &syncer, &model, started.elapsed());
                         }
                         ok
@@ -297,6 +361,9 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
             Some(event) = links.recv() => {
                 match event {
                     attach::LinkEvent::Added(iface) => {
+                        if let Err(e) = egress.attach(datapath.egress_program()?, &iface) {
+                            error!(interface = %iface.name, "TC egress attach failed: {e:#}");
+                        }
                         if let Err(e) = attacher.attach(datapath.ingress_program()?, &iface) {
                             error!(interface = %iface.name, "attach failed: {e:#}");
                         }
@@ -304,12 +371,14 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                     }
                     attach::LinkEvent::Removed(index) => {
                         attacher.forget(datapath.ingress_program()?, index);
+                        egress.forget(datapath.egress_program()?, index);
                         xdp.link_removed(datapath, index)?;
                     }
                     attach::LinkEvent::AddressesChanged => match attach::list_addresses().await {
                         Ok(addrs) if addrs != node.addrs => {
                             info!(node_addresses = ?addrs, "node addresses changed");
                             node.addrs = addrs;
+                            lock_status(&status).families = node.families();
                             node_changed = true;
                             pending = true;
                         }
@@ -326,6 +395,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         info!("shutting down: detaching programs");
         xdp.detach_all(datapath)?;
         attacher.detach_all(datapath.ingress_program()?);
+        egress.detach_all(datapath.egress_program()?);
     } else {
         info!("shutting down: the datapath stays in place (pinned) for the next agent");
     }
@@ -384,6 +454,12 @@ fn start_conntrack_gc(bpf_root: std::path::PathBuf, interval: Duration) {
     });
 }
 
+/// How long a change may wait for its sync before the proxy reports
+/// unhealthy: kube-proxy's twice the sync period.
+fn health_timeout(args: &RunArgs) -> Duration {
+    args.sync_period * 2
+}
+
 /// Starts /metrics and /healthz (kube-proxy's ports) unless disabled.
 fn start_endpoints(args: &RunArgs, status: &SharedStatus) -> anyhow::Result<()> {
     let parse = |flag: &str, v: &str| -> anyhow::Result<Option<std::net::SocketAddr>> {
@@ -403,10 +479,9 @@ fn start_endpoints(args: &RunArgs, status: &SharedStatus) -> anyhow::Result<()> 
         });
     }
     if let Some(addr) = parse("healthz-bind-address", &args.healthz_bind_address)? {
-        // kube-proxy's healthz timeout: twice the sync period.
-        let (status, timeout) = (status.clone(), args.sync_period * 2);
+        let (status, timeout) = (status.clone(), health_timeout(args));
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_health(addr, status, timeout).await {
+            if let Err(e) = crate::health::serve_proxy_health(addr, status, timeout).await {
                 error!("health server on {addr}: {e:#}");
             }
         });
@@ -482,6 +557,7 @@ mod tests {
             ),
             maglev_table_size: 0,
             maglev_default: false,
+            node_object_seen: false,
         };
         let ctx = settings.context(&Snapshot::default());
         let want: Vec<std::net::IpAddr> = ["198.18.0.11", "fd00:198:18::11"]
@@ -493,5 +569,50 @@ mod tests {
             "IPv4 and IPv6 --nodeport-addresses, no localhost"
         );
         assert!(ctx.cluster_cidr_known.v4 && !ctx.cluster_cidr_known.v6);
+        assert_eq!(
+            settings.health_check_addrs(),
+            want,
+            "healthCheckNodePorts listen on the --nodeport-addresses node addresses"
+        );
+        let everywhere = NodeSettings {
+            nodeport_cidrs: vec![],
+            ..settings
+        };
+        assert!(
+            everywhere.health_check_addrs().is_empty(),
+            "no --nodeport-addresses: the wildcard"
+        );
+        assert_eq!(everywhere.families(), FamilyFlags { v4: true, v6: true });
+    }
+
+    #[test]
+    fn node_eligibility_follows_the_node_object_and_its_deletion() {
+        let mut settings = NodeSettings {
+            name: "node-1".into(),
+            addrs: vec![],
+            nodeport_cidrs: vec![],
+            masquerade_all: false,
+            cluster_cidr_known: FamilyFlags::default(),
+            maglev_table_size: 0,
+            maglev_default: false,
+            node_object_seen: false,
+        };
+        let with = |nodes: Vec<crate::model::NodeSpec>| Snapshot {
+            nodes,
+            ..Default::default()
+        };
+        let node = |name: &str, deleting: bool| crate::model::NodeSpec {
+            name: name.into(),
+            deleting,
+            ..Default::default()
+        };
+        assert!(settings.eligible(&with(vec![])), "no Node object (manifests): eligible");
+        assert!(
+            settings.eligible(&with(vec![node("node-2", true)])),
+            "another node's deletion"
+        );
+        assert!(settings.eligible(&with(vec![node("node-1", false)])));
+        assert!(!settings.eligible(&with(vec![node("node-1", true)])), "being deleted");
+        assert!(!settings.eligible(&with(vec![])), "seen, then gone: deleted");
     }
 }

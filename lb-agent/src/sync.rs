@@ -103,7 +103,7 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
         addr: raw_addr(f.ip),
         port: f.port,
         proto: f.protocol.ip_proto(),
-        scope: ServiceScope::Cluster as u8,
+        scope: f.scope as u8,
     }
 }
 
@@ -361,6 +361,10 @@ impl Syncer {
             let Some(protocol) = Protocol::from_ip_proto(key.proto) else {
                 continue;
             };
+            let scope = match key.scope {
+                s if s == ServiceScope::Internal as u8 => ServiceScope::Internal,
+                _ => ServiceScope::Cluster,
+            };
             let mut backends = BTreeMap::new();
             for slot in 0..value.backend_count {
                 let slot_key = BackendSlotKey {
@@ -386,9 +390,8 @@ impl Syncer {
             source_ranges.sort();
             self.programmed.insert(
                 Frontend {
-                    ip,
-                    port: key.port,
-                    protocol,
+                    scope,
+                    ..Frontend::new(ip, key.port, protocol)
                 },
                 Programmed {
                     service_id: value.service_id,
@@ -852,11 +855,7 @@ mod tests {
     }
 
     fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend {
-            ip: ip.parse().unwrap(),
-            port,
-            protocol: Protocol::Tcp,
-        }
+        Frontend::new(ip.parse().unwrap(), port, Protocol::Tcp)
     }
 
     fn eps(ips: &[&str]) -> BTreeSet<Endpoint> {
@@ -919,6 +918,27 @@ mod tests {
         syncer.sync(&mut maps, &model(&[(b, &["198.18.1.4"])])).unwrap();
         assert!(maps.resolve(&a).is_empty());
         assert_eq!((maps.services.len(), maps.slots.len(), maps.backends.len()), (1, 1, 1));
+    }
+
+    #[test]
+    fn both_scopes_of_a_frontend_are_programmed_and_adopted_apart() {
+        let external = frontend("198.18.0.11", 30080);
+        let internal = Frontend {
+            scope: ServiceScope::Internal,
+            ..external
+        };
+        let m = model(&[(external, &["198.18.1.1"]), (internal, &["198.18.1.1", "198.18.2.1"])]);
+        let mut maps = FakeMaps::default();
+        Syncer::new().sync(&mut maps, &m).unwrap();
+        assert_eq!(maps.resolve(&external), eps(&["198.18.1.1"]));
+        assert_eq!(maps.resolve(&internal), eps(&["198.18.1.1", "198.18.2.1"]));
+        assert_eq!(service_key(&internal).scope, ServiceScope::Internal as u8);
+
+        // A restarted agent takes both over and rewrites nothing.
+        let mut restarted = Syncer::new();
+        assert_eq!(restarted.adopt(&maps).unwrap(), 2);
+        let r = restarted.sync(&mut maps, &m).unwrap();
+        assert_eq!((r.upserted, r.removed), (0, 0), "{r:?}");
     }
 
     #[test]

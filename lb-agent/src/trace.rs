@@ -16,6 +16,7 @@ use lb_common::{CtKey, CtKind, DropReason, addr::from_v4_word, map_names, proto}
 use serde::Serialize;
 
 use crate::datapath::{Datapath, LoadOptions};
+use crate::model::Protocol;
 
 #[derive(Debug, Serialize)]
 pub struct Trace {
@@ -35,9 +36,21 @@ fn packet(src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> anyhow::Result<
     match protocol {
         proto::TCP => b.tcp(src.port(), dst.port(), 1, 64240).syn().write(&mut out, &[])?,
         proto::UDP => b.udp(src.port(), dst.port()).write(&mut out, b"trace")?,
-        _ => bail!("--proto must be tcp or udp"),
+        proto::SCTP => b.write(&mut out, etherparse::IpNumber::SCTP, &sctp_init(src.port(), dst.port()))?,
+        _ => bail!("--proto must be tcp, udp or sctp"),
     }
     Ok(out)
+}
+
+/// An SCTP packet with one INIT chunk (no parameters) and its CRC32c.
+fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
+    const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut p = [&sport.to_be_bytes()[..], &dport.to_be_bytes(), &[0; 8]].concat();
+    // Type 1, flags, length 20; initiate tag, a_rwnd, streams, initial TSN.
+    p.extend([1, 0, 0, 20, 0, 0, 0, 1, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+    let crc = CASTAGNOLI.checksum(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
 }
 
 pub fn trace(bpf_root: &Path, src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> anyhow::Result<Trace> {
@@ -121,6 +134,11 @@ pub fn trace(bpf_root: &Path, src: SocketAddrV4, dst: SocketAddrV4, protocol: u8
         let ports = match &sliced.transport {
             Some(TransportSlice::Tcp(t)) => Some((t.source_port(), t.destination_port())),
             Some(TransportSlice::Udp(u)) => Some((u.source_port(), u.destination_port())),
+            // etherparse has no SCTP: its ports lead the IP payload.
+            _ if protocol == proto::SCTP => match ip.payload().payload {
+                [s0, s1, d0, d1, ..] => Some((u16::from_be_bytes([*s0, *s1]), u16::from_be_bytes([*d0, *d1]))),
+                _ => None,
+            },
             _ => None,
         };
         (out_src, out_dst) = match ports {
@@ -131,7 +149,7 @@ pub fn trace(bpf_root: &Path, src: SocketAddrV4, dst: SocketAddrV4, protocol: u8
     let masqueraded = out_src.as_deref().is_some_and(|s| s != src.to_string()) && verdict != "drop";
     Ok(Trace {
         verdict,
-        frontend: matched.map(|_| format!("{dst}/{}", if protocol == proto::TCP { "TCP" } else { "UDP" })),
+        frontend: matched.and_then(|_| Protocol::from_ip_proto(protocol).map(|p| format!("{dst}/{p}"))),
         drop_reason,
         out_src,
         out_dst,

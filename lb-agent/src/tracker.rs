@@ -2,6 +2,7 @@
 //! new one, per service port, so a sync touches only what changed.
 
 use crate::model::{Frontend, Model, ServicePort};
+use lb_common::ServiceScope;
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ChangeSet {
@@ -24,12 +25,15 @@ pub fn changes(old: &Model, new: &Model) -> ChangeSet {
         .filter(|f| !new.services.contains_key(f))
         .copied()
         .collect();
-    let upserted = new
+    let mut upserted: Vec<ServicePort> = new
         .services
         .iter()
         .filter(|(f, sp)| old.services.get(f) != Some(sp))
         .map(|(_, sp)| sp.clone())
         .collect();
+    // An internal-scope entry goes in before the frontend entry whose flag
+    // points packets at it (until then the datapath uses the frontend entry).
+    upserted.sort_by_key(|sp| sp.frontend.scope == ServiceScope::Cluster);
     ChangeSet { removed, upserted }
 }
 
@@ -39,11 +43,7 @@ mod tests {
     use crate::model::{Endpoint, Protocol};
 
     fn sp(ip: &str, port: u16, eps: &[&str]) -> ServicePort {
-        let frontend = Frontend {
-            ip: ip.parse().unwrap(),
-            port,
-            protocol: Protocol::Tcp,
-        };
+        let frontend = Frontend::new(ip.parse().unwrap(), port, Protocol::Tcp);
         ServicePort::new(
             format!("ns/{ip}:{port}"),
             frontend,
@@ -74,5 +74,14 @@ mod tests {
         assert_eq!(set.removed, vec![c.frontend]);
         assert_eq!(set.upserted, vec![b2, d]);
         assert!(changes(&Model::default(), &Model::default()).is_empty());
+    }
+
+    #[test]
+    fn internal_scope_entries_are_written_before_the_frontends_pointing_at_them() {
+        let external = sp("198.18.0.11", 30080, &[]);
+        let mut internal = sp("198.18.0.11", 30080, &["198.18.2.1"]);
+        internal.frontend.scope = ServiceScope::Internal;
+        let set = changes(&Model::default(), &model(vec![external.clone(), internal.clone()]));
+        assert_eq!(set.upserted, vec![internal, external]);
     }
 }

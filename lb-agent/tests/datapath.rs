@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder};
-use lb_agent::datapath::{Datapath, LoadOptions};
+use lb_agent::datapath::{ConntrackTimeouts, Datapath, LoadOptions};
 use lb_agent::model::{Endpoint, Frontend, Model, Protocol, ServicePort};
 use lb_agent::sync::Syncer;
 use lb_common::{DropReason, FlowEvent};
@@ -33,11 +33,13 @@ const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 // ---- PKTGEN ---------------------------------------------------------------
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Tcp {
     Syn,
     SynAck,
     Ack,
+    FinAck,
+    Rst,
 }
 
 struct Ip {
@@ -91,6 +93,8 @@ fn tcp_over(ip: IpHeaders, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
         Tcp::Syn => b.syn(),
         Tcp::SynAck => b.syn().ack(1001),
         Tcp::Ack => b.ack(1001),
+        Tcp::FinAck => b.fin().ack(1001),
+        Tcp::Rst => b.rst(),
     };
     let payload = b"GET / HTTP/1.0\r\n\r\n";
     let mut out = Vec::with_capacity(b.size(payload.len()));
@@ -130,8 +134,7 @@ fn port_unreachable_for(pkt: &[u8]) -> Vec<u8> {
         .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
             DestUnreachableHeader::Port,
         ));
-    let l4 = if pkt[23] == 6 { 20 } else { 8 };
-    let quoted = &pkt[14..14 + 20 + l4];
+    let quoted = &pkt[14..14 + 20 + quoted_l4(pkt[23])];
     let mut out = Vec::with_capacity(b.size(quoted.len()));
     b.write(&mut out, quoted).unwrap();
     out
@@ -154,11 +157,20 @@ fn port_unreachable6_for(pkt: &[u8]) -> Vec<u8> {
         .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
             etherparse::icmpv6::DestUnreachableCode::Port,
         ));
-    let l4 = if pkt[20] == 6 { 20 } else { 8 };
-    let quoted = &pkt[14..14 + 40 + l4];
+    let quoted = &pkt[14..14 + 40 + quoted_l4(pkt[20])];
     let mut out = Vec::with_capacity(b.size(quoted.len()));
     b.write(&mut out, quoted).unwrap();
     out
+}
+
+/// How much of the L4 header a REJECT quotes: TCP through its checksum,
+/// SCTP's common header, UDP's header.
+fn quoted_l4(protocol: u8) -> usize {
+    match protocol {
+        6 => 20,
+        132 => 12,
+        _ => 8,
+    }
 }
 
 /// UDP checksum 0 means "no checksum" and must stay 0 through NAT.
@@ -176,11 +188,7 @@ fn v4(a: [u8; 4]) -> std::net::IpAddr {
 }
 
 fn service_port(vip: [u8; 4], port: u16, protocol: Protocol, backends: &[([u8; 4], u16)]) -> ServicePort {
-    let frontend = Frontend {
-        ip: v4(vip),
-        port,
-        protocol,
-    };
+    let frontend = Frontend::new(v4(vip), port, protocol);
     ServicePort::new(
         format!("net-test/{frontend}"),
         frontend,
@@ -627,6 +635,17 @@ fn established_tcp_flow_keeps_its_backend_after_it_leaves_the_service() {
     let stale = h.syncer.take_stale_udp_flows();
     assert!(stale.is_empty(), "no UDP port: {stale:?}");
     assert_eq!(backend_of(&mut h, 45000, Tcp::Ack), first);
+
+    // The connection closes (FIN both ways); the client opens a new one
+    // from the same port: a new flow, on a live backend.
+    assert_eq!(backend_of(&mut h, 45000, Tcp::FinAck), first);
+    let (action, _) = h.run(&tcp(ip(first, CLIENT), 80, 45000, Tcp::FinAck));
+    assert_eq!(action, TC_ACT_REDIRECT, "the backend's FIN goes back");
+    let reopened = backend_of(&mut h, 45000, Tcp::Syn);
+    assert!(
+        reopened == [198, 18, 1, others[0]] || reopened == [198, 18, 1, 20],
+        "a SYN on the closed flow's tuple went to {reopened:?}"
+    );
 }
 
 #[test]
@@ -1063,9 +1082,19 @@ fn fuzz_template(rng: &mut Rng) -> Vec<u8> {
     if rng.below(8) == 0 {
         ip_hdr.options = &[1, 1, 1, 0];
     }
-    match rng.below(4) {
+    match rng.below(5) {
         0 | 1 => tcp(ip_hdr, sport, dport, flags),
         2 => udp(ip_hdr, sport, dport),
+        3 => {
+            if rng.below(2) == 0 {
+                (ip_hdr.dst, dport) = *rng.pick(&[
+                    (SCTP_VIP, SCTP_PORT),
+                    (SCTP_VIP, SCTP_SAME_PORT),
+                    (NODE_PORT_ADDR, SCTP_NODE_PORT),
+                ]);
+            }
+            sctp(ip_hdr, sport, dport, fuzz_chunk(rng))
+        }
         _ => {
             let quoted = tcp(ip(dst, src), dport, sport, flags);
             icmp_error(
@@ -1096,11 +1125,20 @@ fn fuzz_template6(rng: &mut Rng) -> Vec<u8> {
         _ => {}
     }
     let flags = *rng.pick(&[Tcp::Syn, Tcp::SynAck, Tcp::Ack]);
-    if rng.below(3) == 0 {
-        udp6(ip_hdr, sport, dport)
-    } else {
-        tcp6(ip_hdr, sport, dport, flags)
+    match rng.below(4) {
+        0 => udp6(ip_hdr, sport, dport),
+        1 => {
+            if rng.below(2) == 0 {
+                (ip_hdr.dst, dport) = *rng.pick(&[(VIP6, SCTP_PORT), (NODE_ADDR6, SCTP_NODE_PORT)]);
+            }
+            sctp6(ip_hdr, sport, dport, fuzz_chunk(rng))
+        }
+        _ => tcp6(ip_hdr, sport, dport, flags),
     }
+}
+
+fn fuzz_chunk(rng: &mut Rng) -> Chunk {
+    *rng.pick(&[Chunk::Init, Chunk::InitAck, Chunk::Data, Chunk::Abort])
 }
 
 /// Breaks a packet the ways the wild does.
@@ -1136,9 +1174,10 @@ fn fuzz_mutate(rng: &mut Rng, mut pkt: Vec<u8>) -> Vec<u8> {
 #[test]
 fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
     let mut model = flow_model();
-    let model6 = model6();
-    model.services.extend(model6.services);
-    model.cluster_ips.extend(model6.cluster_ips);
+    for other in [model6(), sctp_model()] {
+        model.services.extend(other.services);
+        model.cluster_ips.extend(other.cluster_ips);
+    }
     let mut h = Harness::new(&model);
     h.datapath
         .maps
@@ -1151,6 +1190,7 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
     let dev = h.prepare_xdp();
     let mut rng = Rng(0x5eed_1b0a_d5ee_d001);
     let (mut runs, mut refused, mut dropped, mut translated) = (0u32, 0u32, 0u32, 0u32);
+    let mut sctp_translated = 0u32;
     for i in 0..100_000u32 {
         let template = fuzz_template(&mut rng);
         // The XDP path first (as on an external interface): any verdict,
@@ -1208,7 +1248,7 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
             && (ipv4 || ipv6)
             && out.len() >= l4_off + 4
             && out[l4_at] == l4
-            && (l4 == 6 || l4 == 17)
+            && (l4 == 6 || l4 == 17 || l4 == 132)
         {
             let addr = |b: &[u8]| -> std::net::IpAddr {
                 match b.len() {
@@ -1217,12 +1257,12 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
                 }
             };
             let dport = u16::from_be_bytes([pkt[l4_off + 2], pkt[l4_off + 3]]);
-            let proto = if l4 == 6 { Protocol::Tcp } else { Protocol::Udp };
-            let frontend = Frontend {
-                ip: addr(&pkt[dst_at.clone()]),
-                port: dport,
-                protocol: proto,
+            let proto = match l4 {
+                6 => Protocol::Tcp,
+                17 => Protocol::Udp,
+                _ => Protocol::Sctp,
             };
+            let frontend = Frontend::new(addr(&pkt[dst_at.clone()]), dport, proto);
             if let Some(sp) = model.services.get(&frontend) {
                 let to = Endpoint {
                     ip: addr(&out[dst_at]),
@@ -1233,15 +1273,19 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
                     "packet {i} to {frontend} went to {to}: {}",
                     hex(&pkt)
                 );
+                if l4 == 132 && sctp_crc_valid(&pkt) {
+                    assert!(sctp_crc_valid(&out), "packet {i}: CRC32c spoilt: {}", hex(&pkt));
+                    sctp_translated += 1;
+                }
                 translated += 1;
             }
         }
     }
     eprintln!(
-        "fuzz: {runs} runs ({refused} refused by the kernel), {dropped} dropped (all counted), {translated} balanced"
+        "fuzz: {runs} runs ({refused} refused by the kernel), {dropped} dropped (all counted), {translated} balanced ({sctp_translated} SCTP with a valid CRC32c)"
     );
     assert!(
-        runs > 90_000 && dropped > 1_000 && translated > 1_000,
+        runs > 90_000 && dropped > 1_000 && translated > 1_000 && sctp_translated > 100,
         "the fuzz mix exercised too little"
     );
 }
@@ -1249,7 +1293,16 @@ fn fuzzed_packets_never_go_astray_and_every_drop_is_counted() {
 #[test]
 fn conntrack_lifetimes_follow_the_config_and_gc_removes_expired_entries() {
     let mut h = Harness::new(&default_model());
-    h.datapath.maps.set_conntrack_timeouts(5, 700, 3, 9).unwrap();
+    h.datapath
+        .maps
+        .set_conntrack_timeouts(&ConntrackTimeouts {
+            tcp_syn: 5,
+            tcp_established: 700,
+            tcp_closing: 3,
+            udp: 9,
+            ..Default::default()
+        })
+        .unwrap();
     let now = lb_agent::run::monotonic_secs();
     h.run(&udp(ip(CLIENT, UDP_VIP), 50200, 53));
     h.run(&tcp(ip(CLIENT, VIP), 44000, 8080, Tcp::Syn));
@@ -1271,6 +1324,183 @@ fn conntrack_lifetimes_follow_the_config_and_gc_removes_expired_entries() {
     let left = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
     assert_eq!(left.len(), 2);
     assert!(left.iter().all(|(_, e)| e.expires_at >= now + 100));
+}
+
+/// nf_conntrack's states as kube-proxy tunes them, per flow: both entries
+/// (forward and reply) carry the flow's lifetime, whichever direction
+/// the last packet took.
+#[test]
+fn conntrack_lifetime_follows_the_flow_state_in_both_entries() {
+    let mut h = Harness::new(&default_model());
+    h.datapath
+        .maps
+        .set_conntrack_timeouts(&ConntrackTimeouts {
+            tcp_syn: 5,
+            tcp_established: 700,
+            tcp_close_wait: 300,
+            tcp_closing: 3,
+            udp: 9,
+            udp_stream: 40,
+        })
+        .unwrap();
+    #[derive(Clone, Copy, Debug)]
+    enum P {
+        /// Client → service.
+        C(Tcp),
+        /// Backend → client.
+        B(Tcp),
+        Cu,
+        Bu,
+    }
+    use P::*;
+    // (name, client port, packets in order, wanted lifetime of both entries)
+    let cases: &[(&str, u16, &[P], u32)] = &[
+        ("UDP without reply: --conntrack-udp-timeout", 51000, &[Cu], 9),
+        (
+            "UDP after a reply: --conntrack-udp-timeout-stream",
+            51001,
+            &[Cu, Bu],
+            40,
+        ),
+        ("UDP stream, client sends again", 51002, &[Cu, Bu, Cu], 40),
+        ("UDP, several requests, no reply yet", 51003, &[Cu, Cu], 9),
+        ("TCP SYN only", 45000, &[C(Tcp::Syn)], 5),
+        (
+            "TCP handshake done: established",
+            45001,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack)],
+            700,
+        ),
+        (
+            "TCP FIN from the client only: close-wait",
+            45002,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack), C(Tcp::FinAck)],
+            300,
+        ),
+        (
+            "TCP FIN from the backend only: close-wait",
+            45003,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack), B(Tcp::FinAck), C(Tcp::Ack)],
+            300,
+        ),
+        (
+            "TCP FIN from both sides: closing",
+            45004,
+            &[
+                C(Tcp::Syn),
+                B(Tcp::SynAck),
+                C(Tcp::Ack),
+                C(Tcp::FinAck),
+                B(Tcp::FinAck),
+                C(Tcp::Ack),
+            ],
+            3,
+        ),
+        (
+            "TCP RST from the backend: closing",
+            45005,
+            &[C(Tcp::Syn), B(Tcp::SynAck), C(Tcp::Ack), B(Tcp::Rst)],
+            3,
+        ),
+    ];
+    let now = lb_agent::run::monotonic_secs();
+    for &(name, sport, packets, _) in cases {
+        for p in packets {
+            let pkt = match *p {
+                C(flags) => tcp(ip(CLIENT, VIP), sport, 8080, flags),
+                B(flags) => tcp(ip(BACKEND, CLIENT), 80, sport, flags),
+                Cu => udp(ip(CLIENT, UDP_VIP), sport, 53),
+                Bu => udp(ip(UDP_BACKEND, CLIENT), 5353, sport),
+            };
+            let (action, _) = h.run(&pkt);
+            assert_eq!(action, TC_ACT_REDIRECT, "{name}: {p:?} translated");
+        }
+    }
+    let entries = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
+    for &(name, sport, _, want) in cases {
+        let entry = |kind: lb_common::CtKind| {
+            let (k, e) = entries
+                .iter()
+                .find(|(k, _)| {
+                    k.kind == kind as u8
+                        && (if kind == lb_common::CtKind::Forward {
+                            k.src_port
+                        } else {
+                            k.dst_port
+                        }) == sport
+                })
+                .unwrap_or_else(|| panic!("{name}: no {kind:?} entry"));
+            (k, e)
+        };
+        // The state `lb-agent conntrack` shows: the timeouts above are distinct.
+        let state = match want {
+            5 => "SYN_SENT",
+            700 => "ESTABLISHED",
+            300 => "CLOSE_WAIT",
+            3 => "CLOSING",
+            9 => "UNREPLIED",
+            _ => "ASSURED",
+        };
+        for kind in [lb_common::CtKind::Forward, lb_common::CtKind::Reply] {
+            let (key, e) = entry(kind);
+            let got = e.expires_at - now;
+            assert!(
+                (want..=want + 1).contains(&got),
+                "{name}: {kind:?} entry lives {got}s, want {want}s"
+            );
+            assert_eq!(
+                lb_common::CtState::of_entry(key.proto, e).name(),
+                state,
+                "{name}: {kind:?}"
+            );
+        }
+    }
+}
+
+/// A masqueraded flow's reply entry is keyed on the node's address and
+/// port: the "replied" state still reaches the forward entry (and the
+/// forward path still refreshes the reply entry).
+#[test]
+fn masqueraded_udp_flow_becomes_a_stream_in_both_entries() {
+    let mut node_port = service_port(NODE_PORT_ADDR, 30053, Protocol::Udp, &[(POD_A, 5353)]);
+    node_port.flags = lb_common::svc_flags::SNAT_ALWAYS;
+    let mut h = Harness::new(&model(vec![node_port]));
+    h.datapath
+        .maps
+        .set_conntrack_timeouts(&ConntrackTimeouts {
+            udp: 9,
+            udp_stream: 40,
+            ..Default::default()
+        })
+        .unwrap();
+    let now = lb_agent::run::monotonic_secs();
+    let lifetimes = |h: &Harness| {
+        let mut l: Vec<(u8, u32)> = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK")
+            .unwrap()
+            .into_iter()
+            .map(|(k, e)| (k.kind, e.expires_at - now))
+            .collect();
+        l.sort();
+        l
+    };
+    let (action, out) = h.run(&udp(ip(CLIENT, NODE_PORT_ADDR), 52000, 30053));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let (node_addr, snat_port) = (
+        <[u8; 4]>::try_from(&out[26..30]).unwrap(),
+        u16::from_be_bytes([out[34], out[35]]),
+    );
+    assert_eq!(node_addr, NODE_ADDR, "masqueraded as the node");
+    let ttls = lifetimes(&h);
+    assert!(ttls.iter().all(|(_, t)| (9..=10).contains(t)), "no reply yet: {ttls:?}");
+    let (action, out) = h.run(&udp(ip(POD_A, NODE_ADDR), 5353, snat_port));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &CLIENT, "the reply goes back to the client");
+    let ttls = lifetimes(&h);
+    assert_eq!(ttls.len(), 2, "{ttls:?}");
+    assert!(
+        ttls.iter().all(|(_, t)| (40..=41).contains(t)),
+        "after the reply: {ttls:?}"
+    );
 }
 
 #[test]
@@ -1725,11 +1955,7 @@ fn udp6(ip: Ip6, sport: u16, dport: u16) -> Vec<u8> {
 }
 
 fn service_port6(vip: [u8; 16], port: u16, protocol: Protocol, backends: &[([u8; 16], u16)]) -> ServicePort {
-    let frontend = Frontend {
-        ip: Ipv6Addr::from(vip).into(),
-        port,
-        protocol,
-    };
+    let frontend = Frontend::new(Ipv6Addr::from(vip).into(), port, protocol);
     ServicePort::new(
         format!("net-test/{frontend}"),
         frontend,
@@ -2003,4 +2229,968 @@ fn icmpv6_errors_about_nated_flows_are_translated_back_and_ndp_is_untouched() {
         let (action, out) = h.run(&pkt);
         assert_eq!((action, hex(&out)), (TC_ACT_OK, hex(&pkt)));
     }
+}
+
+// ---- externalTrafficPolicy Local: in-cluster sources ---------------------------
+
+/// A pod of the node's cluster CIDR (198.18.1.0/24, fd00:198:18:1::/64).
+const POD_CLIENT: [u8; 4] = [198, 18, 1, 50];
+const POD_CLIENT6: [u8; 16] = v6(0x18, 1, 0x50);
+
+/// An eTP Local frontend as the model programs it on a node without a
+/// local endpoint: the frontend's entry is empty (external sources are
+/// dropped) and flagged to send in-cluster sources to its internal entry,
+/// which holds the service's endpoints elsewhere.
+fn etp_local_without_local_endpoint(external: ServicePort) -> Vec<ServicePort> {
+    use lb_common::{ServiceScope, svc_flags};
+    let mut internal = external.clone();
+    internal.frontend.scope = ServiceScope::Internal;
+    internal.flags = svc_flags::SNAT_OUTSIDE_CLUSTER | (external.flags & svc_flags::SOURCE_RANGES);
+    let mut external = external;
+    external.endpoints.clear();
+    external.flags |= svc_flags::DROP_IF_EMPTY | svc_flags::IN_CLUSTER_USES_INTERNAL;
+    vec![external, internal]
+}
+
+const LB_IP_LOCAL: [u8; 4] = [198, 19, 100, 2];
+
+fn etp_local_model() -> Model {
+    let mut ports =
+        etp_local_without_local_endpoint(service_port(NODE_PORT_ADDR, 30085, Protocol::Tcp, &[(POD_A, 80)]));
+    ports.extend(etp_local_without_local_endpoint(service_port6(
+        NODE_ADDR6,
+        30085,
+        Protocol::Tcp,
+        &[(BACKEND6, 80)],
+    )));
+    // A load-balancer IP with source ranges: one pod range, and the client.
+    let mut lb = service_port(LB_IP_LOCAL, 80, Protocol::Tcp, &[(POD_A, 80)]);
+    lb.flags = lb_common::svc_flags::SOURCE_RANGES;
+    lb.source_ranges = vec!["198.18.1.48/28".parse().unwrap(), "198.18.2.0/24".parse().unwrap()];
+    ports.extend(etp_local_without_local_endpoint(lb));
+    model(ports)
+}
+
+fn etp_local_harness() -> Harness {
+    let h = Harness::new(&etp_local_model());
+    let mut h = h;
+    h.datapath
+        .maps
+        .set_cidrs(&[
+            ("198.18.1.0/24".parse().unwrap(), lb_common::cidr_kind::CLUSTER),
+            ("fd00:198:18:1::/64".parse().unwrap(), lb_common::cidr_kind::CLUSTER),
+        ])
+        .unwrap();
+    h
+}
+
+#[test]
+fn etp_local_sends_pods_to_every_endpoint_and_drops_external_sources_without_a_local_one() {
+    let mut h = etp_local_harness();
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "pod → eTP Local NodePort, no local endpoint: remote endpoint, pod source kept",
+                input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42000, 30085, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(ip(POD_CLIENT, POD_A).forwarded(), 42000, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "its reply: from the NodePort again",
+                input: tcp(ip(POD_A, POD_CLIENT), 80, 42000, Tcp::SynAck),
+                expect: Expect::Rewritten(tcp(
+                    ip(NODE_PORT_ADDR, POD_CLIENT).forwarded(),
+                    30085,
+                    42000,
+                    Tcp::SynAck,
+                )),
+            },
+            Case {
+                name: "the pod's next segment stays on the internal entry's flow",
+                input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42000, 30085, Tcp::Ack),
+                expect: Expect::Rewritten(tcp(ip(POD_CLIENT, POD_A).forwarded(), 42000, 80, Tcp::Ack)),
+            },
+            Case {
+                name: "external client → the same NodePort: dropped (no local endpoint)",
+                input: tcp(ip(CLIENT, NODE_PORT_ADDR), 42001, 30085, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "IPv6 pod → eTP Local NodePort: remote endpoint, pod source kept",
+                input: tcp6(ip6(POD_CLIENT6, NODE_ADDR6), 42002, 30085, Tcp::Syn),
+                expect: Expect::Rewritten(tcp6(ip6(POD_CLIENT6, BACKEND6).forwarded(), 42002, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "IPv6 reply: from the NodePort again",
+                input: tcp6(ip6(BACKEND6, POD_CLIENT6), 80, 42002, Tcp::SynAck),
+                expect: Expect::Rewritten(tcp6(
+                    ip6(NODE_ADDR6, POD_CLIENT6).forwarded(),
+                    30085,
+                    42002,
+                    Tcp::SynAck,
+                )),
+            },
+            Case {
+                name: "IPv6 external client: dropped",
+                input: tcp6(ip6(CLIENT6, NODE_ADDR6), 42003, 30085, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "pod in the LB IP's source ranges: short-circuited to the remote endpoint",
+                input: tcp(ip(POD_CLIENT, LB_IP_LOCAL), 42004, 80, Tcp::Syn),
+                expect: Expect::Rewritten(tcp(ip(POD_CLIENT, POD_A).forwarded(), 42004, 80, Tcp::Syn)),
+            },
+            Case {
+                name: "pod outside the source ranges: dropped (the firewall comes before the short-circuit)",
+                input: tcp(ip([198, 18, 1, 100], LB_IP_LOCAL), 42005, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::SourceRange),
+            },
+            Case {
+                name: "external client in the source ranges, no local endpoint: dropped",
+                input: tcp(ip(CLIENT, LB_IP_LOCAL), 42006, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::NoBackend),
+            },
+            Case {
+                name: "external client outside the source ranges: dropped by the firewall",
+                input: tcp(ip([198, 18, 3, 10], LB_IP_LOCAL), 42007, 80, Tcp::Syn),
+                expect: Expect::Dropped(DropReason::SourceRange),
+            },
+        ],
+    );
+
+    // The XDP path makes the same choice.
+    let dev = h.prepare_xdp();
+    let (action, out) = h.run_xdp(dev, &tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42010, 30085, Tcp::Syn));
+    assert_eq!(action, XDP_REDIRECT, "XDP: pod source → internal entry");
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            tcp(ip(POD_CLIENT, POD_A).forwarded(), 42010, 80, Tcp::Syn),
+            POD_A_MAC
+        ))
+    );
+    let external = tcp(ip(CLIENT, NODE_PORT_ADDR), 42011, 30085, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &external);
+    assert_eq!(
+        action, XDP_PASS,
+        "XDP: external source without a local endpoint goes to TC"
+    );
+    assert_eq!(hex(&out), hex(&external));
+    drop(h);
+
+    // Without --cluster-cidr nothing tells pods apart (kube-proxy's
+    // detectLocal is off): a pod is an external source like any other.
+    let mut h = Harness::new(&etp_local_model());
+    check(
+        &mut h,
+        Case {
+            name: "no cluster CIDR: no short-circuit for pods",
+            input: tcp(ip(POD_CLIENT, NODE_PORT_ADDR), 42020, 30085, Tcp::Syn),
+            expect: Expect::Dropped(DropReason::NoBackend),
+        },
+    );
+}
+
+// ---- SCTP -----------------------------------------------------------------------
+
+/// The reference CRC32c (SCTP's checksum) the expected packets carry.
+const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+const SCTP_VIP: [u8; 4] = [198, 19, 0, 40];
+const SCTP_EMPTY_VIP: [u8; 4] = [198, 19, 0, 41];
+/// Diameter's port on the service, another on the pods: DNAT changes the
+/// port, so the CRC32c must follow.
+const SCTP_PORT: u16 = 3868;
+const SCTP_TARGET: u16 = 3869;
+/// M3UA's port, the same on both ends: DNAT leaves the CRC32c as it is.
+const SCTP_SAME_PORT: u16 = 2905;
+const SCTP_NODE_PORT: u16 = 30868;
+
+/// The first (here: only) chunk of a crafted SCTP packet.
+#[derive(Clone, Copy)]
+enum Chunk {
+    Init,
+    InitAck,
+    Data,
+    /// DATA with 1400 bytes of user data.
+    BigData,
+    Abort,
+}
+
+/// An SCTP packet (common header + one chunk) with its CRC32c computed
+/// by the reference implementation.
+fn sctp_packet(sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    // INIT travels with verification tag 0; the rest with the peer's tag.
+    let vtag: u32 = if matches!(chunk, Chunk::Init) { 0 } else { 0x5ca1_ab1e };
+    let init = |tag: u32| -> Vec<u8> {
+        // Initiate tag, a_rwnd, outbound / inbound streams, initial TSN.
+        [
+            &tag.to_be_bytes()[..],
+            &65536u32.to_be_bytes(),
+            &[0, 10, 0, 10],
+            &1u32.to_be_bytes(),
+        ]
+        .concat()
+    };
+    let data = |user: &[u8]| -> Vec<u8> {
+        // TSN, stream id, stream sequence, payload protocol id, user data.
+        [&1u32.to_be_bytes()[..], &[0, 0, 0, 0], &46u32.to_be_bytes(), user].concat()
+    };
+    let (kind, flags, body) = match chunk {
+        Chunk::Init => (1u8, 0u8, init(0x1122_3344)),
+        Chunk::InitAck => (2, 0, init(0x5ca1_ab1e)),
+        Chunk::Data => (0, 3, data(b"hello")),
+        Chunk::BigData => (0, 3, data(&[0xa5; 1400])),
+        Chunk::Abort => (6, 0, vec![]),
+    };
+    let mut p = Vec::new();
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend(vtag.to_be_bytes());
+    p.extend([0u8; 4]);
+    p.extend([kind, flags]);
+    p.extend((4 + body.len() as u16).to_be_bytes());
+    p.extend(&body);
+    p.resize(p.len().next_multiple_of(4), 0);
+    let crc = CASTAGNOLI.checksum(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+fn sctp_over(ip: IpHeaders, sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    let payload = sctp_packet(sport, dport, chunk);
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, etherparse::IpNumber::SCTP, &payload).unwrap();
+    out
+}
+
+fn sctp(ip: Ip, sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    sctp_over(ip_header(&ip), sport, dport, chunk)
+}
+
+fn sctp6(ip: Ip6, sport: u16, dport: u16, chunk: Chunk) -> Vec<u8> {
+    sctp_over(ip.headers(), sport, dport, chunk)
+}
+
+/// Where the SCTP header of a crafted frame starts (no IP options or
+/// extension headers) and where the packet the CRC32c covers ends.
+fn sctp_span(pkt: &[u8]) -> std::ops::Range<usize> {
+    if pkt[12..14] == [0x86, 0xdd] {
+        54..54 + u16::from_be_bytes([pkt[18], pkt[19]]) as usize
+    } else {
+        34..14 + u16::from_be_bytes([pkt[16], pkt[17]]) as usize
+    }
+}
+
+/// The frame with its CRC32c field set to 0, as the SCTP stack leaves it
+/// for checksum offload.
+fn offloaded_crc(mut pkt: Vec<u8>) -> Vec<u8> {
+    let at = sctp_span(&pkt).start + 8;
+    pkt[at..at + 4].fill(0);
+    pkt
+}
+
+/// Does the SCTP packet in `pkt` carry its correct CRC32c?
+fn sctp_crc_valid(pkt: &[u8]) -> bool {
+    let span = sctp_span(pkt);
+    let Some(l4) = pkt.get(span) else { return false };
+    if l4.len() < 12 {
+        return false;
+    }
+    let mut zeroed = l4.to_vec();
+    zeroed[8..12].fill(0);
+    CASTAGNOLI.checksum(&zeroed).to_le_bytes() == l4[8..12]
+}
+
+fn sctp_model() -> Model {
+    use lb_common::svc_flags;
+    let mut node_port = service_port(NODE_PORT_ADDR, SCTP_NODE_PORT, Protocol::Sctp, &[(POD_A, SCTP_TARGET)]);
+    node_port.flags = svc_flags::SNAT_ALWAYS;
+    let mut node_port6 = service_port6(NODE_ADDR6, SCTP_NODE_PORT, Protocol::Sctp, &[(BACKEND6, SCTP_TARGET)]);
+    node_port6.flags = svc_flags::SNAT_ALWAYS;
+    let mut m = model(vec![
+        service_port(SCTP_VIP, SCTP_PORT, Protocol::Sctp, &[(BACKEND, SCTP_TARGET)]),
+        service_port(SCTP_VIP, SCTP_SAME_PORT, Protocol::Sctp, &[(BACKEND, SCTP_SAME_PORT)]),
+        service_port(SCTP_VIP, 8080, Protocol::Tcp, &[(BACKEND, 80)]),
+        service_port(SCTP_EMPTY_VIP, SCTP_PORT, Protocol::Sctp, &[]),
+        node_port,
+        service_port6(VIP6, SCTP_PORT, Protocol::Sctp, &[(BACKEND6, SCTP_TARGET)]),
+        node_port6,
+    ]);
+    m.cluster_ips = [v4(SCTP_VIP), v4(SCTP_EMPTY_VIP), Ipv6Addr::from(VIP6).into()]
+        .into_iter()
+        .collect();
+    m
+}
+
+#[test]
+fn sctp_clusterip_dnat_and_reverse_nat_keep_the_crc32c_bit_exact() {
+    let mut h = Harness::new(&sctp_model());
+    // The SCTP header cut after 8 bytes (IP length and frame agree).
+    let mut cut = sctp(ip(CLIENT, SCTP_VIP), 36010, SCTP_PORT, Chunk::Init)[..14 + 20 + 8].to_vec();
+    cut[16..18].copy_from_slice(&28u16.to_be_bytes());
+    // The frame holds the whole packet, the IP length only 8 bytes of it.
+    let mut short_ip_len = sctp(ip(CLIENT, SCTP_VIP), 36011, SCTP_PORT, Chunk::Init);
+    short_ip_len[16..18].copy_from_slice(&28u16.to_be_bytes());
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "INIT to the ClusterIP: DNAT to the target port, CRC32c updated",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36000, SCTP_PORT, Chunk::Init),
+                expect: Expect::Rewritten(sctp(ip(CLIENT, BACKEND).forwarded(), 36000, SCTP_TARGET, Chunk::Init)),
+            },
+            Case {
+                name: "INIT ACK from the backend: from the ClusterIP's port again, CRC32c updated",
+                input: sctp(ip(BACKEND, CLIENT), SCTP_TARGET, 36000, Chunk::InitAck),
+                expect: Expect::Rewritten(sctp(ip(SCTP_VIP, CLIENT).forwarded(), SCTP_PORT, 36000, Chunk::InitAck)),
+            },
+            Case {
+                name: "DATA follows the association's conntrack entry",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36000, SCTP_PORT, Chunk::Data),
+                expect: Expect::Rewritten(sctp(ip(CLIENT, BACKEND).forwarded(), 36000, SCTP_TARGET, Chunk::Data)),
+            },
+            Case {
+                name: "1400 bytes of DATA: the same update, whatever the length",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36000, SCTP_PORT, Chunk::BigData),
+                expect: Expect::Rewritten(sctp(
+                    ip(CLIENT, BACKEND).forwarded(),
+                    36000,
+                    SCTP_TARGET,
+                    Chunk::BigData,
+                )),
+            },
+            Case {
+                name: "same port on both ends: addresses only, the CRC32c unchanged",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36001, SCTP_SAME_PORT, Chunk::Init),
+                expect: Expect::Rewritten(sctp(
+                    ip(CLIENT, BACKEND).forwarded(),
+                    36001,
+                    SCTP_SAME_PORT,
+                    Chunk::Init,
+                )),
+            },
+            Case {
+                name: "CRC32c 0 (left to offload): stays 0 through the port change",
+                input: offloaded_crc(sctp(ip(CLIENT, SCTP_VIP), 36002, SCTP_PORT, Chunk::Init)),
+                expect: Expect::Rewritten(offloaded_crc(sctp(
+                    ip(CLIENT, BACKEND).forwarded(),
+                    36002,
+                    SCTP_TARGET,
+                    Chunk::Init,
+                ))),
+            },
+            Case {
+                name: "SCTP to the ClusterIP's TCP port: REJECT (ICMP quoting the common header)",
+                input: sctp(ip(CLIENT, SCTP_VIP), 36003, 8080, Chunk::Init),
+                expect: Expect::Rejected,
+            },
+            Case {
+                name: "SCTP service without endpoints: REJECT",
+                input: sctp(ip(CLIENT, SCTP_EMPTY_VIP), 36004, SCTP_PORT, Chunk::Init),
+                expect: Expect::Rejected,
+            },
+            Case {
+                name: "SCTP common header cut short: counted drop",
+                input: cut,
+                expect: Expect::Dropped(DropReason::Truncated),
+            },
+            Case {
+                name: "IP length shorter than the SCTP common header: counted drop",
+                input: short_ip_len,
+                expect: Expect::Dropped(DropReason::Truncated),
+            },
+        ],
+    );
+}
+
+#[test]
+fn sctp_nodeport_is_masqueraded_with_the_crc32c_following_both_ports_on_tc_and_xdp() {
+    let mut h = Harness::new(&sctp_model());
+    // TC.
+    let (action, out) = h.run(&sctp(ip(CLIENT, NODE_PORT_ADDR), 37000, SCTP_NODE_PORT, Chunk::Init));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let port = sport_of(&out);
+    assert!(lb_common::conntrack::snat_ports::contains(port), "SNAT port {port}");
+    assert_eq!(
+        hex(&out),
+        hex(&sctp(ip(NODE_ADDR, POD_A).forwarded(), port, SCTP_TARGET, Chunk::Init)),
+        "masqueraded as the node, to the target port"
+    );
+    let (action, out) = h.run(&sctp(ip(POD_A, NODE_ADDR), SCTP_TARGET, port, Chunk::InitAck));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        hex(&out),
+        hex(&sctp(
+            ip(NODE_PORT_ADDR, CLIENT).forwarded(),
+            SCTP_NODE_PORT,
+            37000,
+            Chunk::InitAck
+        )),
+        "reply: from the NodePort to the client"
+    );
+
+    // XDP: both ports in one update.
+    let dev = h.prepare_xdp();
+    let forwarded = h.event(FlowEvent::XdpForwarded);
+    let (action, out) = h.run_xdp(
+        dev,
+        &sctp(ip(CLIENT, NODE_PORT_ADDR), 37001, SCTP_NODE_PORT, Chunk::Init),
+    );
+    assert_eq!(action, XDP_REDIRECT, "SCTP NodePort by XDP");
+    let port = sport_of(&out);
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            sctp(ip(NODE_ADDR, POD_A).forwarded(), port, SCTP_TARGET, Chunk::Init),
+            POD_A_MAC
+        ))
+    );
+    let (action, out) = h.run_xdp(dev, &sctp(ip(POD_A, NODE_ADDR), SCTP_TARGET, port, Chunk::BigData));
+    assert_eq!(action, XDP_REDIRECT, "reply by XDP");
+    assert_eq!(
+        hex(&out),
+        hex(&via(
+            sctp(
+                ip(NODE_PORT_ADDR, CLIENT).forwarded(),
+                SCTP_NODE_PORT,
+                37001,
+                Chunk::BigData
+            ),
+            CLIENT_MAC
+        ))
+    );
+    assert_eq!(h.event(FlowEvent::XdpForwarded) - forwarded, 2);
+    // Truncated at XDP: counted like TC's.
+    let truncated = h.drops(DropReason::Truncated);
+    let mut cut = sctp(ip(CLIENT, NODE_PORT_ADDR), 37002, SCTP_NODE_PORT, Chunk::Init)[..14 + 20 + 8].to_vec();
+    cut[16..18].copy_from_slice(&28u16.to_be_bytes());
+    assert_eq!(h.run_xdp(dev, &cut).0, XDP_DROP);
+    assert_eq!(h.drops(DropReason::Truncated), truncated + 1);
+}
+
+#[test]
+fn sctp_over_ipv6_clusterip_nodeport_and_reject() {
+    let mut h = Harness::new(&sctp_model());
+    run_table(
+        &mut h,
+        vec![
+            Case {
+                name: "IPv6 INIT to the ClusterIP: DNAT to the target port, CRC32c updated",
+                input: sctp6(ip6(CLIENT6, VIP6), 37100, SCTP_PORT, Chunk::Init),
+                expect: Expect::Rewritten(sctp6(
+                    ip6(CLIENT6, BACKEND6).forwarded(),
+                    37100,
+                    SCTP_TARGET,
+                    Chunk::Init,
+                )),
+            },
+            Case {
+                name: "IPv6 INIT ACK: from the ClusterIP again",
+                input: sctp6(ip6(BACKEND6, CLIENT6), SCTP_TARGET, 37100, Chunk::InitAck),
+                expect: Expect::Rewritten(sctp6(ip6(VIP6, CLIENT6).forwarded(), SCTP_PORT, 37100, Chunk::InitAck)),
+            },
+            Case {
+                name: "IPv6 with extension headers: the CRC32c length excludes them",
+                input: sctp6(ip6(CLIENT6, VIP6).with_options(), 37101, SCTP_PORT, Chunk::Data),
+                expect: Expect::Rewritten(sctp6(
+                    ip6(CLIENT6, BACKEND6).with_options().forwarded(),
+                    37101,
+                    SCTP_TARGET,
+                    Chunk::Data,
+                )),
+            },
+            Case {
+                name: "IPv6 ClusterIP on a port without SCTP service: ICMPv6 port unreachable",
+                input: sctp6(ip6(CLIENT6, VIP6), 37102, 9999, Chunk::Init),
+                expect: Expect::Rejected,
+            },
+        ],
+    );
+    let (action, out) = h.run(&sctp6(ip6(CLIENT6, NODE_ADDR6), 37103, SCTP_NODE_PORT, Chunk::Init));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let port = u16::from_be_bytes([out[54], out[55]]);
+    assert_eq!(
+        hex(&out),
+        hex(&sctp6(
+            ip6(NODE_ADDR6, BACKEND6).forwarded(),
+            port,
+            SCTP_TARGET,
+            Chunk::Init
+        )),
+        "IPv6 NodePort masqueraded as the node's IPv6 address"
+    );
+    let (action, out) = h.run(&sctp6(ip6(BACKEND6, NODE_ADDR6), SCTP_TARGET, port, Chunk::InitAck));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        hex(&out),
+        hex(&sctp6(
+            ip6(NODE_ADDR6, CLIENT6).forwarded(),
+            SCTP_NODE_PORT,
+            37103,
+            Chunk::InitAck
+        ))
+    );
+}
+
+#[test]
+fn sctp_conntrack_lifetimes_follow_the_association_state() {
+    let mut h = Harness::new(&sctp_model());
+    let now = lb_agent::run::monotonic_secs();
+    let send = |h: &mut Harness, sport: u16, chunk: Chunk| {
+        let (action, _) = h.run(&sctp(ip(CLIENT, SCTP_VIP), sport, SCTP_PORT, chunk));
+        assert_eq!(action, TC_ACT_REDIRECT);
+    };
+    send(&mut h, 38000, Chunk::Init);
+    send(&mut h, 38001, Chunk::Init);
+    send(&mut h, 38001, Chunk::Data);
+    send(&mut h, 38002, Chunk::Init);
+    send(&mut h, 38002, Chunk::Data);
+    send(&mut h, 38002, Chunk::Abort);
+    let lifetimes: Vec<(u16, u32)> = lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK")
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.kind == lb_common::CtKind::Forward as u8 && k.proto == lb_common::proto::SCTP)
+        .map(|(k, e)| (k.src_port, e.expires_at - now))
+        .collect();
+    let ttl = |sport: u16| lifetimes.iter().find(|l| l.0 == sport).unwrap().1;
+    use lb_common::conntrack::ct_timeouts;
+    let within = |got: u32, want: u32| (want..=want + 1).contains(&got);
+    assert!(within(ttl(38000), ct_timeouts::SCTP_HANDSHAKE), "INIT: {lifetimes:?}");
+    assert!(within(ttl(38001), ct_timeouts::SCTP_ESTABLISHED), "DATA: {lifetimes:?}");
+    assert!(within(ttl(38002), ct_timeouts::SCTP_CLOSING), "ABORT: {lifetimes:?}");
+}
+
+/// A long BPF_PROG_TEST_RUN, run again when a signal interrupted it.
+fn retry_interrupted<T>(mut run: impl FnMut() -> Result<T, aya::programs::ProgramError>) -> T {
+    for _ in 0..5 {
+        match run() {
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::Interrupted => {}
+            result => return result.expect("BPF_PROG_TEST_RUN"),
+        }
+    }
+    panic!("BPF_PROG_TEST_RUN interrupted five times in a row");
+}
+
+/// The bench object (`lb-ebpf/src/bench.rs`): the CRC32c recomputation the
+/// incremental update is measured against.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
+
+/// The CRC32c update's cost, as BPF_PROG_TEST_RUN measures it: two
+/// services whose backends are each other's frontend, so every repeated
+/// run translates the packet the previous run left (after 63 runs its TTL
+/// is spent and the packet is left to the stack instead of redirected, the
+/// same for every protocol). Prints ns per packet; the CRC32c must still be
+/// right after all those updates. Then the alternative, a recomputation
+/// over the whole packet, timed alone (no lookup, no NAT) for comparison.
+#[test]
+fn sctp_crc32c_update_cost_per_packet() {
+    let (a, b) = ([198, 19, 0, 50], [198, 19, 0, 51]);
+    let pair = |protocol, port_a, port_b| {
+        [
+            service_port(a, port_a, protocol, &[(b, port_b)]),
+            service_port(b, port_b, protocol, &[(a, port_a)]),
+        ]
+    };
+    let m = model(
+        [
+            pair(Protocol::Udp, 5000, 6000),
+            pair(Protocol::Sctp, 5000, 6000),
+            pair(Protocol::Sctp, 7000, 7000),
+        ]
+        .concat(),
+    );
+    let mut h = Harness::new(&m);
+    const RUNS: u32 = 200_000;
+    let mut measure = |name: &str, pkt: Vec<u8>| -> Vec<u8> {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let prog = h.datapath.ingress_program().unwrap();
+        let r = retry_interrupted(|| {
+            prog.test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                data_out: Some(&mut out),
+                repeat: RUNS,
+                ..Default::default()
+            })
+        });
+        out.truncate(r.data_size_out as usize);
+        eprintln!("{name}: {} ns/packet", r.duration.as_nanos());
+        out
+    };
+    measure(
+        "UDP, port changed (Internet checksum helpers)",
+        udp(ip(CLIENT, a), 40000, 5000),
+    );
+    let same = measure(
+        "SCTP, same port (no CRC32c work)",
+        sctp(ip(CLIENT, a), 40000, 7000, Chunk::Init),
+    );
+    let small = measure("SCTP INIT, port changed", sctp(ip(CLIENT, a), 40001, 5000, Chunk::Init));
+    let big = measure(
+        "SCTP 1400-byte DATA, port changed",
+        sctp(ip(CLIENT, a), 40002, 5000, Chunk::BigData),
+    );
+    for (name, out) in [("same port", same), ("INIT", small), ("DATA", big)] {
+        assert!(sctp_crc_valid(&out), "{name}: CRC32c wrong after {RUNS} translations");
+        // An even number of translations: back at the first frontend.
+        assert_eq!(&out[30..34], &a, "{name}");
+    }
+
+    let mut bench = aya::Ebpf::load(BENCH_OBJECT).expect("loading the bench object");
+    let recompute: &mut aya::programs::Xdp = bench
+        .program_mut("bench_sctp_crc_recompute")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    recompute.load().expect("verifying bench_sctp_crc_recompute");
+    for (name, chunk) in [("INIT", Chunk::Init), ("1400-byte DATA", Chunk::BigData)] {
+        let pkt = offloaded_crc(sctp(ip(CLIENT, a), 40003, 5000, chunk));
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = retry_interrupted(|| {
+            recompute.test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                data_out: Some(&mut out),
+                repeat: RUNS / 10,
+                ..Default::default()
+            })
+        });
+        out.truncate(r.data_size_out as usize);
+        assert_eq!(r.return_value, XDP_PASS, "{name}: recomputed");
+        assert!(sctp_crc_valid(&out), "{name}: the recomputed CRC32c is wrong");
+        eprintln!(
+            "{name}: recomputing the CRC32c alone: {} ns/packet",
+            r.duration.as_nanos()
+        );
+    }
+}
+
+#[test]
+fn icmp_errors_about_sctp_flows_are_translated_back() {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let mut h = Harness::new(&sctp_model());
+    // A masqueraded SCTP NodePort flow; a router on the way needs fragmentation.
+    let (_, to_backend) = h.run(&sctp(ip(CLIENT, NODE_PORT_ADDR), 39000, SCTP_NODE_PORT, Chunk::Data));
+    let quoted = &to_backend[14..14 + 28];
+    let frag_needed =
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let router = [198, 18, 1, 1];
+    let (action, out) = h.run(&icmp_error(router, NODE_ADDR, frag_needed.clone(), quoted, 64));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let want = icmp_error(
+        router,
+        CLIENT,
+        frag_needed,
+        &requote(quoted, CLIENT, 39000, NODE_PORT_ADDR, SCTP_NODE_PORT),
+        63,
+    );
+    assert_eq!(
+        hex(&out),
+        hex(&want),
+        "PMTU error about an SCTP flow reaches its client, quoting its packet"
+    );
+}
+
+// ---- Host-network endpoints, TC egress, stack forwarding ------------------------
+
+impl Harness {
+    /// Runs `lb_egress` on `pkt` (a packet leaving the node).
+    fn run_egress(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = self
+            .datapath
+            .egress_program()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (egress)");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+}
+
+/// `kubernetes.default` on a control-plane node and a NodePort to a
+/// hostNetwork pod: the endpoints are the node's own address (NODE_ADDR,
+/// NODE_ADDR6 are local in the test namespace).
+fn host_endpoint_model() -> Model {
+    use lb_common::svc_flags;
+    let mut api = service_port(VIP, 443, Protocol::Tcp, &[(NODE_ADDR, 6443)]);
+    // A client outside the cluster CIDRs would be masqueraded (to a remote backend).
+    api.flags = svc_flags::SNAT_OUTSIDE_CLUSTER;
+    let dns = service_port(UDP_VIP, 53, Protocol::Udp, &[(NODE_ADDR, 5353)]);
+    let mut node_port = service_port(NODE_PORT_ADDR, 30443, Protocol::Tcp, &[(NODE_ADDR, 6443)]);
+    node_port.flags = svc_flags::SNAT_ALWAYS;
+    let api6 = service_port6(VIP6, 443, Protocol::Tcp, &[(NODE_ADDR6, 6443)]);
+    model(vec![api, dns, node_port, api6])
+}
+
+/// A request in, the local endpoint's reply out: what each hook must make of them.
+struct HostFlow {
+    name: &'static str,
+    /// Client → frontend, at TC ingress.
+    request: Vec<u8>,
+    /// Delivered locally as: DNATed, not masqueraded, TTL untouched.
+    delivered: Vec<u8>,
+    /// The endpoint's reply, at TC egress.
+    reply: Vec<u8>,
+    /// What leaves: from the frontend, checksums bit-exact.
+    leaves: Vec<u8>,
+}
+
+#[test]
+fn host_network_endpoint_is_delivered_locally_and_its_replies_leave_as_the_frontend() {
+    let mut h = Harness::new(&host_endpoint_model());
+    let flows = [
+        HostFlow {
+            name: "TCP to kubernetes.default (masquerade wanted: skipped for a local endpoint)",
+            request: tcp(ip(CLIENT, VIP), 40000, 443, Tcp::Syn),
+            delivered: tcp(ip(CLIENT, NODE_ADDR), 40000, 6443, Tcp::Syn),
+            reply: tcp(ip(NODE_ADDR, CLIENT), 6443, 40000, Tcp::SynAck),
+            leaves: tcp(ip(VIP, CLIENT), 443, 40000, Tcp::SynAck),
+        },
+        HostFlow {
+            name: "UDP to a ClusterIP served by the node",
+            request: udp(ip(CLIENT, UDP_VIP), 50000, 53),
+            delivered: udp(ip(CLIENT, NODE_ADDR), 50000, 5353),
+            reply: udp(ip(NODE_ADDR, CLIENT), 5353, 50000),
+            leaves: udp(ip(UDP_VIP, CLIENT), 53, 50000),
+        },
+        HostFlow {
+            name: "UDP without checksum keeps checksum 0 on the way out",
+            request: without_udp_checksum(udp(ip(CLIENT, UDP_VIP), 50001, 53)),
+            delivered: without_udp_checksum(udp(ip(CLIENT, NODE_ADDR), 50001, 5353)),
+            reply: without_udp_checksum(udp(ip(NODE_ADDR, CLIENT), 5353, 50001)),
+            leaves: without_udp_checksum(udp(ip(UDP_VIP, CLIENT), 53, 50001)),
+        },
+        HostFlow {
+            name: "NodePort (eTP Cluster) to a hostNetwork endpoint: not masqueraded",
+            request: tcp(ip(CLIENT, NODE_PORT_ADDR), 40001, 30443, Tcp::Syn),
+            delivered: tcp(ip(CLIENT, NODE_ADDR), 40001, 6443, Tcp::Syn),
+            reply: tcp(ip(NODE_ADDR, CLIENT), 6443, 40001, Tcp::SynAck),
+            leaves: tcp(ip(NODE_PORT_ADDR, CLIENT), 30443, 40001, Tcp::SynAck),
+        },
+        HostFlow {
+            name: "IPv6 TCP to a ClusterIP served by the node",
+            request: tcp6(ip6(CLIENT6, VIP6), 40002, 443, Tcp::Syn),
+            delivered: tcp6(ip6(CLIENT6, NODE_ADDR6), 40002, 6443, Tcp::Syn),
+            reply: tcp6(ip6(NODE_ADDR6, CLIENT6), 6443, 40002, Tcp::SynAck),
+            leaves: tcp6(ip6(VIP6, CLIENT6), 443, 40002, Tcp::SynAck),
+        },
+    ];
+    for f in flows {
+        let (local, revnat) = (h.event(FlowEvent::LocalEndpoint), h.event(FlowEvent::EgressReverseNat));
+        let (action, out) = h.run(&f.request);
+        assert_eq!(action, TC_ACT_OK, "{}: handed to the local stack", f.name);
+        assert_eq!(hex(&out), hex(&f.delivered), "{}: delivered", f.name);
+        assert_eq!(h.event(FlowEvent::LocalEndpoint), local + 1, "{}: counted", f.name);
+        let (action, out) = h.run_egress(&f.reply);
+        assert_eq!(action, TC_ACT_OK, "{}: reply", f.name);
+        assert_eq!(hex(&out), hex(&f.leaves), "{}: reply leaves as", f.name);
+        assert_eq!(h.event(FlowEvent::EgressReverseNat), revnat + 1, "{}: counted", f.name);
+    }
+    // The node answers a UDP flow with "port unreachable" (no server on the
+    // endpoint port): the client must see it about its own packet, from the frontend.
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let unreachable = || Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let (_, delivered) = h.run(&udp(ip(CLIENT, UDP_VIP), 50002, 53));
+    let quoted = &delivered[14..14 + 28];
+    let error = icmp_error(NODE_ADDR, CLIENT, unreachable(), quoted, 64);
+    let (action, out) = h.run_egress(&error);
+    assert_eq!(action, TC_ACT_OK, "ICMP error at egress");
+    let want = icmp_error(
+        UDP_VIP,
+        CLIENT,
+        unreachable(),
+        &requote(quoted, CLIENT, 50002, UDP_VIP, 53),
+        64,
+    );
+    assert_eq!(hex(&out), hex(&want), "the node's port unreachable shows the frontend");
+    // Not ours: untouched, whatever they look like.
+    let stray = icmp_error(
+        NODE_ADDR,
+        CLIENT,
+        unreachable(),
+        &requote(quoted, CLIENT, 1, NODE_ADDR, 2),
+        64,
+    );
+    for (name, pkt) in [
+        ("an ICMP error about no flow of ours", stray),
+        (
+            "the node's own traffic",
+            tcp(ip(NODE_ADDR, CLIENT), 6443, 40999, Tcp::Ack),
+        ),
+        ("a forwarded packet", tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Ack)),
+        (
+            "an already translated reply",
+            tcp(ip(VIP, CLIENT), 443, 40000, Tcp::Ack),
+        ),
+        ("UDP of the node", udp(ip(NODE_ADDR, CLIENT), 5353, 50999)),
+        (
+            "IPv6 of the node",
+            tcp6(ip6(NODE_ADDR6, CLIENT6), 6443, 40999, Tcp::Ack),
+        ),
+    ] {
+        let (action, out) = h.run_egress(&pkt);
+        assert_eq!(action, TC_ACT_OK, "{name}");
+        assert_eq!(hex(&out), hex(&pkt), "{name}: untouched");
+    }
+}
+
+/// What TC egress costs a packet that is not ours (the common case on
+/// every interface): printed, and bounded loosely so a regression to
+/// something expensive shows.
+#[test]
+fn egress_costs_little_for_packets_that_are_not_ours() {
+    let mut h = Harness::new(&host_endpoint_model());
+    let tcp_not_ours = tcp(ip(NODE_ADDR, CLIENT), 22, 40999, Tcp::Ack);
+    // Not IP at all: what BPF_PROG_TEST_RUN itself costs, for comparison.
+    let mut arp = tcp_not_ours.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let average = |h: &mut Harness, pkt: &[u8]| {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = h
+            .datapath
+            .egress_program()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                repeat: 100_000,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (egress)");
+        assert_eq!(r.return_value, TC_ACT_OK);
+        r.duration.as_nanos() as f64
+    };
+    let floor = average(&mut h, &arp);
+    for stack in [false, true] {
+        h.datapath.maps.set_stack_forwarding(stack).unwrap();
+        let ns = average(&mut h, &tcp_not_ours);
+        println!(
+            "lb_egress, TCP packet not ours, stack forwarding {stack}: {ns:.0} ns/packet (non-IP: {floor:.0} ns; test_run averages)"
+        );
+        assert!(ns < 2_000.0, "egress takes {ns} ns for a packet not ours");
+    }
+}
+
+#[test]
+fn stack_forwarding_mode_dnats_at_ingress_and_masquerades_and_reverse_nats_at_egress() {
+    use lb_common::svc_flags;
+    let mut masqueraded = service_port(SELF_VIP, 8080, Protocol::Tcp, &[(POD_A, 80)]);
+    masqueraded.flags = svc_flags::SNAT_ALWAYS;
+    let mut h = Harness::new(&model(vec![
+        service_port(VIP, 8080, Protocol::Tcp, &[(BACKEND, 80)]),
+        masqueraded,
+    ]));
+    h.datapath.maps.set_stack_forwarding(true).unwrap();
+
+    // Not masqueraded: DNAT at ingress, handed to the stack (which routes
+    // and decrements the TTL); the reply crosses the stack as the backend
+    // sent it and gets the frontend as its source at egress.
+    let steps = [
+        (
+            "SYN at ingress: DNAT only",
+            tcp(ip(CLIENT, VIP), 40000, 8080, Tcp::Syn),
+            false,
+            tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn),
+        ),
+        (
+            "SYN at egress: nothing more",
+            tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn),
+            true,
+            tcp(ip(CLIENT, BACKEND), 40000, 80, Tcp::Syn),
+        ),
+        (
+            "reply at ingress: untouched for the stack",
+            tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
+            false,
+            tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
+        ),
+        (
+            "reply at egress: from the frontend",
+            tcp(ip(BACKEND, CLIENT), 80, 40000, Tcp::SynAck),
+            true,
+            tcp(ip(VIP, CLIENT), 8080, 40000, Tcp::SynAck),
+        ),
+    ];
+    for (name, input, egress, want) in steps {
+        let (action, out) = if egress { h.run_egress(&input) } else { h.run(&input) };
+        assert_eq!(action, TC_ACT_OK, "{name}: to the stack");
+        assert_eq!(hex(&out), hex(&want), "{name}");
+    }
+
+    // Masqueraded: the node address becomes the source only at egress
+    // (arriving with it, the packet would be a martian).
+    let (action, out) = h.run(&tcp(ip(CLIENT, SELF_VIP), 40001, 8080, Tcp::Syn));
+    assert_eq!(action, TC_ACT_OK, "masqueraded SYN to the stack");
+    let dnated = tcp(ip(CLIENT, POD_A), 40001, 80, Tcp::Syn);
+    assert_eq!(hex(&out), hex(&dnated), "masqueraded SYN: DNAT only at ingress");
+    let masq = h.event(FlowEvent::EgressMasquerade);
+    let (action, out) = h.run_egress(&dnated);
+    assert_eq!(action, TC_ACT_OK);
+    let port = sport_of(&out);
+    assert!(lb_common::conntrack::snat_ports::contains(port), "SNAT port {port}");
+    assert_eq!(
+        hex(&out),
+        hex(&tcp(ip(NODE_ADDR, POD_A), port, 80, Tcp::Syn)),
+        "masqueraded at egress"
+    );
+    assert_eq!(h.event(FlowEvent::EgressMasquerade), masq + 1);
+    // The reply: destination restored at ingress, source at egress.
+    let (action, out) = h.run(&tcp(ip(POD_A, NODE_ADDR), 80, port, Tcp::SynAck));
+    assert_eq!(action, TC_ACT_OK, "masqueraded reply to the stack");
+    let unmasqueraded = tcp(ip(POD_A, CLIENT), 80, 40001, Tcp::SynAck);
+    assert_eq!(hex(&out), hex(&unmasqueraded), "reply: back to the client at ingress");
+    let (action, out) = h.run_egress(&unmasqueraded);
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(
+        hex(&out),
+        hex(&tcp(ip(SELF_VIP, CLIENT), 8080, 40001, Tcp::SynAck)),
+        "reply at egress"
+    );
+
+    // Back to redirect mode: forwarded by FIB again, translated at once.
+    h.datapath.maps.set_stack_forwarding(false).unwrap();
+    let (action, out) = h.run(&tcp(ip(CLIENT, VIP), 40002, 8080, Tcp::Syn));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        hex(&out),
+        hex(&tcp(ip(CLIENT, BACKEND).forwarded(), 40002, 80, Tcp::Syn))
+    );
+}
+
+#[test]
+fn xdp_hands_balanced_flows_to_the_stack_in_stack_forwarding_mode() {
+    let mut h = Harness::new(&xdp_model());
+    let dev = h.prepare_xdp();
+    h.datapath.maps.set_stack_forwarding(true).unwrap();
+    let passed = h.event(FlowEvent::XdpPassedToStack);
+    let syn = tcp(ip(CLIENT, NODE_PORT_ADDR), 40000, 30081, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &syn);
+    assert_eq!(action, XDP_PASS, "XDP leaves it to TC and the stack");
+    assert_eq!(hex(&out), hex(&syn), "untouched");
+    assert_eq!(h.event(FlowEvent::XdpPassedToStack), passed + 1, "counted");
+    // TC continues the flow XDP recorded, and hands it to the stack.
+    let (action, out) = h.run(&syn);
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(hex(&out), hex(&tcp(ip(CLIENT, POD_A), 40000, 80, Tcp::Syn)));
+}
+
+#[test]
+fn xdp_passes_flows_to_a_host_network_endpoint_to_tc_unmasqueraded() {
+    let mut h = Harness::new(&host_endpoint_model());
+    let dev = h.prepare_xdp();
+    let passed = h.event(FlowEvent::XdpPassedToStack);
+    let syn = tcp(ip(CLIENT, NODE_PORT_ADDR), 40000, 30443, Tcp::Syn);
+    let (action, out) = h.run_xdp(dev, &syn);
+    assert_eq!(action, XDP_PASS, "a local endpoint: the stack delivers it");
+    assert_eq!(hex(&out), hex(&syn), "untouched");
+    assert_eq!(h.event(FlowEvent::XdpPassedToStack), passed + 1, "counted");
+    // TC continues the flow XDP recorded: DNAT only (eTP Cluster, yet not masqueraded).
+    let (action, out) = h.run(&syn);
+    assert_eq!(action, TC_ACT_OK);
+    assert_eq!(hex(&out), hex(&tcp(ip(CLIENT, NODE_ADDR), 40000, 6443, Tcp::Syn)));
 }

@@ -10,6 +10,10 @@ pub enum CtKind {
     Forward = 0,
     /// Key is the backend's reply (src = backend, dst = client).
     Reply = 1,
+    /// Stack forwarding mode, masqueraded flows: key is the client's packet
+    /// after DNAT (src = client, dst = backend), as it leaves the node; the
+    /// entry's SNAT address and port become its source at TC egress.
+    Snat = 2,
 }
 
 #[repr(C)]
@@ -28,7 +32,8 @@ pub struct CtKey {
 }
 assert_size!(CtKey, 40);
 
-/// TCP flags remembered in `CtEntry::tcp_flags_seen`.
+/// TCP flags remembered in `CtEntry::tcp_flags_seen`; SCTP's chunk types
+/// are mapped onto them (`sctp::ct_flags_of`).
 pub mod ct_flags {
     pub const SYN: u8 = 0x02;
     pub const FIN: u8 = 0x01;
@@ -36,13 +41,106 @@ pub mod ct_flags {
     pub const ACK: u8 = 0x10;
 }
 
-/// Lifetimes (seconds) like Cilium's defaults: a flow idle for longer is
-/// forgotten and its next packet is balanced afresh.
+/// Lifetimes (seconds): a flow idle for longer is forgotten and its next
+/// packet is balanced afresh. kube-proxy's nf_conntrack settings where it
+/// has them (--conntrack-tcp-timeout-established 24h,
+/// --conntrack-tcp-timeout-close-wait 1h, --conntrack-udp-timeout 30s,
+/// --conntrack-udp-timeout-stream 2m).
 pub mod ct_timeouts {
+    /// Only the opening SYN seen (nf_conntrack's SYN_SENT: 2 min; we keep 1 min).
     pub const TCP_SYN: u32 = 60;
-    pub const TCP_ESTABLISHED: u32 = 21_600;
+    pub const TCP_ESTABLISHED: u32 = 86_400;
+    /// FIN seen from one side only: the other may keep sending for long
+    /// (nf_conntrack's CLOSE_WAIT, which kube-proxy raises to 1 h).
+    pub const TCP_CLOSE_WAIT: u32 = 3_600;
+    /// FIN seen from both sides, or RST: only stragglers are left.
     pub const TCP_CLOSING: u32 = 10;
-    pub const NON_TCP: u32 = 60;
+    /// A UDP (or other non-TCP) flow that has seen no reply.
+    pub const UDP: u32 = 30;
+    /// One that has seen a reply (nf_conntrack's ASSURED "stream").
+    pub const UDP_STREAM: u32 = 120;
+    /// SCTP, as nf_conntrack's defaults (kube-proxy sets none for SCTP):
+    /// COOKIE_WAIT / COOKIE_ECHOED, ESTABLISHED (heartbeat interval ×
+    /// path retransmissions + RTO max) and CLOSED (also used for the
+    /// SHUTDOWN states, whose 3 s it rounds up).
+    pub const SCTP_HANDSHAKE: u32 = 3;
+    pub const SCTP_ESTABLISHED: u32 = 210;
+    pub const SCTP_CLOSING: u32 = 10;
+}
+
+/// A flow's state as nf_conntrack names it, from the TCP flags each
+/// direction has sent (`own`, `peer`) and whether the backend has
+/// answered; it picks the flow's lifetime (`ct_timeouts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// TCP, only the opening SYN so far.
+    TcpSyn,
+    TcpEstablished,
+    /// TCP, FIN from one side only: the other side may still send for long.
+    TcpCloseWait,
+    /// TCP, FIN from both sides or a RST: only stragglers are left.
+    TcpClosing,
+    /// UDP (or other non-TCP), no reply yet.
+    Unreplied,
+    /// UDP (or other non-TCP) that has seen a reply (nf_conntrack's ASSURED).
+    Stream,
+    /// SCTP, by the chunks seen (`sctp::ct_flags_of`: INIT/COOKIE as SYN,
+    /// data as ACK, ABORT/SHUTDOWN as FIN): INIT to COOKIE ECHO.
+    SctpHandshake,
+    SctpEstablished,
+    /// After ABORT or a SHUTDOWN chunk.
+    SctpClosing,
+}
+
+impl CtState {
+    #[inline(always)]
+    pub fn of(proto: u8, own: u8, peer: u8, replied: bool) -> Self {
+        let both = own | peer;
+        if proto == crate::proto::SCTP {
+            if both & ct_flags::FIN != 0 {
+                CtState::SctpClosing
+            } else if both & ct_flags::ACK != 0 {
+                CtState::SctpEstablished
+            } else {
+                CtState::SctpHandshake
+            }
+        } else if proto != crate::proto::TCP {
+            if replied { CtState::Stream } else { CtState::Unreplied }
+        } else if both & ct_flags::RST != 0 || own & peer & ct_flags::FIN != 0 {
+            CtState::TcpClosing
+        } else if both & ct_flags::FIN != 0 {
+            CtState::TcpCloseWait
+        } else if both & ct_flags::ACK != 0 {
+            CtState::TcpEstablished
+        } else {
+            CtState::TcpSyn
+        }
+    }
+
+    /// The state of a flow whose entry (either direction) is `e`.
+    #[inline(always)]
+    pub fn of_entry(proto: u8, e: &CtEntry) -> Self {
+        Self::of(
+            proto,
+            e.tcp_flags_seen,
+            e.peer_tcp_flags,
+            e.flags & entry_flags::REPLIED != 0,
+        )
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtState::TcpSyn => "SYN_SENT",
+            CtState::TcpEstablished => "ESTABLISHED",
+            CtState::TcpCloseWait => "CLOSE_WAIT",
+            CtState::TcpClosing => "CLOSING",
+            CtState::Unreplied => "UNREPLIED",
+            CtState::Stream => "ASSURED",
+            CtState::SctpHandshake => "SCTP_HANDSHAKE",
+            CtState::SctpEstablished => "SCTP_ESTABLISHED",
+            CtState::SctpClosing => "SCTP_CLOSING",
+        }
+    }
 }
 
 #[repr(C)]
@@ -66,7 +164,10 @@ pub struct CtEntry {
     /// destination is restored to.
     pub snat_addr: RawAddr,
     pub snat_port: u16,
-    pub _pad: [u8; 2],
+    /// TCP flags the other direction's entry has seen (copied when it is
+    /// refreshed): with `tcp_flags_seen`, the whole flow's state.
+    pub peer_tcp_flags: u8,
+    pub _pad: u8,
 }
 assert_size!(CtEntry, 52);
 
@@ -74,6 +175,9 @@ assert_size!(CtEntry, 52);
 pub mod entry_flags {
     /// The flow is masqueraded (KUBE-POSTROUTING MASQUERADE).
     pub const SNAT: u8 = 1 << 0;
+    /// The backend has answered (a packet hit the reply entry); the
+    /// forward entry learns it too. A UDP flow then lives `UDP_STREAM`.
+    pub const REPLIED: u8 = 1 << 1;
 }
 
 /// Source ports for masquerading: 1024–29999 and 61000–65535, all but

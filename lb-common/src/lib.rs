@@ -14,13 +14,14 @@
 pub mod addr;
 pub mod backend;
 pub mod conntrack;
+pub mod sctp;
 pub mod service;
 pub mod sock;
 pub mod stats;
 
 pub use addr::RawAddr;
 pub use backend::{Backend, BackendId, BackendSlotKey};
-pub use conntrack::{CtEntry, CtKey, CtKind};
+pub use conntrack::{CtEntry, CtKey, CtKind, CtState};
 pub use service::{
     AffinityKey, AffinityValue, ServiceKey, ServiceScope, ServiceValue, SourceRange, cidr_kind, svc_flags,
 };
@@ -129,4 +130,5 @@ mod pod_impls {
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for sock::NodeConfig {}
     unsafe impl aya::Pod for sock::SockRevNat {}
+    unsafe impl aya::Pod for sock::SockNatKey {}
 }

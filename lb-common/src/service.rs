@@ -3,13 +3,19 @@
 
 use crate::{RawAddr, assert_size};
 
-/// Reserved key field; every entry uses `Cluster` today (NodePort, external
-/// and LoadBalancer addresses are entries of their own address, with their
-/// own backend set and flags).
+/// Which traffic a SERVICES entry serves (Cilium's scope idea). Every
+/// frontend has a `Cluster` entry, the one packets find first (NodePort,
+/// external and LoadBalancer addresses are entries of their own address,
+/// with their own backend set and flags). An externalTrafficPolicy Local
+/// frontend also has an `Internal` entry at the same address, port and
+/// protocol: all of the service's endpoints, for sources inside the
+/// cluster (kube-proxy's KUBE-EXT short-circuit to the cluster policy chain).
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ServiceScope {
     Cluster = 0,
+    /// Sources in the cluster CIDR and the node itself (socket hooks).
+    Internal = 1,
 }
 
 /// `ServiceValue::flags`.
@@ -29,6 +35,11 @@ pub mod svc_flags {
     /// traffic policy): drop, where a service without any endpoint is
     /// rejected — as kube-proxy does.
     pub const DROP_IF_EMPTY: u32 = 1 << 4;
+    /// externalTrafficPolicy Local: sources in the cluster CIDR and the
+    /// node's own sockets use this frontend's `ServiceScope::Internal`
+    /// entry (all endpoints) instead: kube-proxy's short-circuit of pod
+    /// and node traffic to external destinations.
+    pub const IN_CLUSTER_USES_INTERNAL: u32 = 1 << 5;
 }
 
 #[repr(C)]

@@ -47,9 +47,12 @@ pub enum DropReason {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowEvent {
-    /// A TCP packet without SYN of a flow that has no conntrack entry: the
-    /// entry was evicted from a full (LRU) table, or the flow predates this
-    /// datapath. The flow is balanced anew (Maglev keeps its backend).
+    /// A TCP packet without SYN at a service frontend whose flow has no
+    /// live conntrack entry: an established flow lost its entry — evicted
+    /// from the full LRU table (raise --conntrack-max-per-core /
+    /// --conntrack-min), idle longer than its timeout, its backend removed
+    /// — or the flow predates this datapath. The flow is balanced anew
+    /// (Maglev keeps its backend).
     TcpMidFlowConntrackMiss = 1,
     /// A packet the XDP path translated and sent itself (XDP_TX/REDIRECT).
     XdpForwarded = 2,
@@ -57,13 +60,27 @@ pub enum FlowEvent {
     /// hop not resolved yet, egress device not allowed for XDP frames, TTL
     /// about to expire, or a service without endpoints (TC rejects).
     XdpPassedToStack = 3,
+    /// A packet DNATed to an address of this node (a host-network
+    /// endpoint), handed to the local stack; such flows are never
+    /// masqueraded (local delivery skips kube-proxy's POSTROUTING too).
+    LocalEndpoint = 4,
+    /// A reply leaving the node from a local endpoint (or, in stack
+    /// forwarding mode, a forwarded backend reply) got the frontend back as
+    /// its source at TC egress.
+    EgressReverseNat = 5,
+    /// Stack forwarding mode: a masqueraded flow got the node address as
+    /// its source at TC egress, after the stack (netfilter FORWARD) routed it.
+    EgressMasquerade = 6,
 }
 
 impl FlowEvent {
-    pub const ALL: [FlowEvent; 3] = [
+    pub const ALL: [FlowEvent; 6] = [
         FlowEvent::TcpMidFlowConntrackMiss,
         FlowEvent::XdpForwarded,
         FlowEvent::XdpPassedToStack,
+        FlowEvent::LocalEndpoint,
+        FlowEvent::EgressReverseNat,
+        FlowEvent::EgressMasquerade,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -71,6 +88,9 @@ impl FlowEvent {
             FlowEvent::TcpMidFlowConntrackMiss => "tcp_mid_flow_conntrack_miss",
             FlowEvent::XdpForwarded => "xdp_forwarded",
             FlowEvent::XdpPassedToStack => "xdp_passed_to_stack",
+            FlowEvent::LocalEndpoint => "local_endpoint",
+            FlowEvent::EgressReverseNat => "egress_reverse_nat",
+            FlowEvent::EgressMasquerade => "egress_masquerade",
         }
     }
 }

@@ -3,9 +3,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    CtEntry, CtKey, CtKind, RawAddr,
-    conntrack::{ct_flags, ct_timeouts},
-    proto,
+    CtEntry, CtKey, CtKind, CtState, RawAddr,
+    conntrack::{ct_timeouts, entry_flags},
 };
 
 use crate::{
@@ -43,12 +42,24 @@ pub fn set_reply_key(
     to_port: u16,
     proto: u8,
 ) {
-    k.src_addr = *backend_addr;
-    k.dst_addr = *to_addr;
-    k.src_port = backend_port;
-    k.dst_port = to_port;
+    set_tuple_key(
+        k,
+        (backend_addr, backend_port),
+        (to_addr, to_port),
+        proto,
+        CtKind::Reply,
+    );
+}
+
+/// Sets `k` to the `kind` key of packets from `src` to `dst` (address, port in host order).
+#[inline(always)]
+pub fn set_tuple_key(k: &mut CtKey, src: (&RawAddr, u16), dst: (&RawAddr, u16), proto: u8, kind: CtKind) {
+    k.src_addr = *src.0;
+    k.dst_addr = *dst.0;
+    k.src_port = src.1;
+    k.dst_port = dst.1;
     k.proto = proto;
-    k.kind = CtKind::Reply as u8;
+    k.kind = kind as u8;
     k._pad = [0; 2];
 }
 
@@ -64,20 +75,22 @@ pub fn set_key(k: &mut CtKey, pkt: &Packet, kind: CtKind) {
     k._pad = [0; 2];
 }
 
-/// How long a flow lives after a packet with `flags_seen` so far.
+/// How long a flow in `state` lives after a packet.
 #[inline(always)]
-fn lifetime(pkt_proto: u8, flags_seen: u8) -> u32 {
+fn lifetime(state: CtState) -> u32 {
     // The agent's --conntrack-* settings, else the defaults.
     let cfg = CONFIG.get(0).copied().unwrap_or_default();
     let pick = |configured: u32, default: u32| if configured != 0 { configured } else { default };
-    if pkt_proto != proto::TCP {
-        pick(cfg.udp_timeout, ct_timeouts::NON_TCP)
-    } else if flags_seen & (ct_flags::FIN | ct_flags::RST) != 0 {
-        pick(cfg.tcp_closing_timeout, ct_timeouts::TCP_CLOSING)
-    } else if flags_seen & ct_flags::ACK != 0 {
-        pick(cfg.tcp_established_timeout, ct_timeouts::TCP_ESTABLISHED)
-    } else {
-        pick(cfg.tcp_syn_timeout, ct_timeouts::TCP_SYN)
+    match state {
+        CtState::TcpSyn => pick(cfg.tcp_syn_timeout, ct_timeouts::TCP_SYN),
+        CtState::TcpEstablished => pick(cfg.tcp_established_timeout, ct_timeouts::TCP_ESTABLISHED),
+        CtState::TcpCloseWait => pick(cfg.tcp_close_wait_timeout, ct_timeouts::TCP_CLOSE_WAIT),
+        CtState::TcpClosing => pick(cfg.tcp_closing_timeout, ct_timeouts::TCP_CLOSING),
+        CtState::Unreplied => pick(cfg.udp_timeout, ct_timeouts::UDP),
+        CtState::Stream => pick(cfg.udp_stream_timeout, ct_timeouts::UDP_STREAM),
+        CtState::SctpHandshake => ct_timeouts::SCTP_HANDSHAKE,
+        CtState::SctpEstablished => ct_timeouts::SCTP_ESTABLISHED,
+        CtState::SctpClosing => ct_timeouts::SCTP_CLOSING,
     }
 }
 
@@ -92,18 +105,73 @@ pub fn lookup(key: &CtKey, now: u32) -> Option<*mut CtEntry> {
     Some(entry)
 }
 
-/// Records this packet on a live entry: TCP flags and a later expiry. Writes
-/// only when something changed, to keep cache lines quiet on busy flows.
+/// Records this packet on a live entry of `kind`: TCP flags, "replied",
+/// a later expiry. Writes only when something changed (at most about once
+/// a second on a busy flow), to keep cache lines quiet; each write also
+/// brings the other direction's entry in step, so the flow lives as long
+/// as either direction is active, as one nf_conntrack entry does.
 #[inline(always)]
-pub fn touch(entry: *mut CtEntry, pkt: &Packet, now: u32) {
-    // SAFETY: pointer from a successful lookup in this program run.
-    unsafe {
-        let flags = (*entry).tcp_flags_seen | pkt.tcp_flags;
-        let expires = now + lifetime(pkt.proto, flags);
-        if flags != (*entry).tcp_flags_seen || expires > (*entry).expires_at + 1 {
-            (*entry).tcp_flags_seen = flags;
-            (*entry).expires_at = expires;
+pub fn touch(entry: *mut CtEntry, pkt: &Packet, kind: CtKind, now: u32) {
+    // SAFETY: pointer from a successful lookup in this program run; no
+    // other reference to the entry is live.
+    let e = unsafe { &mut *entry };
+    let own = e.tcp_flags_seen | pkt.tcp_flags;
+    let flags = match kind {
+        CtKind::Reply => e.flags | entry_flags::REPLIED,
+        CtKind::Forward | CtKind::Snat => e.flags,
+    };
+    let state = CtState::of(pkt.proto, own, e.peer_tcp_flags, flags & entry_flags::REPLIED != 0);
+    let expires = now + lifetime(state);
+    if own == e.tcp_flags_seen && flags == e.flags && expires <= e.expires_at + 1 {
+        return;
+    }
+    e.tcp_flags_seen = own;
+    e.flags = flags;
+    e.expires_at = expires;
+    sync_peer(e, pkt, kind);
+}
+
+/// Copies `e`'s state (its TCP flags as the peer's, "replied", expiry) to
+/// the other direction's entry of the flow, found from `e` and the packet:
+/// forward entry (client → frontend) ↔ reply entry (backend → client, or
+/// → the node address and port of a masqueraded flow).
+#[inline(always)]
+fn sync_peer(e: &CtEntry, pkt: &Packet, kind: CtKind) {
+    let Some(k) = key_slot() else { return };
+    let snat = e.flags & entry_flags::SNAT != 0;
+    match kind {
+        CtKind::Forward => {
+            let (to, to_port) = if snat {
+                (e.snat_addr, e.snat_port)
+            } else {
+                (pkt.src, pkt.sport)
+            };
+            set_reply_key(k, &e.nat_addr, e.nat_port, &to, to_port, pkt.proto);
         }
+        CtKind::Reply => {
+            let (client, client_port) = if snat {
+                (e.snat_addr, e.snat_port)
+            } else {
+                (pkt.dst, pkt.dport)
+            };
+            k.src_addr = client;
+            k.dst_addr = e.nat_addr;
+            k.src_port = client_port;
+            k.dst_port = e.nat_port;
+            k.proto = pkt.proto;
+            k.kind = CtKind::Forward as u8;
+            k._pad = [0; 2];
+        }
+        // Stack forwarding's egress masquerade entry lives on its own.
+        CtKind::Snat => return,
+    }
+    if let Some(peer) = CONNTRACK.get_ptr_mut(k) {
+        // SAFETY: pointer from a successful lookup; the peer is another
+        // entry than `e` (its key differs in `kind`).
+        let peer = unsafe { &mut *peer };
+        peer.peer_tcp_flags = e.tcp_flags_seen;
+        peer.flags |= e.flags & entry_flags::REPLIED;
+        peer.expires_at = e.expires_at;
     }
 }
 
@@ -125,10 +193,11 @@ pub fn init_entry(
     e.flags = 0;
     e.backend_id = backend_id;
     e.service_id = service_id;
-    e.expires_at = now + lifetime(pkt.proto, pkt.tcp_flags);
+    e.expires_at = now + lifetime(CtState::of(pkt.proto, pkt.tcp_flags, 0, false));
     e.snat_addr = [0; 16];
     e.snat_port = 0;
-    e._pad = [0; 2];
+    e.peer_tcp_flags = 0;
+    e._pad = 0;
 }
 
 /// This CPU's key slot (see maps::SCRATCH_KEY): keys of new entries are

@@ -3,11 +3,14 @@
 //! whose source became a node address (masquerade, or a reply restored to
 //! come from a node's NodePort) would be refused by the stack as martians,
 //! so NATed packets take this path; what the FIB cannot forward (local
-//! delivery, no route) is left to the stack.
+//! delivery to a host-network endpoint, no route) is left to the stack.
+//! In stack forwarding mode the stack routes every translated packet
+//! (see `stack_forwarding`).
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
+        bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
@@ -15,12 +18,24 @@ use aya_ebpf::{
 use lb_common::{
     DropReason, RawAddr,
     addr::{from_v4_word, v4_word},
+    sock::config_flags,
 };
 
 use crate::{
     ctx::PacketCtx,
+    maps::CONFIG,
     parse::{IP_CSUM_OFF, IP_TTL_OFF, IP6_HOP_LIMIT_OFF, Packet},
 };
+
+/// Stack forwarding mode (`--forwarding-mode stack`)? Translated packets
+/// then go up the stack (netfilter FORWARD sees them) rather than being
+/// redirected, and masquerading happens at TC egress (egress.rs).
+#[inline(always)]
+pub fn stack_forwarding() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & config_flags::STACK_FORWARDING != 0)
+}
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -54,6 +69,17 @@ pub struct Route {
     pub resolved: bool,
 }
 
+/// What the FIB says about a destination.
+pub enum Fib {
+    /// Forwarded out of an interface.
+    Forward(Route),
+    /// One of the node's own addresses (or broadcast): delivered locally,
+    /// never forwarded — a host-network endpoint.
+    Local,
+    /// Blackhole, unreachable, no route, forwarding off.
+    Unroutable,
+}
+
 /// FIB lookup for a packet from `src`:`sport` to `dst`:`dport` (ports in
 /// host order). `None`: not forwardable (local, blackhole, no route).
 #[inline(always)]
@@ -66,6 +92,24 @@ pub fn route(
     dport: u16,
     want_src: bool,
 ) -> Option<Route> {
+    match lookup(ctx, pkt, src, dst, sport, dport, want_src) {
+        Fib::Forward(route) => Some(route),
+        Fib::Local | Fib::Unroutable => None,
+    }
+}
+
+/// The FIB's answer for a packet from `src`:`sport` to `dst`:`dport`
+/// (ports in host order), with the source address when `want_src`.
+#[inline(always)]
+pub fn lookup(
+    ctx: &impl PacketCtx,
+    pkt: &Packet,
+    src: &RawAddr,
+    dst: &RawAddr,
+    sport: u16,
+    dport: u16,
+    want_src: bool,
+) -> Fib {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.l4_protocol = pkt.proto;
@@ -78,18 +122,24 @@ pub fn route(
         p.__bindgen_anon_4.ipv6_dst = words(dst);
     } else {
         p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src = v4_word(src)?;
-        p.__bindgen_anon_4.ipv4_dst = v4_word(dst)?;
+        let (Some(src), Some(dst)) = (v4_word(src), v4_word(dst)) else {
+            return Fib::Unroutable;
+        };
+        p.__bindgen_anon_3.ipv4_src = src;
+        p.__bindgen_anon_4.ipv4_dst = dst;
     }
     p.ifindex = ctx.ingress_ifindex();
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: params on our stack, size given.
     let ret = unsafe { bpf_fib_lookup(ctx.raw(), &mut p, core::mem::size_of::<FibParams>() as i32, flags) };
+    if ret == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        return Fib::Local;
+    }
     if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return None;
+        return Fib::Unroutable;
     }
     // SAFETY: union field written by the helper.
-    Some(Route {
+    Fib::Forward(Route {
         ifindex: p.ifindex,
         src: if pkt.v6 {
             from_words(unsafe { p.__bindgen_anon_3.ipv6_src })

@@ -41,6 +41,14 @@ struct InnerIp {
     daddr: u32,
 }
 
+/// Protocols of the flows we translate: their quoted header starts with
+/// the ports. (A quoted SCTP CRC32c is left as it was: nobody checks a
+/// quote's checksum.)
+#[inline(always)]
+fn quotes_ports(inner_proto: u8) -> bool {
+    inner_proto == proto::TCP || inner_proto == proto::UDP || inner_proto == proto::SCTP
+}
+
 #[inline(always)]
 fn replace(ctx: &TcContext, off: usize, csum_offs: (usize, usize), old: u32, new: u32) -> Result<(), DropReason> {
     // The 4 bytes at `off` change: fix the IP header checksum that covers
@@ -66,10 +74,20 @@ fn replace_port(ctx: &TcContext, off: usize, icmp_csum: usize, old: u16, new: u1
     Ok(())
 }
 
+/// Where a translated error goes next.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Forwarded by FIB (TC ingress).
+    Forward,
+    /// On its way already (TC egress: the stack routed it, e.g. an error
+    /// the node itself sends about a flow to a host-network endpoint).
+    Pass,
+}
+
 /// An ICMP error quoting a packet of a flow we translate: rewrite it as the
-/// client must see it and forward it. Anything else: `OK` (pass).
+/// client must see it and forward it (`then`). Anything else: `OK` (pass).
 #[inline(never)]
-pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+pub fn translate_error(ctx: &TcContext, pkt: &Packet, then: Then) -> Result<i32, DropReason> {
     let (Some(outer_src), Some(outer_dst)) = (v4_word(&pkt.src), v4_word(&pkt.dst)) else {
         return Ok(OK);
     };
@@ -97,7 +115,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason>
         )
     };
     let inner_ihl = (version_ihl & 0x0f) as usize;
-    if version_ihl >> 4 != 4 || inner_ihl < 5 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+    if version_ihl >> 4 != 4 || inner_ihl < 5 || !quotes_ports(inner_proto) {
         return Ok(OK);
     }
     let inner_l4 = inner_off + inner_ihl * 4;
@@ -163,6 +181,9 @@ pub fn translate_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason>
     if masq && outer_dst != client {
         replace(ctx, IP_DST_OFF, (IP_CSUM_OFF, 0), outer_dst, client)?;
     }
+    if then == Then::Pass {
+        return Ok(OK);
+    }
     let egress =
         forward::route(ctx, pkt, &from_v4_word(frontend), &from_v4_word(client), 0, 0, false).map(|r| r.ifindex);
     forward::forward(ctx, pkt, egress)
@@ -212,7 +233,7 @@ fn replaced_v6(ctx: &TcContext, off: usize, csum_at: u32, old: &RawAddr, new: &R
 /// parameter problem) quoting a packet of a flow we translate: rewritten as
 /// the client must see them, like IPv4's. NDP, echo and the rest: `OK`.
 #[inline(never)]
-pub fn translate_error_v6(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+pub fn translate_error_v6(ctx: &TcContext, pkt: &Packet, then: Then) -> Result<i32, DropReason> {
     let icmp_type = (pkt.sport >> 8) as u8;
     if !matches!(
         icmp_type,
@@ -231,7 +252,7 @@ pub fn translate_error_v6(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReas
     };
     // SAFETY: bounds checked by ptr_at.
     let (version, inner_proto) = unsafe { ((*inner)[0] >> 4, (*inner)[6]) };
-    if version != 6 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+    if version != 6 || !quotes_ports(inner_proto) {
         return Ok(OK);
     }
     let inner_l4 = inner_off + IP6_HDR_LEN;
@@ -277,6 +298,9 @@ pub fn translate_error_v6(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReas
     }
     if masq {
         replaced_v6(ctx, IP6_DST_OFF, icmp_csum | PSEUDO, &pkt.dst, &e.snat_addr)?;
+    }
+    if then == Then::Pass {
+        return Ok(OK);
     }
     let src = if from_backend { &e.nat_addr } else { &pkt.src };
     let dst = if masq { &e.snat_addr } else { &pkt.dst };

@@ -2,20 +2,24 @@
 //! forward. Packets to a frontend are DNATed (and masqueraded where kube-
 //! proxy would) to a backend; the backend's replies are translated back so
 //! the client only ever sees the address and port it connected to.
+//! A backend that is the node's own address is delivered locally (its
+//! replies are translated at TC egress); in stack forwarding mode every
+//! translated packet goes to the stack and masquerading waits for egress.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{
-    CtKind, DropReason, FlowEvent, RawAddr, ServiceValue,
+    CtEntry, CtKind, DropReason, FlowEvent, RawAddr, ServiceValue,
     addr::v4_word,
     cidr_kind,
-    conntrack::{ct_flags, entry_flags},
+    conntrack::{CtState, ct_flags, entry_flags},
     proto, svc_flags,
 };
 
 use crate::{
     conntrack,
     ctx::PacketCtx,
-    forward, icmp,
+    forward::{self, Fib},
+    icmp,
     nat::{self, Side},
     parse::{self, Fragment, Packet},
     reject, select, snat, stats,
@@ -28,10 +32,10 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(OK);
     };
     if pkt.proto == proto::ICMP {
-        return icmp::translate_error(ctx, pkt);
+        return icmp::translate_error(ctx, pkt, icmp::Then::Forward);
     }
     if pkt.proto == proto::ICMPV6 {
-        return icmp::translate_error_v6(ctx, pkt);
+        return icmp::translate_error_v6(ctx, pkt, icmp::Then::Forward);
     }
     // Each step is its own BPF function called from here, never from each
     // other: the 512-byte stack limit counts every frame of a call chain.
@@ -57,7 +61,8 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         return translate_forward(ctx, &pkt, egress);
     }
-    if let Some(verdict) = reply_from_backend(ctx, &pkt)? {
+    let verdict = reply_from_backend(ctx, &pkt)?;
+    if verdict != NOT_A_REPLY {
         return Ok(verdict);
     }
     not_a_frontend(ctx, &pkt)
@@ -104,9 +109,10 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
         // (terminating, removed) endpoints, so rolling updates do not reset
         // live connections. UDP flows to endpoints that stopped serving are
         // cleared by the agent (kube-proxy's CleanStaleEntries). A flow of a
-        // service deleted and re-created under the same frontend is new.
-        if e.service_id == svc.service_id {
-            conntrack::touch(entry, pkt, now);
+        // service deleted and re-created under the same frontend is new, and
+        // so is a connection opened again on the tuple of a closed one.
+        if e.service_id == svc.service_id && !reopens_closed_flow(pkt, e) {
+            conntrack::touch(entry, pkt, CtKind::Forward, now);
             let scratch = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: as above.
             *scratch = unsafe { *entry };
@@ -118,6 +124,20 @@ pub fn to_service(pkt: &Packet, svc: &ServiceValue) -> Result<Flow, DropReason> 
     } else {
         Flow::New
     })
+}
+
+/// A connection opened again on the tuple of one that has closed (FIN from
+/// both sides or a RST; SCTP: ABORT or SHUTDOWN): a new flow, balanced
+/// afresh, as nf_conntrack replaces a closed entry on a new SYN. Without
+/// this, a client reusing a source port would reach the old connection's
+/// backend — one that may have left the service since.
+#[inline(always)]
+fn reopens_closed_flow(pkt: &Packet, e: &CtEntry) -> bool {
+    pkt.tcp_flags & (ct_flags::SYN | ct_flags::ACK) == ct_flags::SYN
+        && matches!(
+            CtState::of_entry(pkt.proto, e),
+            CtState::TcpClosing | CtState::SctpClosing
+        )
 }
 
 /// Does this new flow need masquerading? (KUBE-MARK-MASQ's cases.)
@@ -153,11 +173,21 @@ pub fn new_flow(ctx: &impl PacketCtx, pkt: &Packet, svc: &ServiceValue) -> Resul
     let route = if wants_snat(svc, pkt, &backend.addr) {
         masquerade(ctx, pkt, &backend.addr, backend.port)?
     } else {
-        let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
-        conntrack::set_reply_key(key, &backend.addr, backend.port, &pkt.src, pkt.sport, pkt.proto);
-        conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
         0
     };
+    let stack = forward::stack_forwarding();
+    if route == 0 || stack {
+        // Replies addressed to the client itself: not masqueraded, or (in
+        // stack mode) masqueraded and given back their destination at
+        // ingress, their source at egress.
+        let snat = e.flags;
+        e.flags &= !entry_flags::SNAT;
+        let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
+        conntrack::set_reply_key(key, &backend.addr, backend.port, &pkt.src, pkt.sport, pkt.proto);
+        let inserted = conntrack::insert(key, e);
+        e.flags = snat;
+        inserted.map_err(|_| DropReason::ConntrackInsert)?;
+    }
     // Forward entry: the client's packets go to the backend (masqueraded as
     // the node address and port above, when chosen).
     e.nat_addr = backend.addr;
@@ -165,21 +195,35 @@ pub fn new_flow(ctx: &impl PacketCtx, pkt: &Packet, svc: &ServiceValue) -> Resul
     let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
     conntrack::set_key(key, pkt, CtKind::Forward);
     conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
+    if stack && route != 0 {
+        // Stack mode masquerades at egress, where the packet shows the
+        // backend as destination: the same entry under that key.
+        let key = conntrack::key_slot().ok_or(DropReason::ConntrackInsert)?;
+        let (client, backend) = ((&pkt.src, pkt.sport), (&backend.addr, backend.port));
+        conntrack::set_tuple_key(key, client, backend, pkt.proto, CtKind::Snat);
+        conntrack::insert(key, e).map_err(|_| DropReason::ConntrackInsert)?;
+    }
     Ok(route)
 }
 
 /// Masquerades the new flow whose reply entry is in the scratch slot: as
 /// the node address the kernel would send from toward the backend, with a
 /// port free for this backend (claimed by inserting the reply entry, which
-/// also restores the client as destination). Returns the egress ifindex.
+/// also restores the client as destination). Returns the egress ifindex,
+/// or 0 when the backend is an address of this node (a host-network
+/// endpoint): such packets are delivered locally, which kube-proxy's
+/// masquerade (POSTROUTING) never sees, so they are not masqueraded.
 /// Its own BPF function: the FIB parameters and the port search need stack
 /// of their own.
 #[inline(never)]
 fn masquerade(ctx: &impl PacketCtx, pkt: &Packet, backend: &RawAddr, backend_port: u16) -> Result<u32, DropReason> {
     let now = conntrack::now_secs();
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
-    let route =
-        forward::route(ctx, pkt, &pkt.src, backend, pkt.sport, backend_port, true).ok_or(DropReason::NoRoute)?;
+    let route = match forward::lookup(ctx, pkt, &pkt.src, backend, pkt.sport, backend_port, true) {
+        Fib::Forward(route) => route,
+        Fib::Local => return Ok(0),
+        Fib::Unroutable => return Err(DropReason::NoRoute),
+    };
     e.flags |= entry_flags::SNAT;
     e.snat_addr = pkt.src;
     e.snat_port = pkt.sport;
@@ -196,10 +240,25 @@ fn masquerade(ctx: &impl PacketCtx, pkt: &Packet, backend: &RawAddr, backend_por
 fn translate_forward(ctx: &TcContext, pkt: &Packet, egress: u32) -> Result<i32, DropReason> {
     let e = conntrack::scratch().ok_or(DropReason::ConntrackInsert)?;
     nat::rewrite(ctx, pkt, Side::Destination, &e.nat_addr, e.nat_port)?;
-    let (src, sport) = masquerade_side(ctx, pkt, e, Side::Source, (pkt.src, pkt.sport))?;
     stats::count_balanced(e.service_id, e.backend_id, ctx.len());
+    if forward::stack_forwarding() {
+        // The stack routes it (netfilter FORWARD applies); a masqueraded
+        // flow gets its source at TC egress, as a node-address source
+        // arriving here would be refused as a martian.
+        return Ok(OK);
+    }
+    let (src, sport) = masquerade_side(ctx, pkt, e, Side::Source, (pkt.src, pkt.sport))?;
     let egress = match egress {
-        0 => forward::route(ctx, pkt, &src, &e.nat_addr, sport, e.nat_port, false).map(|r| r.ifindex),
+        0 => match forward::lookup(ctx, pkt, &src, &e.nat_addr, sport, e.nat_port, false) {
+            Fib::Forward(route) => Some(route.ifindex),
+            // A host-network endpoint: up the local stack; its replies
+            // get the frontend back at TC egress (see egress.rs).
+            Fib::Local => {
+                stats::count_event(FlowEvent::LocalEndpoint);
+                None
+            }
+            Fib::Unroutable => None,
+        },
         ifindex => Some(ifindex),
     };
     forward::forward(ctx, pkt, egress)
@@ -223,24 +282,38 @@ fn masquerade_side(
     Ok((e.snat_addr, e.snat_port))
 }
 
+/// `reply_from_backend`'s answer for a packet that is no reply of ours.
+/// Not an `Option`: a `None` returned from a BPF function leaves its payload
+/// undefined, and LLVM may fill it from a pointer register, which the
+/// verifier refuses.
+const NOT_A_REPLY: i32 = i32::MIN;
+
 /// Backend → client: restore the frontend as the source (and the client as
-/// the destination of a masqueraded flow). `None`: not a reply of ours.
+/// the destination of a masqueraded flow). `NOT_A_REPLY`: not a reply of ours.
 #[inline(never)]
-fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, DropReason> {
+fn reply_from_backend(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let now = conntrack::now_secs();
     let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Reply), now) else {
-        return Ok(None);
+        return Ok(NOT_A_REPLY);
     };
     if pkt.fragment != Fragment::None {
         return Err(DropReason::FragmentToService);
     }
-    conntrack::touch(entry, pkt, now);
+    conntrack::touch(entry, pkt, CtKind::Reply, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { *entry };
+    if forward::stack_forwarding() {
+        // The stack routes the reply as the backend sent it (so netfilter
+        // sees the reply of the flow it forwarded); only a masqueraded
+        // flow's destination, a node address, goes back to the client
+        // first. The frontend becomes the source at TC egress.
+        masquerade_side(ctx, pkt, &e, Side::Destination, (pkt.dst, pkt.dport))?;
+        return Ok(OK);
+    }
     nat::rewrite(ctx, pkt, Side::Source, &e.nat_addr, e.nat_port)?;
     let (client, client_port) = masquerade_side(ctx, pkt, &e, Side::Destination, (pkt.dst, pkt.dport))?;
     // Forwarded by FIB: the restored source may be a node address (NodePort),
     // which the stack would refuse on input.
     let egress = forward::route(ctx, pkt, &e.nat_addr, &client, e.nat_port, client_port, false).map(|r| r.ifindex);
-    Ok(Some(forward::forward(ctx, pkt, egress)?))
+    forward::forward(ctx, pkt, egress)
 }

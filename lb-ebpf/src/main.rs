@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod ctx;
+mod egress;
 mod forward;
 mod icmp;
 mod ingress;
@@ -29,6 +30,20 @@ use aya_ebpf::{
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
     match ingress::try_ingress(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// TC egress on the same interfaces: replies of host-network endpoints get
+/// their frontend back; in stack forwarding mode also masquerading and the
+/// reverse NAT of forwarded replies (see egress.rs).
+#[classifier]
+pub fn lb_egress(ctx: TcContext) -> i32 {
+    match egress::try_egress(&ctx) {
         Ok(action) => action,
         Err(reason) => {
             stats::count_drop(reason);

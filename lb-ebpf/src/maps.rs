@@ -16,7 +16,7 @@ use lb_common::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DROP_REASONS, FLOW_EVENTS, MAX_AFFINITY,
         MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CIDRS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_XDP_EGRESS,
     },
-    sock::{NodeConfig, SockRevNat},
+    sock::{NodeConfig, SockNatKey, SockRevNat},
 };
 
 /// (VIP, port, protocol, scope) → service port entry: KUBE-SERVICES.
@@ -71,10 +71,11 @@ pub static PACKET: PerCpuArray<Packet, 1> = PerCpuArray::new();
 #[btf_map]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 
-/// Socket cookie → frontend and backend of a host socket translated by the
+/// (socket cookie, frontend) → backend chosen for it, and (socket cookie,
+/// backend) → frontend to show again: host sockets translated by the
 /// connect/sendmsg hooks; LRU, so closed sockets age out.
 #[btf_map]
-pub static SOCK_REVNAT: LruHashMap<u64, SockRevNat, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
+pub static SOCK_REVNAT: LruHashMap<SockNatKey, SockRevNat, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
 
 /// Service id → its Maglev table (an array of backend ids indexed by flow
 /// hash % size), swapped whole by the agent on every change.

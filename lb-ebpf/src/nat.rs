@@ -1,13 +1,15 @@
 //! Address/port rewrites with incremental checksum updates: through the skb
 //! helpers at TC, which also handle CHECKSUM_PARTIAL packets from local
-//! sockets; by direct writes on XDP frames.
+//! sockets; by direct writes on XDP frames. SCTP's CRC32c covers the ports
+//! but not the addresses: it changes only with a port (`sctp` module of
+//! lb-common), by direct computation on both paths.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
-use lb_common::{DropReason, RawAddr, addr::v4_word, proto};
+use lb_common::{DropReason, RawAddr, addr::v4_word, proto, sctp};
 
 use crate::parse::{
     IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, Packet, ptr_at,
@@ -24,9 +26,13 @@ pub enum Side {
 
 /// Rewrites one side's address and L4 port (host order) and fixes the
 /// checksums: IPv4's header and L4 checksums, IPv6's L4 checksum (its
-/// pseudo-header holds the addresses; there is no header checksum).
+/// pseudo-header holds the addresses; there is no header checksum); SCTP's
+/// CRC32c when the port changes.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: &RawAddr, new_port: u16) -> Result<(), DropReason> {
+    if pkt.proto == proto::SCTP {
+        return rewrite_sctp(ctx, pkt, side, new_addr, new_port);
+    }
     let (old_addr, old_port, port_off) = match side {
         Side::Destination => (&pkt.dst, pkt.dport, pkt.l4_off + 2),
         Side::Source => (&pkt.src, pkt.sport, pkt.l4_off),
@@ -78,6 +84,65 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, new_addr: &RawAddr, ne
         ctx.store(port_off, &new_port, 0).map_err(|_| DropReason::Rewrite)?;
     }
     Ok(())
+}
+
+/// `rewrite` for SCTP: the address with only IPv4's header checksum to fix,
+/// the port with the CRC32c (whose arithmetic is a BPF function of its own,
+/// without stack: this one is inlined into callers that have little left).
+#[inline(always)]
+fn rewrite_sctp(
+    ctx: &TcContext,
+    pkt: &Packet,
+    side: Side,
+    new_addr: &RawAddr,
+    new_port: u16,
+) -> Result<(), DropReason> {
+    let (old_addr, old_port, port_off, addr_off, addr_off_v6) = match side {
+        Side::Destination => (&pkt.dst, pkt.dport, pkt.l4_off + 2, IP_DST_OFF, IP6_DST_OFF),
+        Side::Source => (&pkt.src, pkt.sport, pkt.l4_off, IP_SRC_OFF, IP6_SRC_OFF),
+    };
+    if old_addr != new_addr {
+        if pkt.v6 {
+            ctx.store(addr_off_v6, new_addr, 0).map_err(|_| DropReason::Rewrite)?;
+        } else {
+            let old_word = v4_word(old_addr).ok_or(DropReason::Rewrite)?;
+            let new_word = v4_word(new_addr).ok_or(DropReason::Rewrite)?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, old_word as u64, new_word as u64, 4)
+                .map_err(|_| DropReason::Rewrite)?;
+            ctx.store(addr_off, &new_word, 0).map_err(|_| DropReason::Rewrite)?;
+        }
+    }
+    if old_port != new_port {
+        let crc_off = pkt.l4_off + sctp::CRC_OFF;
+        let crc = u32::from_le_bytes(ctx.load::<[u8; 4]>(crc_off).map_err(|_| DropReason::Truncated)?);
+        let (sport_xor, dport_xor) = match side {
+            Side::Destination => (0, old_port ^ new_port),
+            Side::Source => (old_port ^ new_port, 0),
+        };
+        if let Some(crc) = sctp_crc_after(crc, sport_xor, dport_xor, pkt.sctp_len()) {
+            ctx.store(crc_off, &crc.to_le_bytes(), 0)
+                .map_err(|_| DropReason::Rewrite)?;
+        }
+        ctx.store(port_off, &new_port.to_be(), 0)
+            .map_err(|_| DropReason::Rewrite)?;
+    }
+    Ok(())
+}
+
+/// The CRC32c (as the checksum field's little-endian value) after the
+/// ports change by the given XORs; `None`: leave the field alone (no port
+/// changed, or the CRC is yet to be computed). A field of 0 is what the
+/// SCTP stack leaves for CRC offload (a CHECKSUM_PARTIAL skb from a local
+/// socket, e.g. a pod's through its veth): the CRC is computed later over
+/// the bytes as they are then, our ports included, and a delta XORed in
+/// now would spoil it. (A computed CRC32c is 0 once in 2^32 packets; such
+/// a packet would then arrive with a bad CRC and be retransmitted.)
+#[inline(always)]
+fn sctp_crc_after(crc: u32, sport_xor: u16, dport_xor: u16, len: u16) -> Option<u32> {
+    if crc == 0 || sport_xor | dport_xor == 0 {
+        return None;
+    }
+    Some(crc ^ sctp::crc32c_ports_delta(sport_xor, dport_xor, len))
 }
 
 /// An IPv6 address change: the L4 checksum takes the difference of the
@@ -181,14 +246,28 @@ pub fn rewrite_frame(ctx: &XdpContext, pkt: &Packet, to: &Tuple) -> Result<(), D
     if l4_off > bound {
         return Err(DropReason::BadIpHeader);
     }
+    let sport = ptr_at::<u16>(ctx, l4_off)? as *mut u16;
+    let dport = ptr_at::<u16>(ctx, l4_off + 2)? as *mut u16;
+    if pkt.proto == proto::SCTP {
+        // Addresses are not in the CRC32c: only the ports count.
+        let crc = ptr_at::<[u8; 4]>(ctx, l4_off + sctp::CRC_OFF)? as *mut [u8; 4];
+        // SAFETY: every pointer bounds-checked by ptr_at; unaligned accesses.
+        unsafe {
+            let old = u32::from_le_bytes(crc.read_unaligned());
+            if let Some(new) = sctp_crc_after(old, pkt.sport ^ to.sport, pkt.dport ^ to.dport, pkt.sctp_len()) {
+                crc.write_unaligned(new.to_le_bytes());
+            }
+            sport.write_unaligned(to.sport.to_be());
+            dport.write_unaligned(to.dport.to_be());
+        }
+        return rewrite_frame_ip(ctx, pkt, to);
+    }
     let l4_csum_off = if pkt.proto == proto::TCP {
         l4_off + 16
     } else {
         l4_off + 6
     };
     let l4_csum = ptr_at::<u16>(ctx, l4_csum_off)? as *mut u16;
-    let sport = ptr_at::<u16>(ctx, l4_off)? as *mut u16;
-    let dport = ptr_at::<u16>(ctx, l4_off + 2)? as *mut u16;
     // SAFETY: every pointer bounds-checked by ptr_at; unaligned accesses.
     unsafe {
         let mut l4_check = l4_csum.read_unaligned();
@@ -211,6 +290,13 @@ pub fn rewrite_frame(ctx: &XdpContext, pkt: &Packet, to: &Tuple) -> Result<(), D
         sport.write_unaligned(to.sport.to_be());
         dport.write_unaligned(to.dport.to_be());
     }
+    rewrite_frame_ip(ctx, pkt, to)
+}
+
+/// The IP half of `rewrite_frame`: addresses, TTL / hop limit, IPv4's
+/// header checksum.
+#[inline(always)]
+fn rewrite_frame_ip(ctx: &XdpContext, pkt: &Packet, to: &Tuple) -> Result<(), DropReason> {
     if pkt.v6 {
         let src = ptr_at::<RawAddr>(ctx, IP6_SRC_OFF)? as *mut RawAddr;
         let dst = ptr_at::<RawAddr>(ctx, IP6_DST_OFF)? as *mut RawAddr;

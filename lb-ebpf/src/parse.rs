@@ -1,10 +1,10 @@
 //! Bounded header parsing: Ethernet → IPv4 or IPv6 (extension headers
-//! skipped) → TCP/UDP. Every read goes through `ptr_at`; the IPv4 L4 offset
-//! comes from IHL, so IP options are skipped.
+//! skipped) → TCP/UDP/SCTP. Every read goes through `ptr_at`; the IPv4 L4
+//! offset comes from IHL, so IP options are skipped.
 
 use crate::{ctx::PacketCtx, maps::PACKET};
 use core::mem::size_of;
-use lb_common::{DropReason, RawAddr, addr::from_v4_word, proto};
+use lb_common::{DropReason, RawAddr, addr::from_v4_word, proto, sctp};
 
 pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -60,7 +60,8 @@ struct Ipv6Hdr {
     daddr: RawAddr,
 }
 
-/// TCP and UDP share the first four bytes (ports); TCP flags are byte 13.
+/// TCP, UDP and SCTP share the first four bytes (ports); TCP flags are
+/// byte 13.
 #[repr(C)]
 struct Ports {
     source: u16,
@@ -94,13 +95,15 @@ pub struct Packet {
     pub dst: RawAddr,
     pub sport: u16,
     pub dport: u16,
-    /// TCP flags byte (0 for UDP).
+    /// TCP flags byte; SCTP: its first chunk's type as conntrack state bits
+    /// (`sctp::ct_flags_of`); 0 for UDP.
     pub tcp_flags: u8,
     pub fragment: Fragment,
 }
 
 impl Packet {
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (TCP, UDP; SCTP's CRC32c is not an
+    /// Internet checksum: see `sctp_len`).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == proto::TCP {
@@ -108,6 +111,13 @@ impl Packet {
         } else {
             self.l4_off + 6
         }
+    }
+
+    /// SCTP: the bytes its CRC32c covers (common header to the end of the
+    /// IP payload; parse checked it holds the common header).
+    #[inline(always)]
+    pub fn sctp_len(&self) -> u16 {
+        self.tot_len.wrapping_sub((self.l4_off - ETH_HDR_LEN) as u16)
     }
 
     /// `l4_off` with its bound restated for the verifier, which forgets it
@@ -134,7 +144,7 @@ pub fn ptr_at<T>(ctx: &impl PacketCtx, offset: usize) -> Result<*const T, DropRe
     Ok((start + offset) as *const T)
 }
 
-/// Parses into this CPU's packet slot. `Ok(None)`: not IPv4/IPv6 TCP/UDP
+/// Parses into this CPU's packet slot. `Ok(None)`: not IPv4/IPv6 TCP/UDP/SCTP
 /// (or a later fragment), not ours: pass it. `Err`: a packet too broken to
 /// forward safely.
 #[inline(always)]
@@ -184,7 +194,7 @@ fn parse_v4(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<bool, DropReason> 
     if version_ihl >> 4 != 4 || ihl < 5 || (tot_len as usize) < ihl * 4 {
         return Err(DropReason::BadIpHeader);
     }
-    if protocol != proto::TCP && protocol != proto::UDP && protocol != proto::ICMP {
+    if !is_ours(protocol) && protocol != proto::ICMP {
         return Ok(false);
     }
     let fragment = if frag_off & 0x1fff != 0 {
@@ -253,7 +263,7 @@ fn parse_v6(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<bool, DropReason> 
             _ => break,
         }
     }
-    if next != proto::TCP && next != proto::UDP && next != proto::ICMPV6 {
+    if !is_ours(next) && next != proto::ICMPV6 {
         return Ok(false);
     }
     // SAFETY: bounds checked by ptr_at above (the fixed header).
@@ -269,22 +279,32 @@ fn parse_v6(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<bool, DropReason> 
     Ok(true)
 }
 
-/// The L4 ports (and TCP flags) at `pkt.l4_off`.
+/// The transport protocols balanced.
+#[inline(always)]
+fn is_ours(protocol: u8) -> bool {
+    protocol == proto::TCP || protocol == proto::UDP || protocol == proto::SCTP
+}
+
+/// The L4 ports (and TCP flags / SCTP state) at `pkt.l4_off`.
 #[inline(always)]
 fn ports(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<(), DropReason> {
-    // TCP header; UDP header; ICMP / ICMPv6 header (for those, `sport`
-    // holds type and code, `dport` the checksum).
+    // TCP header; SCTP common header; UDP header; ICMP / ICMPv6 header (for
+    // those, `sport` holds type and code, `dport` the checksum).
     let l4_off = pkt.l4_off;
-    let min_l4 = if pkt.proto == proto::TCP { 20 } else { 8 };
+    let min_l4 = match pkt.proto {
+        proto::TCP => 20,
+        proto::SCTP => sctp::COMMON_HDR_LEN,
+        _ => 8,
+    };
     if l4_off + min_l4 > ctx.data_end() - ctx.data() {
         return Err(DropReason::Truncated);
     }
     let ports = ptr_at::<Ports>(ctx, l4_off)?;
-    pkt.tcp_flags = if pkt.proto == proto::TCP {
+    pkt.tcp_flags = match pkt.proto {
         // SAFETY: bounds checked by ptr_at.
-        unsafe { *ptr_at::<u8>(ctx, l4_off + 13)? }
-    } else {
-        0
+        proto::TCP => unsafe { *ptr_at::<u8>(ctx, l4_off + 13)? },
+        proto::SCTP => sctp_state(ctx, pkt)?,
+        _ => 0,
     };
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -292,4 +312,21 @@ fn ports(ctx: &impl PacketCtx, pkt: &mut Packet) -> Result<(), DropReason> {
         pkt.dport = u16::from_be(core::ptr::addr_of!((*ports).dest).read_unaligned());
     }
     Ok(())
+}
+
+/// SCTP: checks the IP length covers the common header (the CRC32c update
+/// depends on it) and maps the first chunk's type to conntrack state bits
+/// (none without a chunk).
+#[inline(always)]
+fn sctp_state(ctx: &impl PacketCtx, pkt: &Packet) -> Result<u8, DropReason> {
+    let l3_len = pkt.l4_off - ETH_HDR_LEN;
+    if (pkt.tot_len as usize) < l3_len + sctp::COMMON_HDR_LEN {
+        return Err(DropReason::Truncated);
+    }
+    if (pkt.tot_len as usize) < l3_len + sctp::FIRST_CHUNK_HDR_END {
+        return Ok(0);
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let chunk_type = unsafe { *ptr_at::<u8>(ctx, pkt.l4_off + sctp::COMMON_HDR_LEN)? };
+    Ok(sctp::ct_flags_of(chunk_type))
 }

@@ -1,7 +1,7 @@
 //! kube-proxy's REJECT for services without endpoints: the packet is turned
 //! into an ICMP port unreachable for its sender, in place, and sent back out
 //! of the interface it came in on. TCP clients see "connection refused" at
-//! once, UDP clients an error, instead of a timeout.
+//! once, UDP and SCTP clients an error, instead of a timeout.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
@@ -19,6 +19,9 @@ const NEW_IP_HDR_LEN: usize = 20;
 /// checksum-offloaded (CHECKSUM_PARTIAL) skb may not be cut before.
 const QUOTED_UDP: usize = 8;
 const QUOTED_TCP: usize = 20;
+/// SCTP: the common header, verification tag and CRC32c included (the
+/// sender checks the tag, RFC 9260 appendix C).
+const QUOTED_SCTP: usize = 12;
 /// ICMP type 3 (destination unreachable), code 3 (port unreachable).
 const ICMP_PORT_UNREACHABLE: [u8; 2] = [3, 3];
 
@@ -68,17 +71,13 @@ fn reframe(ctx: &TcContext, macs: &[u8; 12], keep: usize, ip_hdr_len: usize, eth
 /// its destination to its source; returns the redirect verdict.
 #[inline(never)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
-    if pkt.v6 {
-        return if pkt.proto == proto::TCP {
-            port_unreachable_v6::<QUOTED_TCP>(ctx, pkt)
-        } else {
-            port_unreachable_v6::<QUOTED_UDP>(ctx, pkt)
-        };
-    }
-    if pkt.proto == proto::TCP {
-        port_unreachable_quoting::<QUOTED_TCP>(ctx, pkt)
-    } else {
-        port_unreachable_quoting::<QUOTED_UDP>(ctx, pkt)
+    match (pkt.v6, pkt.proto) {
+        (true, proto::TCP) => port_unreachable_v6::<QUOTED_TCP>(ctx, pkt),
+        (true, proto::SCTP) => port_unreachable_v6::<QUOTED_SCTP>(ctx, pkt),
+        (true, _) => port_unreachable_v6::<QUOTED_UDP>(ctx, pkt),
+        (false, proto::TCP) => port_unreachable_quoting::<QUOTED_TCP>(ctx, pkt),
+        (false, proto::SCTP) => port_unreachable_quoting::<QUOTED_SCTP>(ctx, pkt),
+        (false, _) => port_unreachable_quoting::<QUOTED_UDP>(ctx, pkt),
     }
 }
 

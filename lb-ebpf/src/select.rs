@@ -4,7 +4,7 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, DropReason, RawAddr, ServiceKey, ServiceScope,
-    ServiceValue, SourceRange,
+    ServiceValue, SourceRange, cidr_kind, svc_flags,
 };
 
 use crate::{
@@ -12,19 +12,37 @@ use crate::{
     parse::Packet,
 };
 
+/// The service entry for this packet: its frontend's, or, for a source in
+/// the cluster CIDR, the frontend's internal entry where it has one
+/// (externalTrafficPolicy Local: pods reach every endpoint, unmasqueraded).
 #[inline(always)]
 pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
-    lookup_frontend(pkt.dst, pkt.dport, pkt.proto)
+    let svc = lookup_frontend(pkt.dst, pkt.dport, pkt.proto)?;
+    if svc.flags & svc_flags::IN_CLUSTER_USES_INTERNAL != 0 && cidr_kind_of(&pkt.src) == Some(cidr_kind::CLUSTER) {
+        return Some(internal_entry(pkt.dst, pkt.dport, pkt.proto).unwrap_or(svc));
+    }
+    Some(svc)
 }
 
 /// The SERVICES entry of (address, port in host order, protocol).
 #[inline(always)]
 pub fn lookup_frontend(addr: RawAddr, port: u16, proto: u8) -> Option<ServiceValue> {
+    lookup_scoped(addr, port, proto, ServiceScope::Cluster)
+}
+
+/// The `Internal` entry of a frontend flagged `IN_CLUSTER_USES_INTERNAL`.
+#[inline(always)]
+pub fn internal_entry(addr: RawAddr, port: u16, proto: u8) -> Option<ServiceValue> {
+    lookup_scoped(addr, port, proto, ServiceScope::Internal)
+}
+
+#[inline(always)]
+fn lookup_scoped(addr: RawAddr, port: u16, proto: u8, scope: ServiceScope) -> Option<ServiceValue> {
     let key = ServiceKey {
         addr,
         port,
         proto,
-        scope: ServiceScope::Cluster as u8,
+        scope: scope as u8,
     };
     // SAFETY: copied out at once; the agent replaces values, never edits them in place.
     unsafe { SERVICES.get(&key).copied() }

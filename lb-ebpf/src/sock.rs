@@ -6,14 +6,14 @@
 //! on the node's (netns cookie from CONFIG).
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
-    RawAddr,
+    Backend, BackendId, RawAddr, ServiceValue,
     addr::{from_v4_word, v4_word},
     proto,
-    sock::{NodeConfig, SockRevNat},
+    sock::{NodeConfig, SockNatKey, SockRevNat, sock_nat_kind},
     svc_flags,
 };
 
@@ -66,6 +66,19 @@ fn set_user_addr(sa: &mut aya_ebpf::bindings::bpf_sock_addr, v6: bool, addr: &Ra
     true
 }
 
+/// ECONNREFUSED, as kube-proxy's REJECT gives a host client.
+const ECONNREFUSED: i32 = 111;
+
+/// Refuses the connect()/sendmsg() with ECONNREFUSED (the hook's DENY
+/// alone would be EPERM).
+#[inline(always)]
+fn refused() -> i32 {
+    // SAFETY: plain helper call; connect and sendmsg hooks may set their
+    // return value (kernel ≥ 5.18).
+    let _ = unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
+}
+
 /// connect / sendmsg (IPv4 or IPv6): a frontend as destination becomes a backend.
 #[inline(always)]
 pub fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
@@ -83,19 +96,86 @@ pub fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(svc) = select::lookup_frontend(frontend, port, protocol) else {
         // A cluster IP on a port it does not serve: refused.
         return if select::is_service_address(&frontend) {
-            DENY
+            refused()
         } else {
             ALLOW
         };
     };
-    if svc.flags & svc_flags::ADDRESS_ONLY != 0 || svc.backend_count == 0 {
+    if svc.flags & svc_flags::ADDRESS_ONLY != 0 {
+        return refused();
+    }
+    // The node's own traffic is in-cluster traffic: an externalTrafficPolicy
+    // Local frontend sends it to every endpoint (kube-proxy's short-circuit
+    // of LOCAL sources).
+    let svc = if svc.flags & svc_flags::IN_CLUSTER_USES_INTERNAL != 0 {
+        select::internal_entry(frontend, port, protocol).unwrap_or(svc)
+    } else {
+        svc
+    };
+    // loadBalancerSourceRanges: the agent lists the load-balancer IPs
+    // themselves when a range holds the node (kube-proxy's allow-from-node),
+    // so the frontend address stands for the node's source here.
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, &frontend) {
         return DENY;
+    }
+    if svc.backend_count == 0 {
+        // No endpoint anywhere: REJECT. No local one (a Local policy): DROP,
+        // which a socket can only see as EPERM.
+        return if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
+            DENY
+        } else {
+            refused()
+        };
+    }
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let Some((backend_id, backend)) = backend_for_socket(cookie, &svc, frontend, port, protocol) else {
+        return DENY;
+    };
+    if !set_user_addr(sa, v6, &backend.addr) {
+        return DENY;
+    }
+    sa.user_port = (backend.port.to_be()) as u32;
+    remember(cookie, &frontend, port, protocol, backend_id, &backend);
+    stats::count_balanced(svc.service_id, backend_id, 0);
+    ALLOW
+}
+
+#[inline(always)]
+fn nat_key(cookie: u64, addr: &RawAddr, port: u16, protocol: u8, kind: u8) -> SockNatKey {
+    SockNatKey {
+        cookie,
+        addr: *addr,
+        port,
+        proto: protocol,
+        kind,
+        _pad: 0,
+    }
+}
+
+/// The backend this socket already uses for this frontend, while it is
+/// still in the service at the same address (all datagrams of an
+/// unconnected UDP socket to one service reach one backend); else a new pick.
+#[inline(always)]
+fn backend_for_socket(
+    cookie: u64,
+    svc: &ServiceValue,
+    frontend: RawAddr,
+    port: u16,
+    protocol: u8,
+) -> Option<(BackendId, Backend)> {
+    let key = nat_key(cookie, &frontend, port, protocol, sock_nat_kind::FORWARD);
+    // SAFETY: copied out at once.
+    if let Some(chosen) = unsafe { SOCK_REVNAT.get(&key).copied() }
+        && let Some(b) = select::live_backend(chosen.backend_id, svc.service_id)
+        && b.addr == chosen.addr
+        && b.port == chosen.port
+    {
+        return Some((chosen.backend_id, b));
     }
     let now = conntrack::now_secs();
     // Host clients share one source (the node): one affinity entry.
     // Host sockets have no source port yet: hash the socket cookie instead.
-    // SAFETY: plain helper call on our context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
     let hash = select::hash_words(
         cookie as u32,
         select::fold(&frontend),
@@ -103,25 +183,40 @@ pub fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
         port,
         protocol,
     );
-    let Ok((backend_id, backend)) = select::pick_backend_for(&svc, [0; 16], now, hash) else {
-        return DENY;
-    };
-    if !set_user_addr(sa, v6, &backend.addr) {
-        return DENY;
-    }
-    sa.user_port = (backend.port.to_be()) as u32;
-    let revnat = SockRevNat {
-        frontend,
-        backend: backend.addr,
-        frontend_port: port,
-        backend_port: backend.port,
-    };
-    let _ = SOCK_REVNAT.insert(&cookie, &revnat, 0);
-    stats::count_balanced(svc.service_id, backend_id, 0);
-    ALLOW
+    select::pick_backend_for(svc, [0; 16], now, hash).ok()
 }
 
-/// recvmsg / getpeername (IPv4 or IPv6): the backend as peer shows as the frontend.
+/// Records the socket's choice (forward) and how to show the backend as
+/// the frontend again (reverse). A failed update costs only stickiness or
+/// the translation of that reply's address.
+#[inline(always)]
+fn remember(cookie: u64, frontend: &RawAddr, port: u16, protocol: u8, backend_id: BackendId, backend: &Backend) {
+    let forward = SockRevNat {
+        addr: backend.addr,
+        port: backend.port,
+        _pad: 0,
+        backend_id,
+    };
+    let _ = SOCK_REVNAT.insert(
+        &nat_key(cookie, frontend, port, protocol, sock_nat_kind::FORWARD),
+        &forward,
+        0,
+    );
+    let reverse = SockRevNat {
+        addr: *frontend,
+        port,
+        _pad: 0,
+        backend_id: 0,
+    };
+    let _ = SOCK_REVNAT.insert(
+        &nat_key(cookie, &backend.addr, backend.port, protocol, sock_nat_kind::REVERSE),
+        &reverse,
+        0,
+    );
+}
+
+/// recvmsg / getpeername (IPv4 or IPv6): a backend as peer shows as the
+/// frontend the socket sent to.
 #[inline(always)]
 pub fn to_frontend(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !in_node_netns(ctx) {
@@ -129,17 +224,21 @@ pub fn to_frontend(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // SAFETY: plain helper call on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
-    // SAFETY: copied out at once.
-    let Some(r) = (unsafe { SOCK_REVNAT.get(&cookie).copied() }) else {
-        return ALLOW;
-    };
     // SAFETY: the context pointer is valid for the program run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if user_addr(sa, v6) == r.backend
-        && u16::from_be(sa.user_port as u16) == r.backend_port
-        && set_user_addr(sa, v6, &r.frontend)
-    {
-        sa.user_port = (r.frontend_port.to_be()) as u32;
+    let key = nat_key(
+        cookie,
+        &user_addr(sa, v6),
+        u16::from_be(sa.user_port as u16),
+        sa.protocol as u8,
+        sock_nat_kind::REVERSE,
+    );
+    // SAFETY: copied out at once.
+    let Some(r) = (unsafe { SOCK_REVNAT.get(&key).copied() }) else {
+        return ALLOW;
+    };
+    if set_user_addr(sa, v6, &r.addr) {
+        sa.user_port = (r.port.to_be()) as u32;
     }
     ALLOW
 }

@@ -1,13 +1,15 @@
 //! The XDP fast path on the node's external interfaces (NodePort,
-//! LoadBalancer, externalIPs): the TC path's lookup, conntrack, backend
-//! choice and NAT on the same maps, before the kernel builds an skb. The
-//! translated frame leaves by XDP_REDIRECT through XDP_EGRESS: back out of
-//! the interface it came in on (a backend on another node, or a reply to an
-//! external client) or to another device (e.g. a local pod's veth).
-//! What it cannot finish goes XDP_PASS, untouched, to the TC path, which
-//! stays the reference semantics and finds the conntrack entries made here:
-//! ICMP, fragments, other protocols, services without endpoints (REJECT),
-//! next hops not resolved yet, egress devices outside XDP_EGRESS, TTL ≤ 1.
+//! LoadBalancer, externalIPs; TCP, UDP and SCTP): the TC path's lookup,
+//! conntrack, backend choice and NAT on the same maps, before the kernel
+//! builds an skb. The translated frame leaves by XDP_REDIRECT through
+//! XDP_EGRESS: back out of the interface it came in on (a backend on another
+//! node, or a reply to an external client) or to another device (e.g. a
+//! local pod's veth). What it cannot finish goes XDP_PASS, untouched, to the
+//! TC path, which stays the reference semantics and finds the conntrack
+//! entries made here: ICMP, fragments, other protocols, services without
+//! endpoints (REJECT), next hops not resolved yet, egress devices outside
+//! XDP_EGRESS, TTL ≤ 1, backends that are the node's own addresses
+//! (delivered locally), and every balanced flow in stack forwarding mode.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::programs::XdpContext;
@@ -112,7 +114,7 @@ fn try_from_backend(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Reply), now) else {
         return Ok(XDP_PASS);
     };
-    conntrack::touch(entry, pkt, now);
+    conntrack::touch(entry, pkt, CtKind::Reply, now);
     // SAFETY: pointer from a successful lookup in this run.
     let e = unsafe { &*entry };
     let (dst, dport) = if e.flags & entry_flags::SNAT != 0 {
@@ -133,7 +135,9 @@ fn try_from_backend(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
 /// XDP can: otherwise the frame is passed to TC untouched.
 #[inline(always)]
 fn send(ctx: &XdpContext, pkt: &Packet, to: &Tuple) -> Result<u32, DropReason> {
-    if pkt.ttl <= 1 {
+    // Stack forwarding mode: the stack must route (netfilter FORWARD) what
+    // XDP would send past it.
+    if pkt.ttl <= 1 || forward::stack_forwarding() {
         return Ok(passed_to_stack());
     }
     let Some(route) = forward::route(ctx, pkt, &to.src, &to.dst, to.sport, to.dport, false) else {

@@ -73,6 +73,8 @@ pub enum XdpMode {
 pub struct Cluster {
     pub id: String,
     xdp: XdpMode,
+    /// Further flags of agents started later (e.g. `--forwarding-mode stack`).
+    agent_args: Vec<String>,
     pub pods: Vec<ClusterPod>,
     /// External clients (outside the cluster CIDR), by address.
     pub externals: Vec<(Ipv4Addr, Netns)>,
@@ -120,6 +122,7 @@ impl Cluster {
         let mut cluster = Cluster {
             id: id.clone(),
             xdp: XdpMode::Off,
+            agent_args: Vec::new(),
             pods: Vec::new(),
             externals: Vec::new(),
             externals6: Vec::new(),
@@ -226,6 +229,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Agents started later also get `args`.
+    pub fn set_agent_args(&mut self, args: &[&str]) {
+        self.agent_args = args.iter().map(|a| a.to_string()).collect();
+    }
+
     pub fn pod(&self, name: &str) -> &ClusterPod {
         self.pods
             .iter()
@@ -305,6 +313,7 @@ impl Cluster {
                 args.push(a.into());
             }
         }
+        args.extend(self.agent_args.iter().map(Into::into));
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
         Agent::spawn_in(&n.ns, &n.name, &n.bpf_root, &args, echo)
     }

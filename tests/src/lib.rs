@@ -17,6 +17,7 @@ pub mod manifests;
 pub mod netns;
 pub mod podspec;
 pub mod sandbox;
+pub mod sctp;
 pub mod servers;
 
 pub use agent::Agent;

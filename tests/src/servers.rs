@@ -3,7 +3,7 @@
 //! inside the pod's namespace and stop when dropped.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,11 +26,26 @@ impl Servers {
     /// namespace gets net.ipv6.bindv6only=1, so IPv4 peers keep showing as
     /// IPv4 addresses).
     pub fn start(ns: &Netns, pod_name: &str, http_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        let any = [Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()];
+        Self::start_on(ns, &any, pod_name, http_port, udp_port)
+    }
+
+    /// The same servers bound to `addrs` only, as a host-network server
+    /// bound to the node's address (its UDP answers then come from that
+    /// address, whatever the route back prefers).
+    pub fn start_on(
+        ns: &Netns,
+        addrs: &[IpAddr],
+        pod_name: &str,
+        http_port: u16,
+        udp_port: u16,
+    ) -> anyhow::Result<Self> {
         ns.sysctl("net.ipv6.bindv6only", "1")?;
+        let addrs = addrs.to_vec();
         let (tcp, udp) = ns.run(move || -> anyhow::Result<_> {
             let mut tcp = Vec::new();
             let mut udp = Vec::new();
-            for any in ["0.0.0.0", "::"] {
+            for any in addrs {
                 tcp.push(Arc::new(
                     TcpListener::bind((any, http_port)).context("binding HTTP port")?,
                 ));

@@ -78,7 +78,7 @@ fn manifests(c: &Cluster) -> String {
         service("web", "  type: NodePort\n  clusterIP: 198.19.0.10\n", "", &[http(Some(30080)), ("dns", "UDP", 53, 5353, Some(30053))], &both),
         service(
             "web-local",
-            "  type: NodePort\n  clusterIP: 198.19.0.11\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.11\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
             "",
             &[http(Some(30081))],
             &one,
@@ -99,6 +99,21 @@ fn manifests(c: &Cluster) -> String {
             &[] as &[(String, Ipv4Addr, String)],
         ),
         service("sticky", "  clusterIP: 198.19.0.30\n  sessionAffinity: ClientIP\n", "", &[http(None)], &both),
+        service(
+            "web-lb-local",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.14\n  externalTrafficPolicy: Local\n",
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.19.100.2\n",
+            &[("http", "TCP", 80, 80, Some(30083))],
+            &one,
+        ),
+        // Source ranges listing node-1 (and ext-0), not ext-1.
+        service(
+            "web-lb-node",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.15\n  loadBalancerSourceRanges: [198.18.0.100/32, 198.18.0.11/32]\n",
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.19.100.3\n",
+            &[("http", "TCP", 80, 80, Some(30084))],
+            &both,
+        ),
     ]
     .join("---\n")
 }
@@ -124,6 +139,9 @@ enum Want {
     RefusedOnRetry,
     /// No answer at all (dropped).
     NoAnswer,
+    /// connect() fails at once with EPERM: a host socket the datapath
+    /// may not translate (a drop, as far as a socket can tell).
+    Denied,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +223,13 @@ fn check(c: &Cluster, case: &Case) {
                 _ => Duration::from_millis(1500),
             };
             assert!(took < limit, "{}: refused only after {took:?}", case.name);
+        }
+        Want::Denied => {
+            let result = ns
+                .run(move || TcpStream::connect_timeout(&target, Duration::from_secs(1)).map(|_| ()))
+                .unwrap();
+            let kind = result.as_ref().map_err(|e| e.kind());
+            assert_eq!(kind, Err(ErrorKind::PermissionDenied), "{}", case.name);
         }
         Want::NoAnswer => {
             let result = ns
@@ -290,6 +315,60 @@ fn packet_flows(xdp: XdpMode) {
             want: Want::NoAnswer,
         },
         Case {
+            name: "pod on node-2 → node-2 NodePort (eTP Local, no local endpoint): node-1's pod, pod address kept",
+            from: From::Pod("web-2a"),
+            to: to(N2, 30081),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "host process on node-2 → its NodePort (eTP Local, no local endpoint): node-1's pod",
+            from: From::Host(1),
+            to: to(N2, 30081),
+            want: Want::Pods(&["web-1a"], Seen::Node(1)),
+        },
+        Case {
+            name: "pod on node-2 → eTP Local LB IP: node-1's pod, pod address kept",
+            from: From::Pod("web-2a"),
+            to: to(Ipv4Addr::new(198, 19, 100, 2), 80),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "host process on node-2 → eTP Local LB IP: node-1's pod",
+            from: From::Host(1),
+            to: to(Ipv4Addr::new(198, 19, 100, 2), 80),
+            want: Want::Pods(&["web-1a"], Seen::Node(1)),
+        },
+        Case {
+            name: "external → eTP Local LB IP (routed to node-1): local pod, client address kept",
+            from: From::External(0),
+            to: to(Ipv4Addr::new(198, 19, 100, 2), 80),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "host process → LB IP whose source ranges list the node (allowFromNode)",
+            from: From::Host(0),
+            to: to(Ipv4Addr::new(198, 19, 100, 3), 80),
+            want: Want::Pods(both, Seen::Node(0)),
+        },
+        Case {
+            name: "external → that LB IP from outside its source ranges: dropped",
+            from: From::External(1),
+            to: to(Ipv4Addr::new(198, 19, 100, 3), 80),
+            want: Want::NoAnswer,
+        },
+        Case {
+            name: "host process → LB IP whose source ranges leave the node out: not translated (kube-proxy drops)",
+            from: From::Host(0),
+            to: to(Ipv4Addr::new(198, 19, 100, 1), 80),
+            want: Want::Denied,
+        },
+        Case {
+            name: "host process → ClusterIP without endpoints: ECONNREFUSED at once (REJECT)",
+            from: From::Host(0),
+            to: to(Ipv4Addr::new(198, 19, 0, 13), 8080),
+            want: Want::Refused,
+        },
+        Case {
             name: "pod → ClusterIP (backend on the other node): pod source kept",
             from: From::Pod("web-2a"),
             to: to(Ipv4Addr::new(198, 19, 0, 20), 8080),
@@ -353,6 +432,16 @@ fn packet_flows(xdp: XdpMode) {
     for case in &cases {
         check(&cluster, case);
     }
+    // `lb-agent services` shows node-2's eTP Local NodePort twice: empty
+    // for external sources, node-1's pod for in-cluster ones.
+    let services = agents[1].services().unwrap();
+    let web_1a = format!("{}:80", cluster.pod("web-1a").ip);
+    assert_eq!(services.get(&format!("{N2}:30081/TCP")), Some(&vec![]), "{services:?}");
+    assert_eq!(
+        services.get(&format!("{N2}:30081/TCP (internal)")),
+        Some(&vec![web_1a]),
+        "{services:?}"
+    );
     let rules = cluster.nat_rules().unwrap();
     assert!(rules.is_empty(), "NAT rules in a node:\n{rules}");
     assert_xdp_used(xdp, &agents);
@@ -415,10 +504,10 @@ fn udp_affinity_health_and_load(xdp: XdpMode) {
         let status = response.split_whitespace().nth(1).unwrap_or_default();
         assert_eq!(status, code, "{node}: {response}");
         assert!(
-            response.contains(&format!("\"localEndpoints\":{local}")),
+            response.contains(&format!("\"localEndpoints\": {local}")),
             "{node}: {response}"
         );
-        assert!(response.contains("\"name\":\"web-local\""), "{node}: {response}");
+        assert!(response.contains("\"name\": \"web-local\""), "{node}: {response}");
     }
 
     // 1,000 short connections in parallel through a masquerading NodePort.
@@ -553,6 +642,7 @@ fn ipv6_and_dual_stack(xdp: XdpMode) {
     let agents = cluster.start_agents(true).expect("agents");
     let both: &'static [&'static str] = &["web-1a", "web-2a"];
     let n1_6 = cluster.nodes[0].addr6;
+    let n2_6 = cluster.nodes[1].addr6;
     let vip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, host);
     let cases = [
         Case {
@@ -572,6 +662,24 @@ fn ipv6_and_dual_stack(xdp: XdpMode) {
             from: From::External6(0),
             to: to(n1_6, 30181),
             want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "IPv6 pod on node-2 → node-2 IPv6 NodePort (eTP Local, no local endpoint): node-1's pod, pod address kept",
+            from: From::Pod6("web-2a"),
+            to: to(n2_6, 30181),
+            want: Want::Pods(&["web-1a"], Seen::Client),
+        },
+        Case {
+            name: "IPv6 host process on node-2 → its IPv6 NodePort (eTP Local): node-1's pod",
+            from: From::Host6(1),
+            to: to(n2_6, 30181),
+            want: Want::Pods(&["web-1a"], Seen::Node(1)),
+        },
+        Case {
+            name: "IPv6 external → node-2 IPv6 NodePort (eTP Local) without local endpoint: dropped",
+            from: From::External6(0),
+            to: to(n2_6, 30181),
+            want: Want::NoAnswer,
         },
         Case {
             name: "IPv6 hairpin: pod → its own service → itself, masqueraded",
@@ -615,4 +723,483 @@ fn ipv6_and_dual_stack(xdp: XdpMode) {
     }
     // External IPv6 traffic went to node 1's NodePorts.
     assert_xdp_used(xdp, &agents[..1]);
+}
+
+/// Host processes (socket hooks): an unconnected UDP socket keeps each
+/// service on one backend and sees every reply from the service's address,
+/// also when it talks to two services; a service without endpoints is
+/// ECONNREFUSED at once, as kube-proxy's REJECT makes it.
+#[test]
+fn host_udp_sockets_stick_to_one_backend_and_services_without_endpoints_refuse() {
+    use std::net::UdpSocket;
+    let cluster = Cluster::new([&["web-1a", "web-1b"], &["web-2a", "web-2b"]]).expect("cluster");
+    let three = cluster.endpoints(&["web-1a", "web-1b", "web-2a"]);
+    let dns = ("dns", "UDP", 53, 5353, None);
+    let docs = [
+        service("dns3", "  clusterIP: 198.19.0.50\n", "", &[dns], &three),
+        service(
+            "dns1",
+            "  clusterIP: 198.19.0.51\n",
+            "",
+            &[dns],
+            &cluster.endpoints(&["web-2b"]),
+        ),
+        service(
+            "empty",
+            "  clusterIP: 198.19.0.13\n",
+            "",
+            &[dns, ("http", "TCP", 8080, 80, None)],
+            &[] as &[(String, Ipv4Addr, String)],
+        ),
+    ];
+    cluster.write_manifest("services.yaml", &docs.join("---\n")).unwrap();
+    let _agents = cluster.start_agents(true).expect("agents");
+    let dns3 = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 50), 53));
+    let dns1 = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 51), 53));
+    let empty_udp = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 13), 53));
+    let empty_tcp = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 13), 8080));
+
+    // One unconnected socket queries both services, both queries in flight
+    // at once: every answer (pod, source) must show its service's address.
+    let answers = cluster.nodes[0]
+        .ns
+        .run(move || -> anyhow::Result<Vec<(String, SocketAddr)>> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut out = Vec::new();
+            for _ in 0..8 {
+                socket.send_to(b"who are you", dns3)?;
+                socket.send_to(b"who are you", dns1)?;
+                for _ in 0..2 {
+                    let mut buf = [0u8; 1500];
+                    let (n, from) = socket.recv_from(&mut buf)?;
+                    out.push((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from));
+                }
+            }
+            Ok(out)
+        })
+        .unwrap()
+        .expect("UDP answers");
+    let mut dns3_pods = BTreeSet::new();
+    for (pod, from) in &answers {
+        let service = if pod == "web-2b" { dns1 } else { dns3 };
+        assert_eq!(
+            *from, service,
+            "the answer of {pod} must come from its service's address and port"
+        );
+        if service == dns3 {
+            dns3_pods.insert(pod.as_str());
+        }
+    }
+    assert_eq!(answers.len(), 16);
+    assert_eq!(dns3_pods.len(), 1, "one socket, one backend per service: {dns3_pods:?}");
+
+    // Without endpoints: ECONNREFUSED for TCP connect, UDP connect and an
+    // unconnected UDP send alike (kube-proxy's ICMP port unreachable shows
+    // a UDP client ECONNREFUSED on its next call).
+    let errors = cluster.nodes[0]
+        .ns
+        .run(move || {
+            let kind = |r: std::io::Result<()>| r.map_err(|e| e.kind());
+            let tcp = kind(TcpStream::connect_timeout(&empty_tcp, Duration::from_secs(1)).map(|_| ()));
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let udp_send = kind(socket.send_to(b"x", empty_udp).map(|_| ()));
+            let udp_connect = kind(socket.connect(empty_udp));
+            [tcp, udp_connect, udp_send]
+        })
+        .unwrap();
+    assert_eq!(
+        errors,
+        [Err(ErrorKind::ConnectionRefused); 3],
+        "TCP connect, UDP connect, UDP sendto"
+    );
+}
+
+/// One UDP datagram on a socket connected to `target` (it takes answers
+/// from `target` only: an answer from any other source is never seen);
+/// returns the answer.
+fn udp_ask(target: SocketAddr) -> anyhow::Result<String> {
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.connect(target)?;
+    socket.send(b"who are you")?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// UDP from `from` to `target`: `want` answers, each from `target` itself.
+fn check_udp(c: &Cluster, name: &str, from: From, target: SocketAddr, want: &str) {
+    let (ns, _) = source_ns(c, from);
+    let answers = ns
+        .run(move || (0..5).map(|_| udp_ask(target)).collect::<Vec<_>>())
+        .unwrap();
+    for a in answers {
+        let got = a.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+const HOST_TCP: u16 = 6443;
+const HOST_UDP: u16 = 6053;
+
+/// Services whose only endpoint is node-1's own address (a host-network
+/// endpoint): `kubernetes.default`-like ClusterIPs (IPv4 and IPv6) and
+/// NodePorts with eTP Cluster and Local.
+fn host_endpoint_manifests(c: &Cluster) -> String {
+    let n1 = &c.nodes[0];
+    let host = vec![("node-1-host".to_string(), n1.addr, n1.name.clone())];
+    let host6 = vec![("node-1-host".to_string(), n1.addr6, n1.name.clone())];
+    let ports = |tcp_np, udp_np| {
+        [
+            ("https", "TCP", 443, HOST_TCP, tcp_np),
+            ("dns", "UDP", 53, HOST_UDP, udp_np),
+        ]
+    };
+    [
+        service("apiserver", "  clusterIP: 198.19.0.50\n", "", &ports(None, None), &host),
+        service(
+            "apiserver6",
+            "  clusterIP: fd00:198:19::50\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n",
+            "",
+            &ports(None, None),
+            &host6,
+        ),
+        // Nothing listens on the endpoint port: the node's port unreachable.
+        service(
+            "closed",
+            "  clusterIP: 198.19.0.53\n",
+            "",
+            &[("dns", "UDP", 53, HOST_UDP + 1, None)],
+            &host,
+        ),
+        service(
+            "hostnet",
+            "  type: NodePort\n  clusterIP: 198.19.0.51\n",
+            "",
+            &ports(Some(30443), Some(30453)),
+            &host,
+        ),
+        service(
+            "hostnet-local",
+            "  type: NodePort\n  clusterIP: 198.19.0.52\n  externalTrafficPolicy: Local\n",
+            "",
+            &ports(Some(30444), Some(30454)),
+            &host,
+        ),
+    ]
+    .join("---\n")
+}
+
+/// Issue #12 point 2: a service whose endpoint is the node's own address
+/// works from pods (both nodes), from the node itself and from outside,
+/// over TCP and UDP, IPv4 and IPv6, with every reply coming from the
+/// address the client used (a TCP handshake and a connected UDP socket
+/// accept nothing else).
+#[test]
+fn host_network_endpoints_answer_from_pods_the_node_and_outside() {
+    let cluster = Cluster::new([&NODE1, &NODE2]).expect("cluster");
+    // The "API server": a host-network server in node-1's own namespace,
+    // bound to the node's address like kube-apiserver's --bind-address.
+    let n1 = &cluster.nodes[0];
+    let _host = lb_tests::servers::Servers::start_on(
+        &n1.ns,
+        &[n1.addr.into(), n1.addr6.into()],
+        "node-1-host",
+        HOST_TCP,
+        HOST_UDP,
+    )
+    .expect("host-network servers on node-1");
+    cluster
+        .write_manifest("services.yaml", &host_endpoint_manifests(&cluster))
+        .unwrap();
+    let agents = cluster.start_agents(true).expect("agents");
+    let host: &'static [&'static str] = &["node-1-host"];
+    let api = Ipv4Addr::new(198, 19, 0, 50);
+    let api6: Ipv6Addr = "fd00:198:19::50".parse().unwrap();
+    let cases = [
+        Case {
+            name: "pod on node-1 → ClusterIP → node-1 itself",
+            from: From::Pod("web-1a"),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "pod on node-2 → ClusterIP → node-1",
+            from: From::Pod("web-2a"),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "node-1 itself → ClusterIP → node-1 (socket hooks)",
+            from: From::Host(0),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Node(0)),
+        },
+        Case {
+            name: "node-2 → ClusterIP → node-1 (socket hooks)",
+            from: From::Host(1),
+            to: to(api, 443),
+            want: Want::Pods(host, Seen::Node(1)),
+        },
+        Case {
+            name: "external → node-1 NodePort (eTP Cluster) → node-1: delivered locally, not masqueraded",
+            from: From::External(0),
+            to: to(N1, 30443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "external → node-1 NodePort (eTP Local) → node-1",
+            from: From::External(0),
+            to: to(N1, 30444),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "external → node-2 NodePort (eTP Cluster) → node-1, masqueraded by node-2",
+            from: From::External(1),
+            to: to(N2, 30443),
+            want: Want::Pods(host, Seen::Node(1)),
+        },
+        Case {
+            name: "IPv6 pod on node-1 → IPv6 ClusterIP → node-1 itself",
+            from: From::Pod6("web-1a"),
+            to: to(api6, 443),
+            want: Want::Pods(host, Seen::Client),
+        },
+        Case {
+            name: "IPv6 node-1 itself → IPv6 ClusterIP → node-1 (socket hooks)",
+            from: From::Host6(0),
+            to: to(api6, 443),
+            want: Want::Pods(host, Seen::Node(0)),
+        },
+    ];
+    for case in &cases {
+        check(&cluster, case);
+    }
+    for (name, from, target) in [
+        ("UDP pod on node-1 → ClusterIP", From::Pod("web-1a"), to(api, 53)),
+        ("UDP pod on node-2 → ClusterIP", From::Pod("web-2a"), to(api, 53)),
+        ("UDP node-1 → ClusterIP (socket hooks)", From::Host(0), to(api, 53)),
+        (
+            "UDP external → NodePort (eTP Cluster)",
+            From::External(0),
+            to(N1, 30453),
+        ),
+        ("UDP external → NodePort (eTP Local)", From::External(0), to(N1, 30454)),
+        (
+            "UDP IPv6 pod on node-1 → IPv6 ClusterIP",
+            From::Pod6("web-1a"),
+            to(api6, 53),
+        ),
+    ] {
+        check_udp(&cluster, name, from, target, "node-1-host");
+    }
+    // No server on the endpoint port: the node's ICMP port unreachable
+    // reaches the client about its own packet (to the cluster IP), so its
+    // connected socket is refused at once instead of waiting in vain.
+    let closed = to(Ipv4Addr::new(198, 19, 0, 53), 53);
+    let refused = cluster
+        .pod("web-1a")
+        .ns
+        .run(move || udp_ask(closed).map_err(|e| e.downcast::<std::io::Error>().map(|e| e.kind()).ok()))
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(Some(ErrorKind::ConnectionRefused)),
+        "UDP to a closed host port"
+    );
+    // Node-1 delivered the balanced packets locally and translated the replies at egress.
+    let n1 = &agents[0];
+    assert!(
+        n1.counter("event", "local_endpoint").unwrap() > 0,
+        "local_endpoint counted"
+    );
+    assert!(
+        n1.counter("event", "egress_reverse_nat").unwrap() > 0,
+        "egress_reverse_nat counted"
+    );
+    assert_eq!(
+        n1.counter("drop", "no_route").unwrap(),
+        0,
+        "nothing dropped as unroutable"
+    );
+}
+
+/// Issue #12 point 7: an iptables FORWARD rule (what iptables-based
+/// NetworkPolicy programs) blocking pod `web-1b` is bypassed by the default
+/// redirect forwarding but enforced on ClusterIP and NodePort traffic with
+/// `--forwarding-mode stack`, while other pods keep answering.
+#[test]
+fn iptables_forward_rules_apply_to_service_traffic_in_stack_forwarding_mode() {
+    let mut cluster = Cluster::new([&["client-1", "web-1a", "web-1b"], &NODE2]).expect("cluster");
+    let open = cluster.endpoints(&["web-1a"]);
+    let blocked = cluster.endpoints(&["web-1b"]);
+    let open6 = cluster.endpoints6(&["web-1a"]);
+    let blocked6 = cluster.endpoints6(&["web-1b"]);
+    let http = |np: Option<u16>| ("http", "TCP", 8080, 80, np);
+    let dns = |np: Option<u16>| ("dns", "UDP", 53, 5353, np);
+    let v6_only = "  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n";
+    let docs = [
+        service(
+            "open",
+            "  type: NodePort\n  clusterIP: 198.19.0.61\n",
+            "",
+            &[http(Some(30601)), dns(Some(30611))],
+            &open,
+        ),
+        service(
+            "blocked",
+            "  type: NodePort\n  clusterIP: 198.19.0.60\n",
+            "",
+            &[http(Some(30600))],
+            &blocked,
+        ),
+        service(
+            "open6",
+            &format!("  type: NodePort\n  clusterIP: fd00:198:19::61\n{v6_only}"),
+            "",
+            &[http(Some(30621))],
+            &open6,
+        ),
+        service(
+            "blocked6",
+            &format!("  clusterIP: fd00:198:19::60\n{v6_only}"),
+            "",
+            &[http(None)],
+            &blocked6,
+        ),
+    ];
+    cluster.write_manifest("services.yaml", &docs.join("---\n")).unwrap();
+    // What an iptables NetworkPolicy would program on node-1: web-1b takes nothing forwarded.
+    let node1 = &cluster.nodes[0].ns;
+    let b = cluster.pod("web-1b");
+    lb_tests::netns::run(
+        node1
+            .command("iptables-nft")
+            .args(["-A", "FORWARD", "-d", &b.ip.to_string(), "-j", "DROP"]),
+    )
+    .unwrap();
+    lb_tests::netns::run(node1.command("ip6tables-nft").args([
+        "-A",
+        "FORWARD",
+        "-d",
+        &b.ip6.to_string(),
+        "-j",
+        "DROP",
+    ]))
+    .unwrap();
+    let n1_6 = cluster.nodes[0].addr6;
+    let vip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, host);
+    let a: &'static [&'static str] = &["web-1a"];
+    let b_only: &'static [&'static str] = &["web-1b"];
+    // (case name, from, to, answered by with redirect forwarding, with stack forwarding)
+    let table = [
+        (
+            "pod → ClusterIP of web-1b",
+            From::Pod("client-1"),
+            to(Ipv4Addr::new(198, 19, 0, 60), 8080),
+            Some((b_only, Seen::Client)),
+            None,
+        ),
+        (
+            "pod → ClusterIP of web-1a",
+            From::Pod("client-1"),
+            to(Ipv4Addr::new(198, 19, 0, 61), 8080),
+            Some((a, Seen::Client)),
+            Some((a, Seen::Client)),
+        ),
+        (
+            "external → NodePort of web-1b",
+            From::External(0),
+            to(N1, 30600),
+            Some((b_only, Seen::Node(0))),
+            None,
+        ),
+        (
+            "external → NodePort of web-1a (masqueraded)",
+            From::External(0),
+            to(N1, 30601),
+            Some((a, Seen::Node(0))),
+            Some((a, Seen::Node(0))),
+        ),
+        (
+            "hairpin: web-1a → its own ClusterIP → itself (masqueraded)",
+            From::Pod("web-1a"),
+            to(Ipv4Addr::new(198, 19, 0, 61), 8080),
+            Some((a, Seen::Node(0))),
+            Some((a, Seen::Node(0))),
+        ),
+        (
+            "pod → web-1b's own address (plain routing: always filtered)",
+            From::Pod("client-1"),
+            to(b.ip, 80),
+            None,
+            None,
+        ),
+        (
+            "IPv6 pod → ClusterIP of web-1b",
+            From::Pod6("client-1"),
+            to(vip6(0x60), 8080),
+            Some((b_only, Seen::Client)),
+            None,
+        ),
+        (
+            "IPv6 pod → ClusterIP of web-1a",
+            From::Pod6("client-1"),
+            to(vip6(0x61), 8080),
+            Some((a, Seen::Client)),
+            Some((a, Seen::Client)),
+        ),
+        (
+            "IPv6 external → NodePort of web-1a (masqueraded)",
+            From::External6(0),
+            to(n1_6, 30621),
+            Some((a, Seen::Node(0))),
+            Some((a, Seen::Node(0))),
+        ),
+    ];
+    for stack in [false, true] {
+        cluster.set_agent_args(if stack { &["--forwarding-mode", "stack"] } else { &[] });
+        let agents = cluster.start_agents(true).expect("agents");
+        let mode = if stack { "stack" } else { "redirect" };
+        for (name, from, target, redirect, stacked) in &table {
+            let want = match if stack { stacked } else { redirect } {
+                Some((pods, seen)) => Want::Pods(pods, *seen),
+                None => Want::NoAnswer,
+            };
+            let name: &'static str = format!("{mode} forwarding: {name}").leak();
+            check(
+                &cluster,
+                &Case {
+                    name,
+                    from: *from,
+                    to: *target,
+                    want,
+                },
+            );
+        }
+        check_udp(
+            &cluster,
+            &format!("{mode}: UDP external → NodePort of web-1a"),
+            From::External(0),
+            to(N1, 30611),
+            "web-1a",
+        );
+        check_udp(
+            &cluster,
+            &format!("{mode}: UDP pod → ClusterIP of web-1a"),
+            From::Pod("client-1"),
+            to(Ipv4Addr::new(198, 19, 0, 61), 53),
+            "web-1a",
+        );
+        let masqueraded_at_egress = agents[0].counter("event", "egress_masquerade").unwrap();
+        assert_eq!(masqueraded_at_egress > 0, stack, "{mode}: masquerading at egress");
+        for agent in agents {
+            agent.kill().unwrap();
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! Attachment per interface: TC ingress (tcx where the kernel has it, 6.6+,
-//! clsact otherwise) on every non-loopback interface (or the ones named),
+//! Attachment per interface: TC ingress and egress (tcx where the kernel
+//! has it, 6.6+, clsact otherwise) on every non-loopback interface (or the ones named),
 //! XDP on the named external interfaces; including interfaces that appear
 //! later (rtnetlink link notifications). Links are pinned so they outlive
 //! the agent.
@@ -155,40 +155,61 @@ pub trait Hook {
 /// TC ingress: tcx where the kernel has it, clsact otherwise.
 pub struct TcIngress;
 
-impl Hook for TcIngress {
-    type Program = SchedClassifier;
-    type LinkId = SchedClassifierLinkId;
-    const PIN_PREFIX: &'static str = "tc-ingress-";
-    const WHAT: &'static str = "TC ingress";
+/// TC egress (host-network endpoints' replies, stack forwarding mode), on
+/// the same interfaces as TC ingress: tcx, clsact otherwise.
+pub struct TcEgress;
 
-    fn attach(&self, prog: &mut SchedClassifier, iface: &Interface) -> anyhow::Result<SchedClassifierLinkId> {
-        // `attach` picks tcx on 6.6+; the netlink (clsact) path needs the qdisc.
-        match prog.attach(&iface.name, TcAttachType::Ingress) {
-            Ok(id) => Ok(id),
-            Err(first) => {
-                let _ = tc::qdisc_add_clsact(&iface.name);
-                prog.attach_with_options(
-                    &iface.name,
-                    TcAttachType::Ingress,
-                    tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
-                )
-                .with_context(|| format!("attaching to {} (tcx failed first: {first})", iface.name))
-            }
+/// Attaches a TC program at `side`: `attach` picks tcx on 6.6+; the
+/// netlink (clsact) path needs the qdisc.
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    iface: &Interface,
+    side: TcAttachType,
+) -> anyhow::Result<SchedClassifierLinkId> {
+    match prog.attach(&iface.name, side) {
+        Ok(id) => Ok(id),
+        Err(first) => {
+            let _ = tc::qdisc_add_clsact(&iface.name);
+            prog.attach_with_options(
+                &iface.name,
+                side,
+                tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+            )
+            .with_context(|| format!("attaching to {} (tcx failed first: {first})", iface.name))
         }
     }
-
-    fn take_over(prog: &mut SchedClassifier, pinned: PinnedLink) -> anyhow::Result<SchedClassifierLinkId> {
-        Ok(prog.attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)?)
-    }
-
-    fn take_fd_link(prog: &mut SchedClassifier, id: SchedClassifierLinkId) -> anyhow::Result<FdLink> {
-        FdLink::try_from(prog.take_link(id)?).map_err(|e| anyhow::anyhow!("a netlink (clsact) filter, not a link: {e}"))
-    }
-
-    fn detach(prog: &mut SchedClassifier, id: SchedClassifierLinkId) -> anyhow::Result<()> {
-        Ok(prog.detach(id)?)
-    }
 }
+
+macro_rules! tc_hook {
+    ($hook:ty, $side:expr, $prefix:literal, $what:literal) => {
+        impl Hook for $hook {
+            type Program = SchedClassifier;
+            type LinkId = SchedClassifierLinkId;
+            const PIN_PREFIX: &'static str = $prefix;
+            const WHAT: &'static str = $what;
+
+            fn attach(&self, prog: &mut SchedClassifier, iface: &Interface) -> anyhow::Result<SchedClassifierLinkId> {
+                attach_tc(prog, iface, $side)
+            }
+
+            fn take_over(prog: &mut SchedClassifier, pinned: PinnedLink) -> anyhow::Result<SchedClassifierLinkId> {
+                Ok(prog.attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)?)
+            }
+
+            fn take_fd_link(prog: &mut SchedClassifier, id: SchedClassifierLinkId) -> anyhow::Result<FdLink> {
+                FdLink::try_from(prog.take_link(id)?)
+                    .map_err(|e| anyhow::anyhow!("a netlink (clsact) filter, not a link: {e}"))
+            }
+
+            fn detach(prog: &mut SchedClassifier, id: SchedClassifierLinkId) -> anyhow::Result<()> {
+                Ok(prog.detach(id)?)
+            }
+        }
+    };
+}
+
+tc_hook!(TcIngress, TcAttachType::Ingress, "tc-ingress-", "TC ingress");
+tc_hook!(TcEgress, TcAttachType::Egress, "tc-egress-", "TC egress");
 
 /// XDP in the given mode; native (driver) mode falls back to generic (skb)
 /// where the driver has no XDP support.

@@ -16,6 +16,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the TC ingress program in the object.
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
+pub const EGRESS_PROGRAM: &str = "lb_egress";
 pub const XDP_PROGRAM: &str = "lb_xdp";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -74,7 +75,7 @@ fn layout_signature(opts: &LoadOptions) -> String {
     use lb_common::*;
     use std::mem::size_of;
     format!(
-        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={} limits={}/{}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
+        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={}/{} limits={}/{}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
         size_of::<ServiceKey>(),
         size_of::<ServiceValue>(),
         size_of::<BackendSlotKey>(),
@@ -85,6 +86,7 @@ fn layout_signature(opts: &LoadOptions) -> String {
         size_of::<AffinityValue>(),
         size_of::<SourceRange>(),
         size_of::<sock::NodeConfig>(),
+        size_of::<sock::SockNatKey>(),
         size_of::<sock::SockRevNat>(),
         limits::MAX_SERVICES,
         limits::MAX_BACKENDS,
@@ -145,13 +147,18 @@ fn prepare_pins(root: &Path, opts: &LoadOptions) -> anyhow::Result<bool> {
     Ok(reuse)
 }
 
-/// Verifies the TC and XDP programs (loaded, not attached).
+/// Verifies the TC (ingress, egress) and XDP programs (loaded, not attached).
 fn load_packet_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(INGRESS_PROGRAM)
         .context("program lb_ingress missing from the object")?
         .try_into()?;
     program.load().context("verifying lb_ingress")?;
+    let egress: &mut SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM)
+        .context("program lb_egress missing from the object")?
+        .try_into()?;
+    egress.load().context("verifying lb_egress")?;
     let xdp: &mut Xdp = ebpf
         .program_mut(XDP_PROGRAM)
         .context("program lb_xdp missing from the object")?
@@ -241,6 +248,14 @@ impl Datapath {
             .ebpf
             .program_mut(INGRESS_PROGRAM)
             .context("program lb_ingress missing")?
+            .try_into()?)
+    }
+
+    pub fn egress_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(EGRESS_PROGRAM)
+            .context("program lb_egress missing")?
             .try_into()?)
     }
 

@@ -72,6 +72,18 @@ fn from_pin(root: &Path, name: &str) -> anyhow::Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
+/// Conntrack lifetimes in seconds (the --conntrack-*-timeout flags; 0:
+/// the datapath's `ct_timeouts` default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    pub tcp_syn: u32,
+    pub tcp_established: u32,
+    pub tcp_close_wait: u32,
+    pub tcp_closing: u32,
+    pub udp: u32,
+    pub udp_stream: u32,
+}
+
 impl BpfMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
@@ -123,12 +135,27 @@ impl BpfMaps {
     }
 
     /// Conntrack lifetimes (seconds; 0 keeps the datapath's default).
-    pub fn set_conntrack_timeouts(&mut self, syn: u32, established: u32, closing: u32, udp: u32) -> anyhow::Result<()> {
+    pub fn set_conntrack_timeouts(&mut self, t: &ConntrackTimeouts) -> anyhow::Result<()> {
         let mut config = self.config.get(&0, 0).unwrap_or_default();
-        config.tcp_syn_timeout = syn;
-        config.tcp_established_timeout = established;
-        config.tcp_closing_timeout = closing;
-        config.udp_timeout = udp;
+        config.tcp_syn_timeout = t.tcp_syn;
+        config.tcp_established_timeout = t.tcp_established;
+        config.tcp_close_wait_timeout = t.tcp_close_wait;
+        config.tcp_closing_timeout = t.tcp_closing;
+        config.udp_timeout = t.udp;
+        config.udp_stream_timeout = t.udp_stream;
+        self.config.set(0, config, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
+    /// Stack forwarding mode on or off (`--forwarding-mode`).
+    pub fn set_stack_forwarding(&mut self, on: bool) -> anyhow::Result<()> {
+        use lb_common::sock::config_flags::STACK_FORWARDING;
+        let mut config = self.config.get(&0, 0).unwrap_or_default();
+        config.flags = if on {
+            config.flags | STACK_FORWARDING
+        } else {
+            config.flags & !STACK_FORWARDING
+        };
         self.config.set(0, config, 0).context("writing CONFIG")?;
         Ok(())
     }

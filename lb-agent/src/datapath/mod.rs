@@ -7,4 +7,4 @@ pub mod sock;
 pub mod xdp;
 
 pub use load::{Datapath, LoadOptions};
-pub use maps::BpfMaps;
+pub use maps::{BpfMaps, ConntrackTimeouts};

@@ -105,6 +105,9 @@ fn service_change(svc: &Service, deleted: bool) -> Option<Change> {
         return Some(Change::Service(k, None));
     }
     let spec = converted("Service", &k, ServiceSpec::from_k8s(svc));
+    if let Some(s) = &spec {
+        super::warn_ignored("Service", &k.0, &k.1, &s.ignored);
+    }
     Some(Change::Service(k, spec))
 }
 
@@ -114,6 +117,9 @@ fn slice_change(slice: &EndpointSlice, deleted: bool) -> Option<Change> {
         return Some(Change::Slice(k, None));
     }
     let spec = converted("EndpointSlice", &k, SliceSpec::from_k8s(slice)).flatten();
+    if let Some(s) = &spec {
+        super::warn_ignored("EndpointSlice", &k.0, &k.1, &s.ignored);
+    }
     Some(Change::Slice(k, spec))
 }
 
@@ -123,6 +129,9 @@ fn node_change(node: &Node, deleted: bool) -> Option<Change> {
         return Some(Change::Node(name, None));
     }
     let spec = converted("Node", &(String::new(), name.clone()), NodeSpec::from_k8s(node));
+    if let Some(n) = &spec {
+        super::warn_ignored("Node", "", &n.name, &n.ignored);
+    }
     Some(Change::Node(name, spec))
 }
 

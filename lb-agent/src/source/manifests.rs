@@ -341,11 +341,16 @@ fn parse_object(doc: &Value) -> Result<Option<(ObjectRef, Object)>, ObjectError>
     let r = object_ref(doc, kind);
     let obj = match (api_version, kind) {
         ("v1", "Service") => {
-            Object::Service(ServiceSpec::from_k8s(&typed::<Service>(doc, &r)?).map_err(|e| spec_err(&r, e))?)
+            let s = ServiceSpec::from_k8s(&typed::<Service>(doc, &r)?).map_err(|e| spec_err(&r, e))?;
+            super::warn_ignored("Service", &s.namespace, &s.name, &s.ignored);
+            Object::Service(s)
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match SliceSpec::from_k8s(&typed::<EndpointSlice>(doc, &r)?).map_err(|e| spec_err(&r, e))? {
-                Some(s) => Object::Slice(s),
+                Some(s) => {
+                    super::warn_ignored("EndpointSlice", &s.namespace, &s.name, &s.ignored);
+                    Object::Slice(s)
+                }
                 None => {
                     debug!(
                         ?r,
@@ -355,7 +360,11 @@ fn parse_object(doc: &Value) -> Result<Option<(ObjectRef, Object)>, ObjectError>
                 }
             }
         }
-        ("v1", "Node") => Object::Node(NodeSpec::from_k8s(&typed::<Node>(doc, &r)?).map_err(|e| spec_err(&r, e))?),
+        ("v1", "Node") => {
+            let n = NodeSpec::from_k8s(&typed::<Node>(doc, &r)?).map_err(|e| spec_err(&r, e))?;
+            super::warn_ignored("Node", "", &n.name, &n.ignored);
+            Object::Node(n)
+        }
         _ => {
             debug!(api_version, kind, "ignoring object of a kind the proxy does not use");
             return Ok(None);
@@ -558,7 +567,8 @@ endpoints:
             ("bad cluster IP", "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: net-test}\nspec:\n  clusterIP: 198.19.0.500\n  ports: [{port: 80}]\n".to_string(), "spec.clusterIP"),
             ("bad endpoint address", slice("endpoints: [{addresses: [10.0.0.256]}]\n"), "endpoints[0].addresses[0]"),
             ("endpoint of the wrong family", slice("endpoints: [{addresses: [\"fd00::1\"]}]\n"), "endpoints[0].addresses[0]"),
-            ("slice port out of range", slice("ports: [{port: 70000}]\nendpoints: []\n"), "ports[0].port"),
+            // (A slice port out of range is ignored, not the slice: see
+            // model::tests::slice_ports_without_a_valid_number_are_ignored_not_the_slice.)
         ];
         for (what, yaml, field) in cases {
             let dir = tempdir();

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::model::{NodeSpec, ServiceSpec, SliceSpec, Snapshot};
+use crate::model::{FieldError, NodeSpec, ServiceSpec, SliceSpec, Snapshot};
 
 /// namespace/name of an object.
 pub type ObjectKey = (String, String);
@@ -142,4 +142,14 @@ pub enum Kind {
     Service,
     Slice,
     Node,
+}
+
+/// Logs the values a conversion skipped as kube-proxy skips them (the rest
+/// of the object is used).
+/// `namespace` is "" for cluster-scoped objects.
+pub fn warn_ignored(kind: &str, namespace: &str, name: &str, ignored: &[FieldError]) {
+    let slash = if namespace.is_empty() { "" } else { "/" };
+    for e in ignored {
+        tracing::warn!("{kind} {namespace}{slash}{name}: {e}; value ignored");
+    }
 }
