@@ -12,6 +12,9 @@ use anyhow::{Context, bail};
 /// Where the agent lives in the image.
 pub const AGENT_PATH: &str = "/usr/local/bin/lb-agent";
 
+/// Debian's CA bundle (package ca-certificates), copied into the image.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// podman's global flags on this machine kind: runc (crun refuses the
 /// hybrid cgroup layout of the VM).
 pub const PODMAN_GLOBAL: &[&str] = &["--runtime", "runc"];
@@ -96,6 +99,12 @@ pub fn build(binary: &Path, tag: &str) -> anyhow::Result<String> {
         }
         for lib in shared_libraries(binary)? {
             place(&lib, &lib)?;
+        }
+        // TLS roots for an API server reached without a service account's
+        // CA (e.g. --master with a kubeconfig-less setup): the host's bundle.
+        let bundle = Path::new(CA_BUNDLE);
+        if bundle.exists() {
+            place(bundle, bundle)?;
         }
         // Where the agent pins and mounts (the pod spec mounts over them).
         for dir in ["sys/fs/bpf", "run/lb-agent", "etc/lb-agent", "tmp"] {

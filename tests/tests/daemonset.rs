@@ -137,8 +137,12 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     let parsed: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert!(parsed["level"].is_string(), "{first}");
 
-    // Pods and host processes (socket hooks on the host's cgroup root).
+    // Pods and host processes (socket hooks on the host's cgroup root),
+    // once the first sync is done (kube-proxy's /healthz is 200 from the start).
     let vip = SocketAddr::from((NGINX_VIP, 8080));
+    wait_until("the first sync", Duration::from_secs(30), || {
+        sandbox.client().run(move || http_get(vip).is_ok()).unwrap()
+    });
     assert_eq!(tally(sandbox.client(), 30, vip, http_get).unwrap().len(), 3, "client → ClusterIP");
     let from_host = sandbox.node.run(move || http_get(vip)).unwrap();
     assert!(
