@@ -95,6 +95,10 @@ pub struct CleanupArgs {
     /// iptables-nft) and nftables `kube-proxy` tables in this namespace.
     #[arg(long)]
     pub cleanup_kube_proxy: bool,
+    /// After cleaning up, keep running until SIGTERM: the uninstall
+    /// DaemonSet (deploy/uninstall/) shows each node done as a running pod.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 #[derive(Args, Debug, Clone)]

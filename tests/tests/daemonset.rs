@@ -93,13 +93,17 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     // sandbox, a bpf root of its own (config.yaml).
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     let mut rendered = Rendered::kustomize(std::path::Path::new(deploy)).expect("kubectl kustomize deploy/");
-    rendered.find_mut("ConfigMap", "lb-agent-params").expect("params ConfigMap")["data"]["API_SERVER"] =
-        format!("http://{}", api.addr()).into();
+    rendered
+        .find_mut("ConfigMap", "lb-agent-params")
+        .expect("params ConfigMap")["data"]["API_SERVER"] = format!("http://{}", api.addr()).into();
     let config = rendered.find_mut("ConfigMap", "lb-agent").expect("config ConfigMap");
     let text = config["data"]["config.yaml"].as_str().unwrap().to_string();
     assert!(text.contains("bpfRoot: /sys/fs/bpf/lb-agent"), "{text}");
     config["data"]["config.yaml"] = text
-        .replace("bpfRoot: /sys/fs/bpf/lb-agent", &format!("bpfRoot: {}", sandbox.bpf_root.display()))
+        .replace(
+            "bpfRoot: /sys/fs/bpf/lb-agent",
+            &format!("bpfRoot: {}", sandbox.bpf_root.display()),
+        )
         .into();
     let spec = rendered.pod_template("lb-agent").unwrap().clone();
     let (ready_path, ready_port) = probe_of(&spec, "readinessProbe");
@@ -113,11 +117,16 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
         run.image = Some(image.0.clone());
         run.without_volumes = vec!["host-cgroup".into()];
         let names = run.start(&spec).expect("container started");
-        wait_until("the agent refusing a namespaced cgroup", Duration::from_secs(20), || {
-            !run.running(&names[0])
-        });
+        wait_until(
+            "the agent refusing a namespaced cgroup",
+            Duration::from_secs(20),
+            || !run.running(&names[0]),
+        );
         let logs = run.logs(&names[0]);
-        assert!(logs.contains("Mount the host's /sys/fs/cgroup into the container"), "{logs}");
+        assert!(
+            logs.contains("Mount the host's /sys/fs/cgroup into the container"),
+            "{logs}"
+        );
     }
 
     let pod = format!("lbt-{}-agent", std::process::id());
@@ -143,7 +152,11 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     wait_until("the first sync", Duration::from_secs(30), || {
         sandbox.client().run(move || http_get(vip).is_ok()).unwrap()
     });
-    assert_eq!(tally(sandbox.client(), 30, vip, http_get).unwrap().len(), 3, "client → ClusterIP");
+    assert_eq!(
+        tally(sandbox.client(), 30, vip, http_get).unwrap().len(),
+        3,
+        "client → ClusterIP"
+    );
     let from_host = sandbox.node.run(move || http_get(vip)).unwrap();
     assert!(
         from_host.as_ref().is_ok_and(|pod| pod.starts_with("nginx-")),
@@ -158,19 +171,23 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let load = {
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        sandbox.client().spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(vip) {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-        .unwrap()
+        sandbox
+            .client()
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(vip) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .unwrap()
     };
     image::podman(&["kill", &agent]).unwrap();
-    wait_until("the killed container to stop", Duration::from_secs(10), || !run.running(&agent));
+    wait_until("the killed container to stop", Duration::from_secs(10), || {
+        !run.running(&agent)
+    });
     assert_eq!(held.get().unwrap(), held_pod, "held connection while no agent runs");
     image::podman(&["start", &agent]).unwrap();
     wait_until("readiness after the restart", Duration::from_secs(30), || {
@@ -181,10 +198,101 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     load.join().unwrap().unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 20, "only {ok} requests during the restart");
-    assert_eq!(failed, 0, "{failed} of {} connections failed during the restart", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed during the restart",
+        ok + failed
+    );
     assert!(
         run.logs(&agent).contains("took over"),
         "the restarted agent took the pinned datapath over:\n{}",
         run.logs(&agent)
     );
+
+    // Uninstall: the agent's DaemonSet goes (its datapath stays pinned and
+    // serving), then deploy/uninstall/'s cleanup DaemonSet runs on the node.
+    let links = pinned_link_ids(&sandbox.bpf_root);
+    assert!(!links.is_empty(), "the agent pinned its links");
+    drop(run);
+    let uninstall = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/uninstall");
+    let mut rendered =
+        Rendered::kustomize(std::path::Path::new(uninstall)).expect("kubectl kustomize deploy/uninstall/");
+    let cleanup_spec = {
+        let ds = rendered
+            .find_mut("DaemonSet", "lb-agent-cleanup")
+            .expect("cleanup DaemonSet");
+        let args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array_mut()
+            .unwrap();
+        let root = args
+            .iter_mut()
+            .find(|a| a.as_str().is_some_and(|a| a.starts_with("--bpf-root=")))
+            .expect("--bpf-root in the cleanup args");
+        *root = format!("--bpf-root={}", sandbox.bpf_root.display()).into();
+        ds["spec"]["template"]["spec"].clone()
+    };
+    let pod = format!("lbt-{}-cleanup", std::process::id());
+    let mut cleanup_run = PodRun::new(&rendered, &pod, NODE_NAME, &sandbox.node.path());
+    cleanup_run.image = Some(image.0.clone());
+    let names = cleanup_run
+        .start(&cleanup_spec)
+        .expect("the cleanup DaemonSet's container");
+    wait_until("cleanup done", Duration::from_secs(20), || {
+        cleanup_run.logs(&names[0]).contains("cleanup done")
+    });
+    assert!(cleanup_run.running(&names[0]), "the cleanup pod holds after its work");
+    // Nothing of ours is left: no pin, no link, no program on the node's interfaces.
+    assert!(
+        !sandbox.bpf_root.exists(),
+        "pins left in {}",
+        sandbox.bpf_root.display()
+    );
+    for id in &links {
+        let left = std::process::Command::new("bpftool")
+            .args(["link", "show", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(!left.status.success(), "link {id} still exists");
+    }
+    let net = lb_tests::netns::run(sandbox.node.command("bpftool").args(["net", "show"])).unwrap();
+    let net = String::from_utf8_lossy(&net.stdout);
+    assert!(!net.contains("lb_"), "programs still attached in the node:\n{net}");
+    // kube-proxy, reinstalled, serves the Service with its iptables rules.
+    let pods = manifests::example_pods();
+    let kube_proxy_rules = format!(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-NGINX - [0:0]\n:KUBE-SEP-NGINXA - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A KUBE-SERVICES -d {NGINX_VIP}/32 -p tcp -m tcp --dport 8080 -j KUBE-SVC-NGINX\n\
+         -A KUBE-SVC-NGINX -j KUBE-SEP-NGINXA\n\
+         -A KUBE-SEP-NGINXA -p tcp -m tcp -j DNAT --to-destination {}:80\nCOMMIT\n",
+        pods[0].1
+    );
+    sandbox
+        .node
+        .iptables_restore("iptables-nft-restore", &[], &kube_proxy_rules)
+        .unwrap();
+    let answers = tally(sandbox.client(), 10, vip, http_get).expect("kube-proxy's rules serve the ClusterIP");
+    assert_eq!(
+        answers.keys().collect::<Vec<_>>(),
+        [&pods[0].0],
+        "iptables, not the eBPF datapath, answered"
+    );
+}
+
+/// Ids of the links pinned under `root`/links.
+fn pinned_link_ids(root: &std::path::Path) -> Vec<u64> {
+    std::fs::read_dir(root.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(e.path())
+                .output()
+                .ok()?;
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["id"].as_u64()
+        })
+        .collect()
 }
