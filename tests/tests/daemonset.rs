@@ -109,15 +109,25 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     // Placement and rollout as an operator needs them on a fresh node.
     let ds = rendered.find("DaemonSet", "lb-agent").unwrap();
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1);
-    assert!(ds["spec"]["minReadySeconds"].as_u64() > Some(0), "a bad rollout stops at one node");
+    assert!(
+        ds["spec"]["minReadySeconds"].as_u64() > Some(0),
+        "a bad rollout stops at one node"
+    );
     assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux");
     assert_eq!(spec["dnsPolicy"], "Default", "no dependency on cluster DNS");
     let container = &spec["containers"][0];
     assert!(
-        container["env"].as_array().unwrap().iter().all(|e| e["name"] != "RUST_LOG"),
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["name"] != "RUST_LOG"),
         "RUST_LOG would override --v"
     );
-    assert_eq!(container["image"], "localhost/lb-agent:latest", "kustomize's image parameter");
+    assert_eq!(
+        container["image"], "localhost/lb-agent:latest",
+        "kustomize's image parameter"
+    );
     let (ready_path, ready_port) = probe_of(&spec, "readinessProbe");
     let (live_path, live_port) = probe_of(&spec, "livenessProbe");
 

@@ -1,6 +1,6 @@
 //! Idempotent installation of everything the build and the tests need on a
 //! fresh machine of this kind (Debian, root, rustup): apt packages, the
-//! nightly toolchain's rust-src, bpf-linker for LLVM 22, and bpffs.
+//! pinned nightly toolchain with rust-src, bpf-linker for LLVM 22, and bpffs.
 
 use std::process::{Command, Stdio};
 
@@ -108,24 +108,33 @@ fn kubectl() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The nightly the eBPF crate is built with: pinned (lb-ebpf/nightly-toolchain)
+/// so every machine and image builds the same object.
+fn ebpf_toolchain() -> &'static str {
+    include_str!("../../lb-ebpf/nightly-toolchain").trim()
+}
+
 fn nightly_rust_src() -> anyhow::Result<()> {
+    let toolchain = ebpf_toolchain();
     let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--toolchain", toolchain, "--installed"])
         .output()
         .context("running rustup (is rustup installed?)")?;
     let list = String::from_utf8_lossy(&installed.stdout);
     if installed.status.success() && list.lines().any(|l| l.starts_with("rust-src")) {
-        step("nightly toolchain with rust-src: present");
+        step(&format!("{toolchain} with rust-src: present"));
         return Ok(());
     }
-    step("nightly toolchain: adding rust-src (the eBPF crate builds core with -Z build-std)");
+    step(&format!(
+        "{toolchain}: installing with rust-src (the eBPF crate builds core with -Z build-std)"
+    ));
     if !installed.status.success() {
         cmd(
             "rustup",
             &[
                 "toolchain",
                 "install",
-                "nightly",
+                toolchain,
                 "--profile",
                 "minimal",
                 "--component",
@@ -133,7 +142,7 @@ fn nightly_rust_src() -> anyhow::Result<()> {
             ],
         )
     } else {
-        cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])
+        cmd("rustup", &["component", "add", "rust-src", "--toolchain", toolchain])
     }
 }
 
