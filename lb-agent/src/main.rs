@@ -1,7 +1,7 @@
 use std::io::IsTerminal;
 
 use clap::{CommandFactory, FromArgMatches};
-use lb_agent::cli::{Cli, Command};
+use lb_agent::cli::{Cli, Command, LoggingFormat};
 use lb_agent::datapath::BpfMaps;
 use tracing_subscriber::EnvFilter;
 
@@ -11,11 +11,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     // RUST_LOG, when set, overrides --v (e.g. RUST_LOG=lb_agent::sync=trace).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cli.log_level()));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.logging_format {
+        LoggingFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LoggingFormat::Json => logs.json().flatten_event(true).init(),
+    }
     match cli.command {
         Command::Run(mut args) => {
             if let Some(run_matches) = matches.subcommand_matches("run") {
@@ -73,6 +75,14 @@ async fn main() -> anyhow::Result<()> {
                 lb_agent::kube_proxy::cleanup()?;
             }
             tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");
+            if args.hold {
+                tracing::info!("cleanup done; holding until stopped (delete the DaemonSet once every node shows this)");
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
             Ok(())
         }
     }

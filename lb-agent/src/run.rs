@@ -101,7 +101,10 @@ impl SyncLimiter {
     }
 }
 
-fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) -> anyhow::Result<()> {
+/// Starts the source's task. A source that can never work (a kubeconfig
+/// that does not parse, no credentials, no TLS roots) fails start-up here,
+/// loudly, instead of leaving an agent that looks alive and never syncs.
+async fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) -> anyhow::Result<()> {
     match &args.manifests {
         Some(path) => {
             info!(path = %path.display(), "source: manifests");
@@ -109,15 +112,13 @@ fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) -> any
             tokio::spawn(source::manifests::run(manifests, state, args.manifests_debounce));
         }
         None => {
-            let kubeconfig = args.kubeconfig.clone();
+            let (kubeconfig, master) = (args.kubeconfig.clone(), args.master.clone());
             let node_name = node_name.to_string();
-            info!(kubeconfig = ?kubeconfig, "source: Kubernetes API");
-            tokio::spawn(async move {
-                match source::kube::client(kubeconfig.as_deref()).await {
-                    Ok(client) => source::kube::run(client, node_name, state).await,
-                    Err(e) => error!("cannot reach the Kubernetes API: {e:#}"),
-                }
-            });
+            info!(kubeconfig = ?kubeconfig, master = ?master.as_ref().map(ToString::to_string), "source: Kubernetes API");
+            let client = source::kube::client(kubeconfig.as_deref(), master.as_ref())
+                .await
+                .context("cannot set up the Kubernetes API client (--kubeconfig, --master, in-cluster config)")?;
+            tokio::spawn(source::kube::run(client, node_name, state));
         }
     }
     Ok(())
@@ -244,7 +245,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     }
     start_conntrack_gc(args.bpf_root.clone(), args.conntrack_gc_interval);
     let state = Arc::new(SourceState::default());
-    start_source(args, &node.name, state.clone())?;
+    start_source(args, &node.name, state.clone()).await?;
     let status: SharedStatus = Arc::default();
     lock_status(&status).families = node.families();
     start_endpoints(args, &status)?;

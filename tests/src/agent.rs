@@ -78,6 +78,18 @@ impl Agent {
         args: &[&OsStr],
         echo: bool,
     ) -> anyhow::Result<Self> {
+        Self::spawn_in_with_env(node, node_name, bpf_root, args, &[], echo)
+    }
+
+    /// `spawn_in` with these environment variables set for the agent.
+    pub fn spawn_in_with_env(
+        node: &Netns,
+        node_name: &str,
+        bpf_root: &Path,
+        args: &[&OsStr],
+        envs: &[(&str, &str)],
+        echo: bool,
+    ) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.exists() {
             bail!(
@@ -92,6 +104,7 @@ impl Agent {
             .arg("--bpf-root")
             .arg(bpf_root)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

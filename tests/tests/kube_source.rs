@@ -215,3 +215,55 @@ fn nothing_is_programmed_before_the_first_complete_list() {
     assert!(listed < first_sync, "synced before the initial list:\n{log}");
     assert!(!agent.services().unwrap().is_empty());
 }
+
+/// A fresh node without kube-proxy: in-cluster config names the
+/// `kubernetes` Service's cluster IP, which nothing programs yet. With
+/// `--master` (kube-proxy's flag) naming the API server at a node address
+/// the agent lists, programs and follows changes; without it, it never gets
+/// anywhere (and says so).
+#[test]
+fn master_flag_reaches_the_api_server_before_its_service_is_programmed() {
+    let sandbox = Sandbox::new("lbt-", &PODS).unwrap();
+    let node_addr = lb_tests::sandbox::NODE_GATEWAY;
+    let listener = sandbox
+        .node
+        .run(move || TcpListener::bind((node_addr, 0)))
+        .unwrap()
+        .unwrap();
+    let api = FakeApiServer::start(listener).unwrap();
+    api.apply_yaml(&manifests::example());
+    // What the kubelet injects into every pod: the `kubernetes` Service.
+    // (No kubeconfig may be found either.)
+    let in_cluster = [
+        ("KUBERNETES_SERVICE_HOST", "198.19.0.1"),
+        ("KUBERNETES_SERVICE_PORT", "443"),
+        ("KUBECONFIG", "/nonexistent/kubeconfig"),
+    ];
+    let spawn = |args: &[&OsStr]| {
+        Agent::spawn_in_with_env(
+            &sandbox.node,
+            lb_tests::sandbox::NODE_NAME,
+            &sandbox.bpf_root,
+            args,
+            &in_cluster,
+            true,
+        )
+        .unwrap()
+    };
+
+    // Without --master: in-cluster config (no service account here) leads nowhere.
+    let lost = spawn(&[]);
+    lost.wait_for_log(0, "cannot set up the Kubernetes API client", WAIT)
+        .unwrap();
+    lost.wait_for_log(0, "<exited>", WAIT).expect("the agent exits at once");
+
+    let master = format!("http://{}", api.addr());
+    let agent = spawn(&[OsStr::new("--master"), OsStr::new(&master)]).ready().unwrap();
+    let all = backends(&["198.18.1.11", "198.18.1.12", "198.18.1.13"]);
+    agent.wait_for_services(|v| has(v, NGINX, &all), WAIT).unwrap();
+    assert_eq!(spread(&sandbox, 30).len(), 3);
+    api.apply_yaml(&manifests::service(&nginx_service(&example_pods()[..1])));
+    agent
+        .wait_for_services(|v| has(v, NGINX, &backends(&["198.18.1.11"])), WAIT)
+        .unwrap();
+}

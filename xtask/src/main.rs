@@ -22,7 +22,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent).
-    Setup,
+    Setup {
+        /// Only what building needs, nothing privileged (image builds).
+        #[arg(long)]
+        build_only: bool,
+    },
+    /// Build the release agent and its OCI image (FROM scratch: the binary
+    /// and its shared libraries) with podman, pulling nothing.
+    Image {
+        /// Image name and tag.
+        #[arg(long, default_value = concat!("localhost/lb-agent:", env!("CARGO_PKG_VERSION")))]
+        tag: String,
+    },
     /// Setup, then build the agent (with its embedded eBPF object).
     Build,
     /// Build, then balance real requests in a network-namespace sandbox.
@@ -49,7 +60,9 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
+        Task::Setup { build_only: false } => setup::run(),
+        Task::Setup { build_only: true } => setup::build_prerequisites(),
+        Task::Image { tag } => image(&tag),
         Task::Build => build(),
         Task::Demo => {
             build()?;
@@ -83,6 +96,24 @@ fn build() -> anyhow::Result<()> {
     setup::run()?;
     step("building lb-agent (and its eBPF programs)");
     cmd("cargo", &["build", "--package", "lb-agent"])
+}
+
+fn image(tag: &str) -> anyhow::Result<()> {
+    setup::run()?;
+    step("building the release agent");
+    cmd("cargo", &["build", "--release", "--package", "lb-agent"])?;
+    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent");
+    step(&format!(
+        "building image {tag} (FROM scratch: the agent and its shared libraries)"
+    ));
+    let id = lb_tests::image::build(&binary, tag)?;
+    let latest = format!("{}:latest", tag.rsplit_once(':').map_or(tag, |(name, _)| name));
+    lb_tests::image::podman(&["tag", &id, &latest])?;
+    println!("built {tag} ({latest}), image {id}");
+    println!(
+        "deploy: set the image in deploy/kustomization.yaml, API_SERVER in deploy/params.env, then `kubectl apply -k deploy/`"
+    );
+    Ok(())
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

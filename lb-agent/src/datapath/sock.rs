@@ -53,22 +53,67 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
     Ok(cookie)
 }
 
-/// A cgroup2 mount point: `wanted`, else the first in /proc/self/mountinfo,
-/// else one mounted here.
+/// The root of the host's cgroup2 hierarchy, where the socket hooks see
+/// every process of the node: `wanted`, else the first cgroup2 mount in
+/// /proc/self/mountinfo that is a hierarchy root, else one mounted here.
+///
+/// A container in its own cgroup namespace (a pod without the host's
+/// cgroup2 mounted in) sees its own cgroup as `/`: hooks there would miss
+/// every host process, so such a directory is refused with what to do.
 pub fn cgroup2_root(wanted: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = wanted {
-        return Ok(p.to_path_buf());
+        return require_hierarchy_root(p);
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    for line in mounts.lines() {
-        // ... mount-point ... - fstype source options
-        let (left, right) = line.split_once(" - ").unwrap_or((line, ""));
-        if right.split_whitespace().next() == Some("cgroup2")
-            && let Some(mount_point) = left.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(mount_point));
+    let cgroup2_mounts: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|line| {
+            // ... mount-point ... - fstype source options
+            let (left, right) = line.split_once(" - ").unwrap_or((line, ""));
+            (right.split_whitespace().next() == Some("cgroup2"))
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .collect();
+    if let Some(root) = cgroup2_mounts.iter().find(|p| is_hierarchy_root(p)) {
+        return Ok(root.clone());
+    }
+    match cgroup2_mounts.first() {
+        // Only namespaced views: refused, with what to do.
+        Some(namespaced) => require_hierarchy_root(namespaced),
+        None => {
+            mount_own_cgroup2()?;
+            require_hierarchy_root(Path::new(OWN_CGROUP2))
         }
     }
+}
+
+/// What to do when the socket hooks have no host cgroup root.
+const HOST_CGROUP_HINT: &str = "Mount the host's /sys/fs/cgroup into the container (deploy/ does: \
+    hostPath /sys/fs/cgroup at /run/lb-agent/host-cgroup) or pass --cgroup-root with the host's cgroup2 mount";
+
+/// Only non-root cgroups have a `cgroup.type` file (cgroup v2).
+fn is_hierarchy_root(dir: &Path) -> bool {
+    dir.is_dir() && !dir.join("cgroup.type").exists()
+}
+
+fn require_hierarchy_root(dir: &Path) -> anyhow::Result<PathBuf> {
+    if !dir.is_dir() {
+        bail!("cgroup root {}: not a directory (--cgroup-root)", dir.display());
+    }
+    if !is_hierarchy_root(dir) {
+        bail!(
+            "cgroup2 at {} is not the root of the host's cgroup hierarchy (it has cgroup.type): \
+             in a container with its own cgroup namespace the socket hooks would only see the \
+             container's processes, not the node's. {HOST_CGROUP_HINT}",
+            dir.display()
+        );
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Mounts cgroup2 on OWN_CGROUP2 (for hosts without a cgroup2 mount).
+fn mount_own_cgroup2() -> anyhow::Result<()> {
     std::fs::create_dir_all(OWN_CGROUP2).with_context(|| format!("creating {OWN_CGROUP2}"))?;
     let target = std::ffi::CString::new(OWN_CGROUP2)?;
     // SAFETY: mount(2) with valid C strings.
@@ -84,11 +129,11 @@ pub fn cgroup2_root(wanted: Option<&Path>) -> anyhow::Result<PathBuf> {
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EBUSY) {
-            bail!("mounting cgroup2 on {OWN_CGROUP2}: {err}");
+            bail!("no cgroup2 mount found, and mounting one on {OWN_CGROUP2} failed: {err}. {HOST_CGROUP_HINT}");
         }
     }
     info!(path = OWN_CGROUP2, "mounted cgroup2 for the socket hooks");
-    Ok(PathBuf::from(OWN_CGROUP2))
+    Ok(())
 }
 
 impl Datapath {

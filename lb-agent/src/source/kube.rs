@@ -21,18 +21,30 @@ use crate::model::{FieldError, NodeSpec, ServiceSpec, SliceSpec};
 /// headless services have nothing to proxy.
 const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
-/// A client from a kubeconfig file, or in-cluster / $KUBECONFIG when None.
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
+/// A client from a kubeconfig file, or in-cluster / $KUBECONFIG when None;
+/// `master` (kube-proxy's --master) replaces the server address either
+/// way. With `master` and no kubeconfig, the pod's service account (token,
+/// CA) is used if mounted, else no credentials: in-cluster config alone
+/// would name the `kubernetes` Service's cluster IP, which only this agent
+/// programs — a fresh node without kube-proxy could never reach it.
+pub async fn client(kubeconfig: Option<&std::path::Path>, master: Option<&http::Uri>) -> anyhow::Result<Client> {
+    let mut config = match (kubeconfig, master) {
+        (Some(path), _) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
-        None => Config::infer()
+        (None, Some(master)) => Config::incluster_dns().unwrap_or_else(|e| {
+            info!("no service account credentials ({e}): talking to {master} without");
+            Config::new(master.clone())
+        }),
+        (None, None) => Config::infer()
             .await
-            .context("no --kubeconfig, and neither in-cluster config nor $KUBECONFIG works")?,
+            .context("no --kubeconfig or --master, and neither in-cluster config nor $KUBECONFIG works")?,
     };
+    if let Some(master) = master {
+        config.cluster_url = master.clone();
+    }
     Ok(Client::try_from(config)?)
 }
 
