@@ -11,7 +11,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     // RUST_LOG, when set, overrides --v (e.g. RUST_LOG=lb_agent::sync=trace).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cli.log_level()));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.logging_format {
         LoggingFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LoggingFormat::Json => logs.json().flatten_event(true).init(),
@@ -68,10 +70,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Maps(a) => lb_agent::inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?).print(&a.output),
         Command::Cleanup(args) => {
-            lb_agent::datapath::load::remove_pins(&args.bpf_root);
-            if args.cleanup_kube_proxy {
-                lb_agent::kube_proxy::cleanup()?;
+            let left = lb_agent::datapath::load::remove_pins(&args.bpf_root);
+            let kube_proxy = if args.cleanup_kube_proxy {
+                lb_agent::kube_proxy::cleanup()
+            } else {
+                Ok(())
+            };
+            if !left.is_empty() {
+                anyhow::bail!(
+                    "cleanup of {} incomplete, left: {left} (remove those by hand, or fix the cause and run cleanup again)",
+                    args.bpf_root.display()
+                );
             }
+            kube_proxy?;
             tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");
             Ok(())
         }

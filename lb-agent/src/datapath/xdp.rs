@@ -14,8 +14,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use anyhow::Context;
 use aya::programs::XdpMode;
-use tracing::{error, info};
+use tracing::info;
 
 use super::Datapath;
 use super::attach::{Attacher, Interface, XdpHook};
@@ -65,8 +66,10 @@ impl XdpPath {
         })
     }
 
-    /// Attaches to the wanted interfaces among `present` and fills the
-    /// egress list (also after a restart, over the pinned map).
+    /// Attaches to the wanted interfaces among `present` (a named XDP
+    /// interface that cannot take the program fails start-up). The egress
+    /// list is filled by `refresh_egress` (also after a restart, over the
+    /// pinned map).
     pub fn start(&mut self, datapath: &mut Datapath, present: &[Interface]) -> anyhow::Result<()> {
         self.attacher.sweep_stale_pins(present);
         self.present = present.iter().map(|i| (i.index, i.clone())).collect();
@@ -76,21 +79,28 @@ impl XdpPath {
         if self.mode != XdpModeArg::Off {
             info!(mode = ?self.mode, interfaces = ?self.attacher.attached().collect::<Vec<_>>(), "XDP fast path ready");
         }
-        self.refresh_egress(datapath)
+        Ok(())
     }
 
+    /// A new interface: attaches if wanted. The caller refreshes the egress
+    /// list whatever the outcome.
     pub fn link_added(&mut self, datapath: &mut Datapath, iface: Interface) -> anyhow::Result<()> {
-        if let Err(e) = self.attacher.attach(datapath.xdp_program()?, &iface) {
-            error!(interface = %iface.name, "XDP attach failed: {e:#}");
-        }
-        self.present.insert(iface.index, iface);
-        self.refresh_egress(datapath)
+        self.present.insert(iface.index, iface.clone());
+        self.attacher
+            .attach(datapath.xdp_program()?, &iface)
+            .with_context(|| format!("XDP attach to {}", iface.name))
     }
 
+    /// An interface went away. The caller refreshes the egress list.
     pub fn link_removed(&mut self, datapath: &mut Datapath, index: u32) -> anyhow::Result<()> {
-        self.attacher.forget(datapath.xdp_program()?, index);
         self.present.remove(&index);
-        self.refresh_egress(datapath)
+        self.attacher.forget(datapath.xdp_program()?, index);
+        Ok(())
+    }
+
+    /// The interfaces known present (every one, whatever the mode).
+    pub fn present(&self) -> impl Iterator<Item = u32> + '_ {
+        self.present.keys().copied()
     }
 
     pub fn detach_all(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
@@ -116,7 +126,9 @@ impl XdpPath {
         out
     }
 
-    fn refresh_egress(&self, datapath: &mut Datapath) -> anyhow::Result<()> {
+    /// Writes the egress list; what could not be written (an interface
+    /// already gone, the map full) is in the error, the rest is written.
+    pub fn refresh_egress(&self, datapath: &mut Datapath) -> anyhow::Result<()> {
         datapath.maps.set_xdp_egress(&self.egress())
     }
 }
