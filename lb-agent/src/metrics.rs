@@ -4,7 +4,6 @@
 //! agent's own numbers come from `AgentStatus`, which the sync loop updates.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -82,7 +81,17 @@ pub mod operation {
     pub const SYNC: &str = "sync";
     /// The interface event stream ended (re-subscribed and re-listed).
     pub const LINK_EVENTS: &str = "link_events";
-    pub const ALL: [&str; 6] = [XDP_EGRESS, ATTACH, HEALTH_CHECK_PORT, LIST_ADDRESSES, SYNC, LINK_EVENTS];
+    /// A conntrack garbage-collection pass (retried on the next interval).
+    pub const CONNTRACK_GC: &str = "conntrack_gc";
+    pub const ALL: [&str; 7] = [
+        XDP_EGRESS,
+        ATTACH,
+        HEALTH_CHECK_PORT,
+        LIST_ADDRESSES,
+        SYNC,
+        LINK_EVENTS,
+        CONNTRACK_GC,
+    ];
 }
 
 /// Logs a recoverable error of `operation` and counts it; the agent goes on.
@@ -221,13 +230,13 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
 }
 
 /// Serves `/metrics` on `listener` (bound at start-up, so a taken port
-/// fails start-up), reading the maps pinned under `bpf_root`.
+/// fails start-up), reading `maps` (the pinned ones, opened at start-up).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     status: SharedStatus,
-    bpf_root: PathBuf,
+    maps: BpfMaps,
 ) -> anyhow::Result<()> {
-    let maps = Arc::new(Mutex::new(BpfMaps::open_pinned(&bpf_root)?));
+    let maps = Arc::new(Mutex::new(maps));
     let app = Router::new().route(
         "/metrics",
         get(move || {

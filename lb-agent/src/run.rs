@@ -246,12 +246,12 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     if stack_forwarding && args.xdp_mode != XdpModeArg::Off {
         warn!("--forwarding-mode stack: the XDP fast path hands every balanced flow to the stack");
     }
-    start_conntrack_gc(args.bpf_root.clone(), args.conntrack_gc_interval);
+    let status: SharedStatus = Arc::default();
+    start_conntrack_gc(&args.bpf_root, args.conntrack_gc_interval, status.clone())?;
     let state = Arc::new(SourceState::default());
     start_source(args, &node.name, state.clone()).await?;
-    let status: SharedStatus = Arc::default();
     lock_status(&status).families = node.families();
-    endpoints.start(args, &status);
+    endpoints.start(args, &status)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut health = HealthServers::new(status.clone(), health_timeout(args));
 
@@ -281,17 +281,22 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     limiter.take();
     lock_status(&status).node_eligible = node.eligible(&snapshot);
     let model = node.build_model(&snapshot);
-    syncer
-        .sync(&mut datapath.maps, &model)
-        .context("first sync of the datapath maps")?;
-    health.update(&model.health_checks, &node.health_check_addrs());
-    report_sync(&status, &syncer, &model, Duration::ZERO);
+    // A service the maps cannot take (ids or a map full) does not stop
+    // the agent: the others are programmed, the failure is counted and
+    // retried as a full resync, and /healthz turns unhealthy if it lasts.
+    let first_sync_ok = sync_once(&mut syncer, datapath, &model, applied_generation, &status);
+    if first_sync_ok {
+        health.update(&model.health_checks, &node.health_check_addrs());
+        report_sync(&status, &syncer, &model, Duration::ZERO);
+    } else {
+        lock_status(&status).pending_since.get_or_insert_with(Instant::now);
+    }
     info!(
         service_ports = model.services.len(),
         generation = applied_generation,
+        ok = first_sync_ok,
         "first sync done"
     );
-    release_freed_memory();
 
     datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
@@ -319,10 +324,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     }
     info!(interfaces = ?attachers.ingress.attached().collect::<Vec<_>>(), node_addresses = ?node.addrs, "ready");
 
-    let mut pending = false;
+    let mut pending = !first_sync_ok;
     // The node's addresses changed: NodePort frontends must follow.
     let mut node_changed = false;
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_at: Option<tokio::time::Instant> =
+        (!first_sync_ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
     let mut next_full = tokio::time::Instant::now() + args.sync_period;
     let result = loop {
         let sync_at = if pending {
@@ -548,21 +554,25 @@ pub fn monotonic_secs() -> u32 {
 
 /// Deletes expired conntrack entries every `interval`, on its own thread
 /// with its own handle on the pinned map (map operations are concurrent-safe).
-fn start_conntrack_gc(bpf_root: std::path::PathBuf, interval: Duration) {
+/// A failed pass is logged, counted and retried on the next interval.
+fn start_conntrack_gc(bpf_root: &std::path::Path, interval: Duration, status: SharedStatus) -> anyhow::Result<()> {
+    let mut maps =
+        crate::datapath::BpfMaps::open_pinned(bpf_root).context("opening the pinned maps for conntrack GC")?;
     std::thread::spawn(move || {
-        let mut maps = match crate::datapath::BpfMaps::open_pinned(&bpf_root) {
-            Ok(m) => m,
-            Err(e) => return error!("conntrack GC disabled: {e:#}"),
-        };
         loop {
             std::thread::sleep(interval);
             match maps.purge_expired_conntrack(monotonic_secs()) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(entries = n, "conntrack GC"),
-                Err(e) => warn!("conntrack GC: {e}"),
+                Err(e) => crate::metrics::count_error(
+                    &status,
+                    crate::metrics::operation::CONNTRACK_GC,
+                    &anyhow::Error::new(e).context("conntrack GC (retried on the next interval)"),
+                ),
             }
         }
     });
+    Ok(())
 }
 
 /// How long a change may wait for its sync before the proxy reports
@@ -602,11 +612,13 @@ impl Endpoints {
     }
 
     /// Serves both on their listeners.
-    fn start(self, args: &RunArgs, status: &SharedStatus) {
+    fn start(self, args: &RunArgs, status: &SharedStatus) -> anyhow::Result<()> {
         if let Some(listener) = self.metrics {
-            let (status, root) = (status.clone(), args.bpf_root.clone());
+            let maps = crate::datapath::BpfMaps::open_pinned(&args.bpf_root)
+                .context("opening the pinned maps for /metrics")?;
+            let status = status.clone();
             tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve_metrics(listener, status, root).await {
+                if let Err(e) = crate::metrics::serve_metrics(listener, status, maps).await {
                     error!("metrics server: {e:#}");
                 }
             });
@@ -619,6 +631,7 @@ impl Endpoints {
                 }
             });
         }
+        Ok(())
     }
 }
 

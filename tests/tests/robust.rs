@@ -241,3 +241,35 @@ fn node_settings_left_in_the_pinned_config_map_are_rewritten_on_restart() {
     let counts = tally(sandbox.client(), 10, vip(), http_get).expect("requests");
     assert_eq!(counts.values().sum::<usize>(), 10);
 }
+
+#[test]
+fn services_beyond_capacity_are_counted_and_the_rest_served() {
+    let sandbox = Sandbox::new("lbt-", &PODS).expect("sandbox");
+    sandbox.write_manifest("net-test.yaml", &manifests::example()).unwrap();
+    let args = [
+        "--manifests",
+        sandbox.manifests_dir.to_str().unwrap(),
+        "--max-services",
+        "3",
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let agent = Agent::start_with(&sandbox, &args, true).expect("the agent starts with too many services");
+    agent
+        .wait_for_log(0, "service ids exhausted", Duration::from_secs(5))
+        .unwrap();
+    assert!(errors_counted(&sandbox, "sync") >= 1);
+    let programmed = agent
+        .wait_for_services(|s| !s.is_empty(), Duration::from_secs(5))
+        .unwrap();
+    assert!(programmed.len() < 5, "{programmed:?}");
+    // What fitted (the NodePort, in frontend order) serves.
+    let node_port = SocketAddr::from((lb_tests::sandbox::NODE_GATEWAY, manifests::NODE_PORT));
+    assert!(programmed.contains_key(&format!("{node_port}/TCP")), "{programmed:?}");
+    let counts = tally(sandbox.client(), 10, node_port, http_get).expect("the NodePort that fitted");
+    assert_eq!(counts.values().sum::<usize>(), 10);
+    // Retried (as full resyncs) without ending the agent.
+    let from = agent.log_position();
+    agent
+        .wait_for_log(from, "service ids exhausted", Duration::from_secs(5))
+        .unwrap();
+}
