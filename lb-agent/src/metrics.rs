@@ -43,6 +43,8 @@ pub struct AgentStatus {
     /// Recoverable errors the agent logged and carried on after, by
     /// operation (`lbagent_errors_total{operation}`).
     pub errors: BTreeMap<&'static str, u64>,
+    /// Interfaces removed before the agent attached to or listed them.
+    pub interfaces_vanished: u64,
 }
 
 impl Default for AgentStatus {
@@ -59,6 +61,7 @@ impl Default for AgentStatus {
             healthz_answers: BTreeMap::new(),
             livez_answers: BTreeMap::new(),
             errors: BTreeMap::new(),
+            interfaces_vanished: 0,
         }
     }
 }
@@ -92,6 +95,13 @@ pub mod operation {
         LINK_EVENTS,
         CONNTRACK_GC,
     ];
+}
+
+/// Logs and counts an interface removed before `what` was done on it (pod
+/// churn): a race, not an error (`lbagent_interfaces_vanished_total`).
+pub fn count_vanished(status: &SharedStatus, interface: &str, what: &str) {
+    tracing::info!(interface, "{what}: the interface is gone already (removed meanwhile)");
+    lock(status).interfaces_vanished += 1;
 }
 
 /// Logs a recoverable error of `operation` and counts it; the agent goes on.
@@ -185,6 +195,13 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
             .get_or_create(&vec![("operation".into(), op.into())])
             .inc_by(st.errors.get(op).copied().unwrap_or(0));
     }
+    let vanished = Counter::<u64>::default();
+    vanished.inc_by(st.interfaces_vanished);
+    registry.register(
+        "interfaces_vanished",
+        "Interfaces removed before the agent attached to them or listed them for XDP (pod churn; not an error)",
+        vanished,
+    );
     labelled_counters(
         &mut registry,
         ("drops", "Packets dropped by the datapath, by reason", "reason"),

@@ -437,6 +437,16 @@ impl Attachers {
         }
     }
 
+    /// Counts a failed attach to `iface`: a race when it is gone already.
+    fn count_attach(&self, iface: &attach::Interface, result: anyhow::Result<()>) {
+        match result {
+            Err(_) if !attach::interface_exists(iface.index) => {
+                crate::metrics::count_vanished(&self.status, &iface.name, "attach")
+            }
+            other => self.count(crate::metrics::operation::ATTACH, other),
+        }
+    }
+
     /// TC egress and ingress on `iface` (egress first: replies of flows
     /// ingress translates need it).
     fn attach_tc(&mut self, datapath: &mut Datapath, iface: &attach::Interface) {
@@ -444,16 +454,19 @@ impl Attachers {
             .egress_program()
             .and_then(|p| self.egress.attach(p, iface))
             .with_context(|| format!("TC egress attach to {}", iface.name));
-        self.count(crate::metrics::operation::ATTACH, egress);
+        self.count_attach(iface, egress);
         let ingress = datapath
             .ingress_program()
             .and_then(|p| self.ingress.attach(p, iface))
             .with_context(|| format!("TC ingress attach to {}", iface.name));
-        self.count(crate::metrics::operation::ATTACH, ingress);
+        self.count_attach(iface, ingress);
     }
 
     fn refresh_xdp_egress(&mut self, datapath: &mut Datapath) {
-        let result = self.xdp.refresh_egress(datapath);
+        let (vanished, result) = self.xdp.refresh_egress(datapath);
+        for index in vanished {
+            crate::metrics::count_vanished(&self.status, &index.to_string(), "XDP egress list");
+        }
         self.count(crate::metrics::operation::XDP_EGRESS, result);
     }
 
@@ -469,8 +482,8 @@ impl Attachers {
 
     fn attach_all(&mut self, datapath: &mut Datapath, iface: attach::Interface) {
         self.attach_tc(datapath, &iface);
-        let xdp = self.xdp.link_added(datapath, iface);
-        self.count(crate::metrics::operation::ATTACH, xdp);
+        let xdp = self.xdp.link_added(datapath, iface.clone());
+        self.count_attach(&iface, xdp);
     }
 
     fn forget_all(&mut self, datapath: &mut Datapath, index: u32) {

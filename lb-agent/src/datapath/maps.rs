@@ -84,6 +84,21 @@ pub struct ConntrackTimeouts {
     pub udp_stream: u32,
 }
 
+/// XDP_EGRESS entries that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "XDP_EGRESS: {} of {wanted} interfaces not written (capacity {}): {}",
+    failed.len(),
+    lb_common::limits::MAX_XDP_EGRESS,
+    failed.iter().map(|(i, e)| format!("{i} {e}")).collect::<Vec<_>>().join("; ")
+)]
+pub struct XdpEgressError {
+    /// (ifindex, what failed).
+    pub failed: Vec<(u32, String)>,
+    /// Interfaces the list should hold.
+    pub wanted: usize,
+}
+
 impl BpfMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
@@ -243,31 +258,27 @@ impl BpfMaps {
     /// send frames out of. Best effort: every entry that can be written is
     /// (stale ones removed first, freeing room); the error lists the rest —
     /// interfaces gone before their insert (pod churn), more interfaces than
-    /// the map holds — for the caller to log and count.
-    pub fn set_xdp_egress(&mut self, ifindexes: &[u32]) -> anyhow::Result<()> {
+    /// the map holds — for the caller to sort out, log and count.
+    pub fn set_xdp_egress(&mut self, ifindexes: &[u32]) -> Result<(), XdpEgressError> {
         let current: Vec<u32> = self.xdp_egress.keys().filter_map(Result::ok).collect();
         let mut failed = Vec::new();
-        let mut last_error = None;
         for &k in current.iter().filter(|k| !ifindexes.contains(k)) {
             if let Err(e) = ignore_missing(self.xdp_egress.remove(k)) {
-                failed.push(k);
-                last_error = Some(format!("removing {k}: {:#}", anyhow::Error::from(e)));
+                failed.push((k, format!("removing: {:#}", anyhow::Error::from(e))));
             }
         }
         for &k in ifindexes.iter().filter(|k| !current.contains(k)) {
             if let Err(e) = self.xdp_egress.insert(k, k, None, 0) {
-                failed.push(k);
-                last_error = Some(format!("adding {k}: {:#}", anyhow::Error::from(e)));
+                failed.push((k, format!("adding: {:#}", anyhow::Error::from(e))));
             }
         }
-        match last_error {
-            None => Ok(()),
-            Some(e) => anyhow::bail!(
-                "XDP_EGRESS: {} of {} interfaces not written (indexes {failed:?}; capacity {}): {e}",
-                failed.len(),
-                ifindexes.len(),
-                lb_common::limits::MAX_XDP_EGRESS
-            ),
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(XdpEgressError {
+                failed,
+                wanted: ifindexes.len(),
+            })
         }
     }
 

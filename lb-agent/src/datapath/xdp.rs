@@ -19,7 +19,7 @@ use aya::programs::XdpMode;
 use tracing::info;
 
 use super::Datapath;
-use super::attach::{Attacher, Interface, XdpHook};
+use super::attach::{Attacher, Interface, XdpHook, interface_exists};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -105,7 +105,7 @@ impl XdpPath {
 
     pub fn detach_all(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
         self.attacher.detach_all(datapath.xdp_program()?);
-        datapath.maps.set_xdp_egress(&[])
+        Ok(datapath.maps.set_xdp_egress(&[])?)
     }
 
     /// The devices XDP may send frames out of (see the module comment).
@@ -126,10 +126,21 @@ impl XdpPath {
         out
     }
 
-    /// Writes the egress list; what could not be written (an interface
-    /// already gone, the map full) is in the error, the rest is written.
-    pub fn refresh_egress(&self, datapath: &mut Datapath) -> anyhow::Result<()> {
-        datapath.maps.set_xdp_egress(&self.egress())
+    /// Writes the egress list. Interfaces whose write failed because they
+    /// are gone (removed before their event was handled) leave the list and
+    /// are returned; any other failure is the error.
+    pub fn refresh_egress(&mut self, datapath: &mut Datapath) -> (Vec<u32>, anyhow::Result<()>) {
+        let Err(mut e) = datapath.maps.set_xdp_egress(&self.egress()) else {
+            return (Vec::new(), Ok(()));
+        };
+        let (vanished, failed): (Vec<_>, Vec<_>) = e.failed.into_iter().partition(|(i, _)| !interface_exists(*i));
+        let vanished: Vec<u32> = vanished.into_iter().map(|(i, _)| i).collect();
+        for index in &vanished {
+            self.present.remove(index);
+        }
+        e.failed = failed;
+        let result = if e.failed.is_empty() { Ok(()) } else { Err(e.into()) };
+        (vanished, result)
     }
 }
 
