@@ -524,11 +524,12 @@ impl Attachers {
         self.refresh_xdp_egress(datapath);
     }
 
+    /// Detaches everything it can; the first failure is returned after.
     fn detach_all(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
-        self.xdp.detach_all(datapath)?;
-        self.ingress.detach_all(datapath.ingress_program()?);
-        self.egress.detach_all(datapath.egress_program()?);
-        Ok(())
+        let xdp = self.xdp.detach_all(datapath);
+        let ingress = datapath.ingress_program().map(|p| self.ingress.detach_all(p));
+        let egress = datapath.egress_program().map(|p| self.egress.detach_all(p));
+        xdp.and(ingress).and(egress)
     }
 }
 
