@@ -77,6 +77,9 @@ async fn main() -> anyhow::Result<()> {
                 Ok(())
             };
             if !left.is_empty() {
+                if let Err(e) = &kube_proxy {
+                    tracing::error!("{e:#}");
+                }
                 anyhow::bail!(
                     "cleanup of {} incomplete, left: {left} (remove those by hand, or fix the cause and run cleanup again)",
                     args.bpf_root.display()
