@@ -194,7 +194,7 @@ fn taken_health_check_node_port_is_counted_and_other_services_work() {
     );
     sandbox.write_manifest("net-test.yaml", &manifests::example()).unwrap();
     sandbox.write_manifest("web-local.yaml", &local).unwrap();
-    let _taken = take_port(&sandbox, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 32000)));
+    let taken = take_port(&sandbox, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 32000)));
     let agent = Agent::start(&sandbox, true).expect("the agent starts with a health check port taken");
     agent
         .wait_for_log(0, "health check port 32000", Duration::from_secs(5))
@@ -207,6 +207,23 @@ fn taken_health_check_node_port_is_counted_and_other_services_work() {
         sandbox.client().run(move || http_get(local_vip)).unwrap().unwrap(),
         "nginx-a"
     );
+    // Freed, the port is opened on the next sync.
+    drop(taken);
+    let from = agent.log_position();
+    sandbox
+        .write_manifest(
+            "late.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: late, namespace: net-test}\nspec:\n  clusterIP: 198.19.0.60\n  ports: [{port: 80}]\n",
+        )
+        .unwrap();
+    agent
+        .wait_for_line(
+            from,
+            "health check server started on 32000",
+            |l| l.contains("health check server started") && l.contains("port=32000"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
 }
 
 fn cleanup(sandbox: &Sandbox) -> std::process::Output {
