@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::metrics::SharedStatus;
 use crate::model::{FamilyFlags, HealthCheck};
@@ -132,9 +132,14 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(socket.into())
 }
 
-/// Serves `/healthz` and `/livez` on `addr`; `timeout`: how long a change
-/// may wait for a sync (kube-proxy: twice the sync period).
-pub async fn serve_proxy_health(addr: SocketAddr, status: SharedStatus, timeout: Duration) -> anyhow::Result<()> {
+/// Serves `/healthz` and `/livez` on `listener` (bound at start-up, so a
+/// taken port fails start-up); `timeout`: how long a change may wait for a
+/// sync (kube-proxy: twice the sync period).
+pub async fn serve_proxy_health(
+    listener: tokio::net::TcpListener,
+    status: SharedStatus,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let answer = |with_node: bool| {
         move |State(status): State<SharedStatus>| async move {
             let (health, eligible) = ProxyHealth::read(&status, timeout);
@@ -155,8 +160,7 @@ pub async fn serve_proxy_health(addr: SocketAddr, status: SharedStatus, timeout:
         .route("/healthz", get(answer(true)))
         .route("/livez", get(answer(false)))
         .with_state(status);
-    let listener = listen(addr)?;
-    info!(%addr, "health server listening");
+    info!(addr = %listener.local_addr()?, "health server listening");
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -263,7 +267,10 @@ impl HealthServers {
             let listeners = match addrs.iter().map(|&a| listen(a)).collect::<std::io::Result<Vec<_>>>() {
                 Ok(l) => l,
                 Err(e) => {
-                    error!(port, %service, "health check port: {e}");
+                    let e = anyhow::Error::new(e).context(format!(
+                        "health check port {port} of {service} (healthCheckNodePort): cannot listen; retried on the next sync"
+                    ));
+                    crate::metrics::count_error(&self.status, crate::metrics::operation::HEALTH_CHECK_PORT, &e);
                     continue;
                 }
             };

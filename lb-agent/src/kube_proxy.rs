@@ -105,15 +105,26 @@ fn clean_nftables() -> anyhow::Result<usize> {
     Ok(removed)
 }
 
+/// Cleans every backend (a backend whose tools are missing has nothing to
+/// clean); fails, after trying them all, if any could not be cleaned.
 pub fn cleanup() -> anyhow::Result<()> {
+    let mut failed = Vec::new();
     for (save, iptables) in IPTABLES {
         match clean_iptables(save, iptables) {
             Ok(n) => info!(backend = iptables, chains = n, "removed kube-proxy chains"),
-            Err(e) => warn!(backend = iptables, "{e:#}"),
+            Err(e) => {
+                warn!(backend = iptables, "{e:#}");
+                failed.push(format!("{iptables}: {e:#}"));
+            }
         }
     }
-    let n = clean_nftables()?;
-    info!(tables = n, "removed kube-proxy nftables tables");
+    match clean_nftables() {
+        Ok(n) => info!(tables = n, "removed kube-proxy nftables tables"),
+        Err(e) => failed.push(format!("nft: {e:#}")),
+    }
+    if !failed.is_empty() {
+        bail!("kube-proxy rules left in place: {}", failed.join("; "));
+    }
     Ok(())
 }
 

@@ -70,10 +70,22 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Maps(a) => lb_agent::inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?).print(&a.output),
         Command::Cleanup(args) => {
-            lb_agent::datapath::load::remove_pins(&args.bpf_root);
-            if args.cleanup_kube_proxy {
-                lb_agent::kube_proxy::cleanup()?;
+            let left = lb_agent::datapath::load::remove_pins(&args.bpf_root);
+            let kube_proxy = if args.cleanup_kube_proxy {
+                lb_agent::kube_proxy::cleanup()
+            } else {
+                Ok(())
+            };
+            if !left.is_empty() {
+                if let Err(e) = &kube_proxy {
+                    tracing::error!("{e:#}");
+                }
+                anyhow::bail!(
+                    "cleanup of {} incomplete, left: {left} (remove those by hand, or fix the cause and run cleanup again)",
+                    args.bpf_root.display()
+                );
             }
+            kube_proxy?;
             tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");
             if args.hold {
                 tracing::info!("cleanup done; holding until stopped (delete the DaemonSet once every node shows this)");

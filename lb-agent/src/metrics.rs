@@ -4,8 +4,6 @@
 //! agent's own numbers come from `AgentStatus`, which the sync loop updates.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,6 +40,11 @@ pub struct AgentStatus {
     /// proxy_healthz_total / proxy_livez_total).
     pub healthz_answers: BTreeMap<u16, u64>,
     pub livez_answers: BTreeMap<u16, u64>,
+    /// Recoverable errors the agent logged and carried on after, by
+    /// operation (`lbagent_errors_total{operation}`).
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Interfaces removed before the agent attached to or listed them.
+    pub interfaces_vanished: u64,
 }
 
 impl Default for AgentStatus {
@@ -57,11 +60,55 @@ impl Default for AgentStatus {
             backends: BTreeMap::new(),
             healthz_answers: BTreeMap::new(),
             livez_answers: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            interfaces_vanished: 0,
         }
     }
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
+
+/// Operations whose failure the agent logs, counts and survives
+/// (`lbagent_errors_total{operation}`); every one is exported, also at 0.
+pub mod operation {
+    /// Writing the XDP egress device list (an interface gone before the
+    /// insert, more interfaces than XDP_EGRESS holds).
+    pub const XDP_EGRESS: &str = "xdp_egress";
+    /// Attaching or taking over a TC or XDP program on one interface.
+    pub const ATTACH: &str = "attach";
+    /// Opening a Service's healthCheckNodePort (retried on the next sync).
+    pub const HEALTH_CHECK_PORT: &str = "health_check_port";
+    /// Reading the node's addresses after an address event.
+    pub const LIST_ADDRESSES: &str = "list_addresses";
+    /// A sync of the maps (retried as a full resync).
+    pub const SYNC: &str = "sync";
+    /// The interface event stream ended (re-subscribed and re-listed).
+    pub const LINK_EVENTS: &str = "link_events";
+    /// A conntrack garbage-collection pass (retried on the next interval).
+    pub const CONNTRACK_GC: &str = "conntrack_gc";
+    pub const ALL: [&str; 7] = [
+        XDP_EGRESS,
+        ATTACH,
+        HEALTH_CHECK_PORT,
+        LIST_ADDRESSES,
+        SYNC,
+        LINK_EVENTS,
+        CONNTRACK_GC,
+    ];
+}
+
+/// Logs and counts an interface removed before `what` was done on it (pod
+/// churn): a race, not an error (`lbagent_interfaces_vanished_total`).
+pub fn count_vanished(status: &SharedStatus, interface: &str, what: &str) {
+    tracing::info!(interface, "{what}: the interface is gone already (removed meanwhile)");
+    lock(status).interfaces_vanished += 1;
+}
+
+/// Logs a recoverable error of `operation` and counts it; the agent goes on.
+pub fn count_error(status: &SharedStatus, operation: &'static str, error: &anyhow::Error) {
+    tracing::error!(operation, "{error:#} (recovered; counted in lbagent_errors_total)");
+    *lock(status).errors.entry(operation).or_default() += 1;
+}
 
 fn lock(status: &SharedStatus) -> std::sync::MutexGuard<'_, AgentStatus> {
     status.lock().unwrap_or_else(|e| e.into_inner())
@@ -138,6 +185,23 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
                 .inc_by(*n);
         }
     }
+    let errors = counter_family(
+        &mut registry,
+        "errors",
+        "Recoverable errors the agent logged and carried on after, by operation",
+    );
+    for op in operation::ALL {
+        errors
+            .get_or_create(&vec![("operation".into(), op.into())])
+            .inc_by(st.errors.get(op).copied().unwrap_or(0));
+    }
+    let vanished = Counter::<u64>::default();
+    vanished.inc_by(st.interfaces_vanished);
+    registry.register(
+        "interfaces_vanished",
+        "Interfaces removed before the agent attached to them or listed them for XDP (pod churn; not an error)",
+        vanished,
+    );
     labelled_counters(
         &mut registry,
         ("drops", "Packets dropped by the datapath, by reason", "reason"),
@@ -182,9 +246,14 @@ fn render(status: &SharedStatus, maps: &BpfMaps) -> String {
     out
 }
 
-/// Serves `/metrics` on `addr`, reading the maps pinned under `bpf_root`.
-pub async fn serve_metrics(addr: SocketAddr, status: SharedStatus, bpf_root: PathBuf) -> anyhow::Result<()> {
-    let maps = Arc::new(Mutex::new(BpfMaps::open_pinned(&bpf_root)?));
+/// Serves `/metrics` on `listener` (bound at start-up, so a taken port
+/// fails start-up), reading `maps` (the pinned ones, opened at start-up).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    status: SharedStatus,
+    maps: BpfMaps,
+) -> anyhow::Result<()> {
+    let maps = Arc::new(Mutex::new(maps));
     let app = Router::new().route(
         "/metrics",
         get(move || {
@@ -195,8 +264,7 @@ pub async fn serve_metrics(addr: SocketAddr, status: SharedStatus, bpf_root: Pat
             }
         }),
     );
-    let listener = crate::health::listen(addr)?;
-    info!(%addr, "metrics server listening");
+    info!(addr = %listener.local_addr()?, "metrics server listening");
     axum::serve(listener, app).await?;
     Ok(())
 }

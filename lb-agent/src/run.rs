@@ -29,6 +29,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.xdp_mode
         );
     }
+    let endpoints = Endpoints::bind(&args)?;
     let conntrack_entries = args.conntrack_entries(cpu_count());
     // The LRU map is allocated whole up front (~150 bytes an entry).
     info!(
@@ -42,7 +43,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_services: args.max_services,
         max_backends: args.max_backends,
     })?;
-    let result = serve(&args, &mut datapath).await;
+    let result = serve(&args, &mut datapath, endpoints).await;
     if args.cleanup_on_exit {
         datapath.remove_pins();
     }
@@ -207,7 +208,7 @@ impl NodeSettings {
     }
 }
 
-async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
+async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) -> anyhow::Result<()> {
     let mut node = NodeSettings {
         name: args.node_name(),
         addrs: attach::list_addresses().await?,
@@ -230,25 +231,27 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
         .context("programming --cluster-cidr / --service-cluster-ip-range")?;
     let cgroup_root = crate::datapath::sock::cgroup2_root(args.cgroup_root.as_deref())?;
     let secs = |d: Duration| d.as_secs().clamp(1, u32::MAX as u64) as u32;
-    datapath.maps.set_conntrack_timeouts(&ConntrackTimeouts {
+    let timeouts = ConntrackTimeouts {
         tcp_syn: secs(args.conntrack_tcp_timeout_syn),
         tcp_established: secs(args.conntrack_tcp_timeout_established),
         tcp_close_wait: secs(args.conntrack_tcp_timeout_close_wait),
         tcp_closing: secs(args.conntrack_tcp_timeout_close),
         udp: secs(args.conntrack_udp_timeout),
         udp_stream: secs(args.conntrack_udp_timeout_stream),
-    })?;
+    };
     let stack_forwarding = args.forwarding_mode == ForwardingMode::Stack;
-    datapath.maps.set_stack_forwarding(stack_forwarding)?;
+    datapath
+        .maps
+        .write_node_config(crate::datapath::sock::netns_cookie()?, &timeouts, stack_forwarding)?;
     if stack_forwarding && args.xdp_mode != XdpModeArg::Off {
         warn!("--forwarding-mode stack: the XDP fast path hands every balanced flow to the stack");
     }
-    start_conntrack_gc(args.bpf_root.clone(), args.conntrack_gc_interval);
+    let status: SharedStatus = Arc::default();
+    start_conntrack_gc(&args.bpf_root, args.conntrack_gc_interval, status.clone())?;
     let state = Arc::new(SourceState::default());
     start_source(args, &node.name, state.clone()).await?;
-    let status: SharedStatus = Arc::default();
     lock_status(&status).families = node.families();
-    start_endpoints(args, &status)?;
+    endpoints.start(args, &status)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut health = HealthServers::new(status.clone(), health_timeout(args));
 
@@ -278,46 +281,54 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     limiter.take();
     lock_status(&status).node_eligible = node.eligible(&snapshot);
     let model = node.build_model(&snapshot);
-    syncer
-        .sync(&mut datapath.maps, &model)
-        .context("first sync of the datapath maps")?;
-    health.update(&model.health_checks, &node.health_check_addrs());
-    report_sync(&status, &syncer, &model, Duration::ZERO);
+    // A service the maps cannot take (ids or a map full) does not stop
+    // the agent: the others are programmed, the failure is counted and
+    // retried as a full resync, and /healthz turns unhealthy if it lasts.
+    let first_sync_ok = sync_once(&mut syncer, datapath, &model, applied_generation, &status);
+    if first_sync_ok {
+        health.update(&model.health_checks, &node.health_check_addrs());
+        report_sync(&status, &syncer, &model, Duration::ZERO);
+    } else {
+        lock_status(&status).pending_since.get_or_insert_with(Instant::now);
+    }
     info!(
         service_ports = model.services.len(),
         generation = applied_generation,
+        ok = first_sync_ok,
         "first sync done"
     );
-    release_freed_memory();
 
     datapath.attach_socket_hooks(&cgroup_root)?;
     let mut links = attach::watch_interfaces()?;
-    let mut attacher = attach::Attacher::new(attach::TcIngress, args.interfaces.clone(), datapath.pin_root())?;
-    let mut egress = attach::Attacher::new(attach::TcEgress, args.interfaces.clone(), datapath.pin_root())?;
+    let mut attachers = Attachers {
+        ingress: attach::Attacher::new(attach::TcIngress, args.interfaces.clone(), datapath.pin_root())?,
+        egress: attach::Attacher::new(attach::TcEgress, args.interfaces.clone(), datapath.pin_root())?,
+        xdp: XdpPath::new(
+            args.xdp_mode,
+            &args.xdp_interfaces,
+            &args.xdp_redirect_interfaces,
+            datapath.pin_root(),
+        )?,
+        status: status.clone(),
+    };
     let interfaces = attach::list_interfaces().await?;
-    attacher.sweep_stale_pins(&interfaces);
-    egress.sweep_stale_pins(&interfaces);
+    attachers.ingress.sweep_stale_pins(&interfaces);
+    attachers.egress.sweep_stale_pins(&interfaces);
     for iface in &interfaces {
-        // Egress first: replies of flows ingress translates need it.
-        egress.attach(datapath.egress_program()?, iface)?;
-        attacher.attach(datapath.ingress_program()?, iface)?;
+        attachers.attach_tc(datapath, iface);
     }
-    let mut xdp = XdpPath::new(
-        args.xdp_mode,
-        &args.xdp_interfaces,
-        &args.xdp_redirect_interfaces,
-        datapath.pin_root(),
-    )?;
-    xdp.start(datapath, &interfaces)?;
-    if attacher.attached().next().is_none() {
+    attachers.xdp.start(datapath, &interfaces)?;
+    attachers.refresh_xdp_egress(datapath);
+    if attachers.ingress.attached().next().is_none() {
         warn!("no interface to attach to yet; waiting for one to appear");
     }
-    info!(interfaces = ?attacher.attached().collect::<Vec<_>>(), node_addresses = ?node.addrs, "ready");
+    info!(interfaces = ?attachers.ingress.attached().collect::<Vec<_>>(), node_addresses = ?node.addrs, "ready");
 
-    let mut pending = false;
+    let mut pending = !first_sync_ok;
     // The node's addresses changed: NodePort frontends must follow.
     let mut node_changed = false;
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_at: Option<tokio::time::Instant> =
+        (!first_sync_ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
     let mut next_full = tokio::time::Instant::now() + args.sync_period;
     let result = loop {
         let sync_at = if pending {
@@ -340,7 +351,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                         lock_status(&status).node_eligible = node.eligible(&snapshot);
                         let model = node.build_model(&snapshot);
                         let started = Instant::now();
-                        let ok = sync_once(&mut syncer, datapath, &model, generation);
+                        let ok = sync_once(&mut syncer, datapath, &model, generation, &status);
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
@@ -358,23 +369,25 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                 syncer.request_full_resync();
                 pending = true;
                 next_full = tokio::time::Instant::now() + args.sync_period;
+                // Link events can be lost (a netlink buffer overrun under
+                // heavy churn): the periodic resync also re-lists interfaces.
+                attachers.reconcile(datapath).await;
             }
-            Some(event) = links.recv() => {
+            event = links.recv() => {
+                let Some(event) = event else {
+                    // The event stream ended: subscribe again and catch up.
+                    let e = anyhow::anyhow!("the interface event stream ended; subscribing again");
+                    crate::metrics::count_error(&status, crate::metrics::operation::LINK_EVENTS, &e);
+                    match attach::watch_interfaces() {
+                        Ok(rx) => links = rx,
+                        Err(e) => crate::metrics::count_error(&status, crate::metrics::operation::LINK_EVENTS, &e),
+                    }
+                    attachers.reconcile(datapath).await;
+                    continue;
+                };
                 match event {
-                    attach::LinkEvent::Added(iface) => {
-                        if let Err(e) = egress.attach(datapath.egress_program()?, &iface) {
-                            error!(interface = %iface.name, "TC egress attach failed: {e:#}");
-                        }
-                        if let Err(e) = attacher.attach(datapath.ingress_program()?, &iface) {
-                            error!(interface = %iface.name, "attach failed: {e:#}");
-                        }
-                        xdp.link_added(datapath, iface)?;
-                    }
-                    attach::LinkEvent::Removed(index) => {
-                        attacher.forget(datapath.ingress_program()?, index);
-                        egress.forget(datapath.egress_program()?, index);
-                        xdp.link_removed(datapath, index)?;
-                    }
+                    attach::LinkEvent::Added(iface) => attachers.link_added(datapath, iface),
+                    attach::LinkEvent::Removed(index) => attachers.link_removed(datapath, index),
                     attach::LinkEvent::AddressesChanged => match attach::list_addresses().await {
                         Ok(addrs) if addrs != node.addrs => {
                             info!(node_addresses = ?addrs, "node addresses changed");
@@ -384,7 +397,11 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
                             pending = true;
                         }
                         Ok(_) => {}
-                        Err(e) => warn!("listing node addresses: {e:#}"),
+                        Err(e) => crate::metrics::count_error(
+                            &status,
+                            crate::metrics::operation::LIST_ADDRESSES,
+                            &e.context("listing node addresses (retried on the next address event)"),
+                        ),
                     },
                 }
             }
@@ -394,13 +411,126 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath) -> anyhow::Result<()> {
     };
     if args.cleanup_on_exit {
         info!("shutting down: detaching programs");
-        xdp.detach_all(datapath)?;
-        attacher.detach_all(datapath.ingress_program()?);
-        egress.detach_all(datapath.egress_program()?);
+        attachers.detach_all(datapath)?;
     } else {
         info!("shutting down: the datapath stays in place (pinned) for the next agent");
     }
     result
+}
+
+/// The per-interface attachments (TC ingress and egress, XDP) and the XDP
+/// egress list. Nothing here ends the agent: a failure on one interface
+/// (gone before the attach, a driver refusing, the egress map full) is
+/// logged and counted (`lbagent_errors_total`), and the other interfaces
+/// are served.
+struct Attachers {
+    ingress: attach::Attacher<attach::TcIngress>,
+    egress: attach::Attacher<attach::TcEgress>,
+    xdp: XdpPath,
+    status: SharedStatus,
+}
+
+impl Attachers {
+    fn count(&self, operation: &'static str, result: anyhow::Result<()>) {
+        if let Err(e) = result {
+            crate::metrics::count_error(&self.status, operation, &e);
+        }
+    }
+
+    /// Counts a failed attach to `iface`: a race when it is gone already.
+    fn count_attach(&self, iface: &attach::Interface, result: anyhow::Result<()>) {
+        match result {
+            Err(_) if !attach::interface_exists(iface.index) => {
+                crate::metrics::count_vanished(&self.status, &iface.name, "attach")
+            }
+            other => self.count(crate::metrics::operation::ATTACH, other),
+        }
+    }
+
+    /// TC egress and ingress on `iface` (egress first: replies of flows
+    /// ingress translates need it).
+    fn attach_tc(&mut self, datapath: &mut Datapath, iface: &attach::Interface) {
+        let egress = datapath
+            .egress_program()
+            .and_then(|p| self.egress.attach(p, iface))
+            .with_context(|| format!("TC egress attach to {}", iface.name));
+        self.count_attach(iface, egress);
+        let ingress = datapath
+            .ingress_program()
+            .and_then(|p| self.ingress.attach(p, iface))
+            .with_context(|| format!("TC ingress attach to {}", iface.name));
+        self.count_attach(iface, ingress);
+    }
+
+    fn refresh_xdp_egress(&mut self, datapath: &mut Datapath) {
+        let (vanished, result) = self.xdp.refresh_egress(datapath);
+        for index in vanished {
+            crate::metrics::count_vanished(&self.status, &index.to_string(), "XDP egress list");
+        }
+        self.count(crate::metrics::operation::XDP_EGRESS, result);
+    }
+
+    fn link_added(&mut self, datapath: &mut Datapath, iface: attach::Interface) {
+        self.attach_all(datapath, iface);
+        self.refresh_xdp_egress(datapath);
+    }
+
+    fn link_removed(&mut self, datapath: &mut Datapath, index: u32) {
+        self.forget_all(datapath, index);
+        self.refresh_xdp_egress(datapath);
+    }
+
+    fn attach_all(&mut self, datapath: &mut Datapath, iface: attach::Interface) {
+        self.attach_tc(datapath, &iface);
+        let xdp = self.xdp.link_added(datapath, iface.clone());
+        self.count_attach(&iface, xdp);
+    }
+
+    fn forget_all(&mut self, datapath: &mut Datapath, index: u32) {
+        if let Ok(p) = datapath.ingress_program() {
+            self.ingress.forget(p, index);
+        }
+        if let Ok(p) = datapath.egress_program() {
+            self.egress.forget(p, index);
+        }
+        let xdp = self.xdp.link_removed(datapath, index);
+        self.count(crate::metrics::operation::ATTACH, xdp);
+    }
+
+    /// Catches up with the interfaces now present (after lost events).
+    async fn reconcile(&mut self, datapath: &mut Datapath) {
+        let interfaces = match attach::list_interfaces().await {
+            Ok(i) => i,
+            Err(e) => {
+                return crate::metrics::count_error(
+                    &self.status,
+                    crate::metrics::operation::LINK_EVENTS,
+                    &e.context("listing interfaces"),
+                );
+            }
+        };
+        let gone: Vec<u32> = self
+            .xdp
+            .present()
+            .filter(|index| !interfaces.iter().any(|i| i.index == *index))
+            .collect();
+        for index in gone {
+            self.forget_all(datapath, index);
+        }
+        for iface in interfaces {
+            // Attaching where attached already is a no-op.
+            self.attach_all(datapath, iface);
+        }
+        self.refresh_xdp_egress(datapath);
+    }
+
+    /// Detaches everything it can; the first failure is returned after.
+    fn detach_all(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
+        let xdp = self.xdp.detach_all(datapath);
+        let ingress = datapath.ingress_program().map(|p| self.ingress.detach_all(p));
+        let egress = datapath.egress_program().map(|p| self.egress.detach_all(p));
+        xdp.and(ingress).and(egress)
+    }
 }
 
 fn lock_status(status: &SharedStatus) -> std::sync::MutexGuard<'_, crate::metrics::AgentStatus> {
@@ -438,21 +568,25 @@ pub fn monotonic_secs() -> u32 {
 
 /// Deletes expired conntrack entries every `interval`, on its own thread
 /// with its own handle on the pinned map (map operations are concurrent-safe).
-fn start_conntrack_gc(bpf_root: std::path::PathBuf, interval: Duration) {
+/// A failed pass is logged, counted and retried on the next interval.
+fn start_conntrack_gc(bpf_root: &std::path::Path, interval: Duration, status: SharedStatus) -> anyhow::Result<()> {
+    let mut maps =
+        crate::datapath::BpfMaps::open_pinned(bpf_root).context("opening the pinned maps for conntrack GC")?;
     std::thread::spawn(move || {
-        let mut maps = match crate::datapath::BpfMaps::open_pinned(&bpf_root) {
-            Ok(m) => m,
-            Err(e) => return error!("conntrack GC disabled: {e:#}"),
-        };
         loop {
             std::thread::sleep(interval);
             match maps.purge_expired_conntrack(monotonic_secs()) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(entries = n, "conntrack GC"),
-                Err(e) => warn!("conntrack GC: {e}"),
+                Err(e) => crate::metrics::count_error(
+                    &status,
+                    crate::metrics::operation::CONNTRACK_GC,
+                    &anyhow::Error::new(e).context("conntrack GC (retried on the next interval)"),
+                ),
             }
         }
     });
+    Ok(())
 }
 
 /// How long a change may wait for its sync before the proxy reports
@@ -461,33 +595,58 @@ fn health_timeout(args: &RunArgs) -> Duration {
     args.sync_period * 2
 }
 
-/// Starts /metrics and /healthz (kube-proxy's ports) unless disabled.
-fn start_endpoints(args: &RunArgs, status: &SharedStatus) -> anyhow::Result<()> {
-    let parse = |flag: &str, v: &str| -> anyhow::Result<Option<std::net::SocketAddr>> {
-        if v.is_empty() {
-            return Ok(None);
+/// The listeners of /metrics and /healthz (kube-proxy's ports), bound
+/// before anything else so a port that is taken fails start-up, naming the
+/// flag to change, instead of leaving an agent nobody can probe.
+struct Endpoints {
+    metrics: Option<tokio::net::TcpListener>,
+    healthz: Option<tokio::net::TcpListener>,
+}
+
+impl Endpoints {
+    fn bind(args: &RunArgs) -> anyhow::Result<Self> {
+        let bind = |flag: &str, v: &str| -> anyhow::Result<Option<tokio::net::TcpListener>> {
+            if v.is_empty() {
+                return Ok(None);
+            }
+            let addr: std::net::SocketAddr = v
+                .parse()
+                .with_context(|| format!("--{flag} {v:?}: expected ADDRESS:PORT"))?;
+            crate::health::listen(addr).map(Some).with_context(|| {
+                format!(
+                    "--{flag} {addr}: cannot listen (another process, e.g. kube-proxy, holds the port?); \
+                     stop it, pass another --{flag}, or \"\" to turn the endpoint off"
+                )
+            })
+        };
+        Ok(Endpoints {
+            metrics: bind("metrics-bind-address", &args.metrics_bind_address)?,
+            healthz: bind("healthz-bind-address", &args.healthz_bind_address)?,
+        })
+    }
+
+    /// Serves both on their listeners.
+    fn start(self, args: &RunArgs, status: &SharedStatus) -> anyhow::Result<()> {
+        if let Some(listener) = self.metrics {
+            let maps = crate::datapath::BpfMaps::open_pinned(&args.bpf_root)
+                .context("opening the pinned maps for /metrics")?;
+            let status = status.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve_metrics(listener, status, maps).await {
+                    error!("metrics server: {e:#}");
+                }
+            });
         }
-        v.parse()
-            .map(Some)
-            .with_context(|| format!("--{flag} {v:?}: expected ADDRESS:PORT"))
-    };
-    if let Some(addr) = parse("metrics-bind-address", &args.metrics_bind_address)? {
-        let (status, root) = (status.clone(), args.bpf_root.clone());
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_metrics(addr, status, root).await {
-                error!("metrics server on {addr}: {e:#}");
-            }
-        });
+        if let Some(listener) = self.healthz {
+            let (status, timeout) = (status.clone(), health_timeout(args));
+            tokio::spawn(async move {
+                if let Err(e) = crate::health::serve_proxy_health(listener, status, timeout).await {
+                    error!("health server: {e:#}");
+                }
+            });
+        }
+        Ok(())
     }
-    if let Some(addr) = parse("healthz-bind-address", &args.healthz_bind_address)? {
-        let (status, timeout) = (status.clone(), health_timeout(args));
-        tokio::spawn(async move {
-            if let Err(e) = crate::health::serve_proxy_health(addr, status, timeout).await {
-                error!("health server on {addr}: {e:#}");
-            }
-        });
-    }
-    Ok(())
 }
 
 /// Hands memory freed after a big read or sync back to the kernel. glibc
@@ -502,7 +661,13 @@ fn release_freed_memory() {
 }
 
 /// One sync; false when it failed (the next one is then a full resync).
-fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, generation: u64) -> bool {
+fn sync_once(
+    syncer: &mut Syncer,
+    datapath: &mut Datapath,
+    model: &Model,
+    generation: u64,
+    status: &SharedStatus,
+) -> bool {
     let started = Instant::now();
     match syncer.sync(&mut datapath.maps, model) {
         Ok(report) => {
@@ -533,7 +698,8 @@ fn sync_once(syncer: &mut Syncer, datapath: &mut Datapath, model: &Model, genera
             true
         }
         Err(e) => {
-            error!("sync failed, full resync in {RETRY_AFTER:?}: {e}");
+            let e = anyhow::Error::new(e).context(format!("sync failed, full resync in {RETRY_AFTER:?}"));
+            crate::metrics::count_error(status, crate::metrics::operation::SYNC, &e);
             false
         }
     }

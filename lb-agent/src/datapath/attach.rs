@@ -27,6 +27,15 @@ use rtnetlink::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+/// Does the interface with this index exist (in this namespace) now? An
+/// operation on one that failed because it was removed meanwhile (pod
+/// churn) is a race, not an error.
+pub fn interface_exists(index: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into `name`.
+    !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
     pub index: u32,

@@ -274,18 +274,16 @@ impl Datapath {
             let _ = link.unpin();
         }
         if let Some(root) = self.pinned.take() {
-            remove_pins(&root);
+            let left = remove_pins(&root);
+            if !left.is_empty() {
+                tracing::warn!("pins left after cleanup: {left}");
+            }
         }
     }
 }
 
 /// Removes what an agent pinned under `root` (also without a running agent:
-/// `lb-agent cleanup`).
-pub fn remove_pins(root: &Path) {
-    let _ = std::fs::remove_dir_all(root.join(super::attach::LINK_DIR));
-    for name in map_names::ALL {
-        let _ = std::fs::remove_file(root.join(name));
-    }
-    remove_layout_markers(root);
-    let _ = std::fs::remove_dir(root);
+/// `lb-agent cleanup`); returns what could not be removed.
+pub fn remove_pins(root: &Path) -> super::pins::Leftovers {
+    super::pins::remove_pin_tree(root)
 }

@@ -84,6 +84,21 @@ pub struct ConntrackTimeouts {
     pub udp_stream: u32,
 }
 
+/// XDP_EGRESS entries that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "XDP_EGRESS: {} of {wanted} interfaces not written (capacity {}): {}",
+    failed.len(),
+    lb_common::limits::MAX_XDP_EGRESS,
+    failed.iter().map(|(i, e)| format!("{i} {e}")).collect::<Vec<_>>().join("; ")
+)]
+pub struct XdpEgressError {
+    /// (ifindex, what failed).
+    pub failed: Vec<(u32, String)>,
+    /// Interfaces the list should hold.
+    pub wanted: usize,
+}
+
 impl BpfMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
@@ -134,30 +149,46 @@ impl BpfMaps {
         Ok(())
     }
 
-    /// Conntrack lifetimes (seconds; 0 keeps the datapath's default).
-    pub fn set_conntrack_timeouts(&mut self, t: &ConntrackTimeouts) -> anyhow::Result<()> {
-        let mut config = self.config.get(&0, 0).unwrap_or_default();
-        config.tcp_syn_timeout = t.tcp_syn;
-        config.tcp_established_timeout = t.tcp_established;
-        config.tcp_close_wait_timeout = t.tcp_close_wait;
-        config.tcp_closing_timeout = t.tcp_closing;
-        config.udp_timeout = t.udp;
-        config.udp_stream_timeout = t.udp_stream;
+    /// Writes the whole CONFIG entry from the agent's settings, so nothing
+    /// an earlier agent (or anyone) left in the pinned map survives a
+    /// restart: every field is this agent's.
+    pub fn write_node_config(
+        &mut self,
+        netns_cookie: u64,
+        timeouts: &ConntrackTimeouts,
+        stack_forwarding: bool,
+    ) -> anyhow::Result<()> {
+        let mut config = NodeConfig {
+            netns_cookie,
+            ..NodeConfig::default()
+        };
+        apply_timeouts(&mut config, timeouts);
+        apply_stack_forwarding(&mut config, stack_forwarding);
         self.config.set(0, config, 0).context("writing CONFIG")?;
         Ok(())
     }
 
-    /// Stack forwarding mode on or off (`--forwarding-mode`).
-    pub fn set_stack_forwarding(&mut self, on: bool) -> anyhow::Result<()> {
-        use lb_common::sock::config_flags::STACK_FORWARDING;
-        let mut config = self.config.get(&0, 0).unwrap_or_default();
-        config.flags = if on {
-            config.flags | STACK_FORWARDING
-        } else {
-            config.flags & !STACK_FORWARDING
-        };
+    /// Changes one part of CONFIG. An entry that cannot be read fails
+    /// loudly rather than being taken as zeroes (which would silently
+    /// reset the other settings).
+    fn update_config(&mut self, change: impl FnOnce(&mut NodeConfig)) -> anyhow::Result<()> {
+        let mut config = self.config.get(&0, 0).context(
+            "reading CONFIG entry 0 (the node settings): the map is unusable; \
+             run `lb-agent cleanup --bpf-root ...` and start the agent again",
+        )?;
+        change(&mut config);
         self.config.set(0, config, 0).context("writing CONFIG")?;
         Ok(())
+    }
+
+    /// Conntrack lifetimes (seconds; 0 keeps the datapath's default).
+    pub fn set_conntrack_timeouts(&mut self, t: &ConntrackTimeouts) -> anyhow::Result<()> {
+        self.update_config(|c| apply_timeouts(c, t))
+    }
+
+    /// Stack forwarding mode on or off (`--forwarding-mode`).
+    pub fn set_stack_forwarding(&mut self, on: bool) -> anyhow::Result<()> {
+        self.update_config(|c| apply_stack_forwarding(c, on))
     }
 
     /// Deletes expired conntrack entries (`now`: the datapath's clock, in
@@ -224,23 +255,31 @@ impl BpfMaps {
     }
 
     /// Makes XDP_EGRESS exactly `ifindexes`: the devices the XDP path may
-    /// send frames out of.
-    pub fn set_xdp_egress(&mut self, ifindexes: &[u32]) -> anyhow::Result<()> {
-        let stale: Vec<u32> = self
-            .xdp_egress
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !ifindexes.contains(k))
-            .collect();
-        for k in stale {
-            self.xdp_egress.remove(k).context("removing from XDP_EGRESS")?;
+    /// send frames out of. Best effort: every entry that can be written is
+    /// (stale ones removed first, freeing room); the error lists the rest —
+    /// interfaces gone before their insert (pod churn), more interfaces than
+    /// the map holds — for the caller to sort out, log and count.
+    pub fn set_xdp_egress(&mut self, ifindexes: &[u32]) -> Result<(), XdpEgressError> {
+        let current: Vec<u32> = self.xdp_egress.keys().filter_map(Result::ok).collect();
+        let mut failed = Vec::new();
+        for &k in current.iter().filter(|k| !ifindexes.contains(k)) {
+            if let Err(e) = ignore_missing(self.xdp_egress.remove(k)) {
+                failed.push((k, format!("removing: {:#}", anyhow::Error::from(e))));
+            }
         }
-        for &k in ifindexes {
-            self.xdp_egress
-                .insert(k, k, None, 0)
-                .with_context(|| format!("adding interface {k} to XDP_EGRESS"))?;
+        for &k in ifindexes.iter().filter(|k| !current.contains(k)) {
+            if let Err(e) = self.xdp_egress.insert(k, k, None, 0) {
+                failed.push((k, format!("adding: {:#}", anyhow::Error::from(e))));
+            }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(XdpEgressError {
+                failed,
+                wanted: ifindexes.len(),
+            })
+        }
     }
 
     pub fn drops(&self, reason: DropReason) -> anyhow::Result<u64> {
@@ -250,6 +289,24 @@ impl BpfMaps {
     pub fn events(&self, event: FlowEvent) -> anyhow::Result<u64> {
         Ok(self.event_stats.get(&(event as u32), 0)?.iter().sum())
     }
+}
+
+fn apply_timeouts(config: &mut NodeConfig, t: &ConntrackTimeouts) {
+    config.tcp_syn_timeout = t.tcp_syn;
+    config.tcp_established_timeout = t.tcp_established;
+    config.tcp_close_wait_timeout = t.tcp_close_wait;
+    config.tcp_closing_timeout = t.tcp_closing;
+    config.udp_timeout = t.udp;
+    config.udp_stream_timeout = t.udp_stream;
+}
+
+fn apply_stack_forwarding(config: &mut NodeConfig, on: bool) {
+    use lb_common::sock::config_flags::STACK_FORWARDING;
+    config.flags = if on {
+        config.flags | STACK_FORWARDING
+    } else {
+        config.flags & !STACK_FORWARDING
+    };
 }
 
 fn sum_counters(values: PerCpuValues<TrafficCounter>) -> anyhow::Result<TrafficCounter> {

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use lb_common::sock::NodeConfig;
 use tracing::info;
 
 use super::Datapath;
@@ -137,8 +136,8 @@ fn mount_own_cgroup2() -> anyhow::Result<()> {
 }
 
 impl Datapath {
-    /// Records the node's netns cookie and attaches the socket hooks to the
-    /// cgroup2 root as links (alongside other programs there). With a bpf
+    /// Attaches the socket hooks (which act on the netns whose cookie is in
+    /// CONFIG, see `BpfMaps::write_node_config`) to the cgroup2 root as links (alongside other programs there). With a bpf
     /// root the links are pinned so they outlive the agent; a restarted
     /// agent attaches its own first, then unpins the old ones: no gap.
     pub fn attach_socket_hooks(&mut self, cgroup_root: &Path) -> anyhow::Result<()> {
@@ -146,12 +145,6 @@ impl Datapath {
         if let Some(dir) = &link_dir {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let cookie = netns_cookie()?;
-        let config = NodeConfig {
-            netns_cookie: cookie,
-            ..self.maps.config.get(&0, 0).unwrap_or_default()
-        };
-        self.maps.config.set(0, config, 0).context("writing CONFIG")?;
         let cgroup =
             std::fs::File::open(cgroup_root).with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
         for name in SOCK_PROGRAMS {
@@ -174,7 +167,7 @@ impl Datapath {
                     .push(link.pin(&path).with_context(|| format!("pinning {}", path.display()))?);
             }
         }
-        info!(cgroup = %cgroup_root.display(), netns_cookie = cookie, "socket hooks attached for host-network clients");
+        info!(cgroup = %cgroup_root.display(), "socket hooks attached for host-network clients");
         Ok(())
     }
 }

@@ -14,11 +14,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use anyhow::Context;
 use aya::programs::XdpMode;
-use tracing::{error, info};
+use tracing::info;
 
 use super::Datapath;
-use super::attach::{Attacher, Interface, XdpHook};
+use super::attach::{Attacher, Interface, XdpHook, interface_exists};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -65,8 +66,10 @@ impl XdpPath {
         })
     }
 
-    /// Attaches to the wanted interfaces among `present` and fills the
-    /// egress list (also after a restart, over the pinned map).
+    /// Attaches to the wanted interfaces among `present` (a named XDP
+    /// interface that cannot take the program fails start-up). The egress
+    /// list is filled by `refresh_egress` (also after a restart, over the
+    /// pinned map).
     pub fn start(&mut self, datapath: &mut Datapath, present: &[Interface]) -> anyhow::Result<()> {
         self.attacher.sweep_stale_pins(present);
         self.present = present.iter().map(|i| (i.index, i.clone())).collect();
@@ -76,26 +79,33 @@ impl XdpPath {
         if self.mode != XdpModeArg::Off {
             info!(mode = ?self.mode, interfaces = ?self.attacher.attached().collect::<Vec<_>>(), "XDP fast path ready");
         }
-        self.refresh_egress(datapath)
+        Ok(())
     }
 
+    /// A new interface: attaches if wanted. The caller refreshes the egress
+    /// list whatever the outcome.
     pub fn link_added(&mut self, datapath: &mut Datapath, iface: Interface) -> anyhow::Result<()> {
-        if let Err(e) = self.attacher.attach(datapath.xdp_program()?, &iface) {
-            error!(interface = %iface.name, "XDP attach failed: {e:#}");
-        }
-        self.present.insert(iface.index, iface);
-        self.refresh_egress(datapath)
+        self.present.insert(iface.index, iface.clone());
+        self.attacher
+            .attach(datapath.xdp_program()?, &iface)
+            .with_context(|| format!("XDP attach to {}", iface.name))
     }
 
+    /// An interface went away. The caller refreshes the egress list.
     pub fn link_removed(&mut self, datapath: &mut Datapath, index: u32) -> anyhow::Result<()> {
-        self.attacher.forget(datapath.xdp_program()?, index);
         self.present.remove(&index);
-        self.refresh_egress(datapath)
+        self.attacher.forget(datapath.xdp_program()?, index);
+        Ok(())
+    }
+
+    /// The interfaces known present (every one, whatever the mode).
+    pub fn present(&self) -> impl Iterator<Item = u32> + '_ {
+        self.present.keys().copied()
     }
 
     pub fn detach_all(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
         self.attacher.detach_all(datapath.xdp_program()?);
-        datapath.maps.set_xdp_egress(&[])
+        Ok(datapath.maps.set_xdp_egress(&[])?)
     }
 
     /// The devices XDP may send frames out of (see the module comment).
@@ -116,8 +126,21 @@ impl XdpPath {
         out
     }
 
-    fn refresh_egress(&self, datapath: &mut Datapath) -> anyhow::Result<()> {
-        datapath.maps.set_xdp_egress(&self.egress())
+    /// Writes the egress list. Interfaces whose write failed because they
+    /// are gone (removed before their event was handled) leave the list and
+    /// are returned; any other failure is the error.
+    pub fn refresh_egress(&mut self, datapath: &mut Datapath) -> (Vec<u32>, anyhow::Result<()>) {
+        let Err(mut e) = datapath.maps.set_xdp_egress(&self.egress()) else {
+            return (Vec::new(), Ok(()));
+        };
+        let (vanished, failed): (Vec<_>, Vec<_>) = e.failed.into_iter().partition(|(i, _)| !interface_exists(*i));
+        let vanished: Vec<u32> = vanished.into_iter().map(|(i, _)| i).collect();
+        for index in &vanished {
+            self.present.remove(index);
+        }
+        e.failed = failed;
+        let result = if e.failed.is_empty() { Ok(()) } else { Err(e.into()) };
+        (vanished, result)
     }
 }
 
