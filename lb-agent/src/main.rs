@@ -23,7 +23,15 @@ async fn main() -> anyhow::Result<()> {
             if let Some(run_matches) = matches.subcommand_matches("run") {
                 args.merge_config_file(run_matches)?;
             }
-            lb_agent::run::run(*args).await
+            let result = lb_agent::run::run(*args).await;
+            // Exit here, not by dropping the runtime: that would wait for a
+            // manifests parse still running on a blocking thread (SIGTERM
+            // during the initial read of 100,000 files must be prompt). The
+            // datapath is pinned; nothing else needs tearing down.
+            if let Err(e) = &result {
+                eprintln!("Error: {e:?}");
+            }
+            std::process::exit(if result.is_ok() { 0 } else { 1 });
         }
         Command::Services(args) => lb_agent::inspect::print_services(&args.bpf_root, &args.output),
         Command::Stats(a) => lb_agent::inspect::stats(&BpfMaps::open_pinned(&a.bpf_root)?)?.print(&a.output),

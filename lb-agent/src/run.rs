@@ -110,7 +110,12 @@ async fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) 
         Some(path) => {
             info!(path = %path.display(), "source: manifests");
             let manifests = source::manifests::ManifestSource::new(path);
-            tokio::spawn(source::manifests::run(manifests, state, args.manifests_debounce));
+            tokio::spawn(source::manifests::run(
+                manifests,
+                state,
+                args.manifests_debounce,
+                args.sync_period,
+            ));
         }
         None => {
             let (kubeconfig, master) = (args.kubeconfig.clone(), args.master.clone());

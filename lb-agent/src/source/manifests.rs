@@ -5,7 +5,7 @@
 //! whole file, for a YAML syntax error) stays in force, so one broken edit
 //! never takes other services down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -94,11 +94,17 @@ impl ManifestSource {
         &self.path
     }
 
-    /// Reads every manifest file now. Errors are returned beside the
-    /// snapshot; the snapshot keeps the last good version of what failed.
+    /// Reads every manifest file now (start-up, a watch overflow, the
+    /// periodic rescan). Errors are returned beside the snapshot; the
+    /// snapshot keeps the last good version of what failed.
+    ///
+    /// A file known before but missing from the directory listing is only
+    /// dropped if it is really gone: a listing made while files are renamed
+    /// over (how editors and config managers replace files) can miss an
+    /// entry, and a file being replaced is never a deletion.
     pub fn load(&mut self) -> (Snapshot, Vec<ManifestError>) {
         let mut errors = Vec::new();
-        let files = match manifest_files(&self.path) {
+        let listed = match manifest_files(&self.path) {
             Ok(files) => files,
             Err(e) => {
                 errors.push(ManifestError {
@@ -112,36 +118,102 @@ impl ManifestSource {
                 return (self.snapshot(), errors);
             }
         };
-        let mut next = BTreeMap::new();
-        let mut stamps = BTreeMap::new();
-        for file in files {
-            let previous = self.last_good.remove(&file).unwrap_or_default();
-            let text = match std::fs::read_to_string(&file) {
-                Ok(text) => text,
-                Err(e) => {
-                    errors.push(file_error(&file, format!("cannot read: {e}")));
-                    next.insert(file, previous);
-                    continue;
+        let mut files: BTreeSet<PathBuf> = listed.into_iter().collect();
+        let known: Vec<PathBuf> = self.last_good.keys().cloned().collect();
+        for file in known {
+            if !files.contains(&file) {
+                if file.is_file() {
+                    files.insert(file);
+                } else {
+                    self.forget(&file);
                 }
-            };
-            let hash = content_hash(&text);
-            if self.stamps.get(&file) == Some(&hash) {
-                stamps.insert(file.clone(), hash);
-                next.insert(file, previous);
+            }
+        }
+        for file in &files {
+            self.read_file(file, &mut errors);
+        }
+        (self.snapshot(), errors)
+    }
+
+    /// Reads only `paths` (those a burst of watch events named): the cost
+    /// of a change is the changed files', not the directory's. Paths that
+    /// are missing now are returned, not dropped: the caller checks them
+    /// again after a grace period (`forget_if_gone`).
+    pub fn load_paths(&mut self, paths: &BTreeSet<PathBuf>) -> (Snapshot, Vec<ManifestError>, BTreeSet<PathBuf>) {
+        let mut errors = Vec::new();
+        let mut missing = BTreeSet::new();
+        for path in paths {
+            if !self.is_manifest(path) {
                 continue;
             }
-            let errors_before = errors.len();
-            let objects = parse_file(&file, &text, &previous, &mut errors);
-            // Only a clean parse is remembered: a file with errors is parsed
-            // (and its errors reported) again next time.
-            if errors.len() == errors_before {
-                stamps.insert(file.clone(), hash);
+            if path.is_file() {
+                self.read_file(path, &mut errors);
+            } else if self.last_good.contains_key(path) {
+                missing.insert(path.clone());
             }
-            next.insert(file, objects);
         }
-        self.last_good = next;
-        self.stamps = stamps;
-        (self.snapshot(), errors)
+        (self.snapshot(), errors, missing)
+    }
+
+    /// Drops the objects of the `paths` that are still missing; true when
+    /// something went. A path that is back is read again.
+    pub fn forget_if_gone(&mut self, paths: &BTreeSet<PathBuf>) -> (bool, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        let mut changed = false;
+        for path in paths {
+            if path.is_file() {
+                changed |= self.read_file(path, &mut errors);
+            } else if self.last_good.contains_key(path) {
+                self.forget(path);
+                changed = true;
+            }
+        }
+        (changed, errors)
+    }
+
+    /// Does `path` belong to the watched manifests (the file itself, or a
+    /// manifest file of the directory)?
+    fn is_manifest(&self, path: &Path) -> bool {
+        if !self.path.is_dir() {
+            return path == self.path;
+        }
+        path.parent() == Some(self.path.as_path()) && has_manifest_name(path)
+    }
+
+    fn forget(&mut self, file: &Path) {
+        self.last_good.remove(file);
+        self.stamps.remove(file);
+    }
+
+    /// Reads and parses one file unless its text is unchanged; true when
+    /// its objects may have changed. A file that cannot be read keeps its
+    /// last good objects.
+    fn read_file(&mut self, file: &Path, errors: &mut Vec<ManifestError>) -> bool {
+        let previous = self.last_good.remove(file).unwrap_or_default();
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                errors.push(file_error(file, format!("cannot read: {e}")));
+                self.last_good.insert(file.to_path_buf(), previous);
+                return false;
+            }
+        };
+        let hash = content_hash(&text);
+        if self.stamps.get(file) == Some(&hash) {
+            self.last_good.insert(file.to_path_buf(), previous);
+            return false;
+        }
+        let errors_before = errors.len();
+        let objects = parse_file(file, &text, &previous, errors);
+        // Only a clean parse is remembered: a file with errors is parsed
+        // (and its errors reported) again next time.
+        if errors.len() == errors_before {
+            self.stamps.insert(file.to_path_buf(), hash);
+        } else {
+            self.stamps.remove(file);
+        }
+        self.last_good.insert(file.to_path_buf(), objects);
+        true
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -169,23 +241,37 @@ impl ManifestSource {
         snap
     }
 
-    /// Watches the path; one message per burst of file system changes.
-    pub fn watch(&self) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+    /// Watches the path: every file system event that concerns the
+    /// manifests, with the paths it names (or a rescan request when the
+    /// kernel's queue overflowed and events were lost).
+    pub fn watch(&self) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<WatchEvent>)> {
         use notify::{RecursiveMode, Watcher};
         let (tx, rx) = mpsc::unbounded_channel();
         // For a file, only events naming it count: the directory may hold
         // other files that change all the time (logs beside the manifest).
         let file_name = (!self.path.is_dir()).then(|| self.path.file_name().map(|n| n.to_os_string()));
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let relevant = event.is_ok_and(|e| {
-                !e.kind.is_access()
-                    && file_name
-                        .as_ref()
-                        .is_none_or(|name| e.paths.iter().any(|p| p.file_name() == name.as_deref()))
-            });
-            if relevant {
-                let _ = tx.send(());
-            }
+            let event = match event {
+                Ok(e) if e.need_rescan() => WatchEvent::Rescan,
+                Ok(e) if e.kind.is_access() => return,
+                Ok(e) => {
+                    let paths: Vec<PathBuf> = e
+                        .paths
+                        .into_iter()
+                        .filter(|p| {
+                            file_name
+                                .as_ref()
+                                .is_none_or(|name| p.file_name() == name.as_deref())
+                        })
+                        .collect();
+                    if paths.is_empty() {
+                        return;
+                    }
+                    WatchEvent::Paths(paths)
+                }
+                Err(_) => WatchEvent::Rescan,
+            };
+            let _ = tx.send(event);
         })?;
         // Watch the directory (the parent, for a file): editors replace
         // files by renaming, which a watch on the file itself would miss.
@@ -202,6 +288,21 @@ impl ManifestSource {
     }
 }
 
+/// What the watch saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// These paths changed (created, written, renamed from or to, removed).
+    Paths(Vec<PathBuf>),
+    /// Events were lost: read everything again.
+    Rescan,
+}
+
+/// `*.yaml`, `*.yml`, `*.json`, not hidden (editors' temporary files).
+fn has_manifest_name(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    !name.starts_with('.') && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
 fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         std::fs::metadata(path)?;
@@ -209,12 +310,7 @@ fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            !name.starts_with('.')
-                && p.is_file()
-                && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
-        })
+        .filter(|p| has_manifest_name(p) && p.is_file())
         .collect();
     files.sort();
     Ok(files)
@@ -376,32 +472,131 @@ fn parse_object(doc: &Value) -> Result<Option<(ObjectRef, Object)>, ObjectError>
 
 /// Reads the manifests now and after every change under the path, and
 /// keeps `state` equal to what they say. Errors are logged per document.
-pub async fn run(mut source: ManifestSource, state: std::sync::Arc<super::SourceState>, debounce: std::time::Duration) {
+/// How long a file named by an event but missing stays in force: a file
+/// replaced by delete-then-create (some editors) is back well within it.
+const MISSING_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Keeps `state` current from the manifests: everything at start, then
+/// only the files a burst of watch events names; everything again when
+/// events were lost and every `rescan_every`. Reading and parsing run on a
+/// blocking thread, so a long initial parse (100,000 files) never stalls
+/// the agent's event loop (SIGTERM stays prompt).
+pub async fn run(
+    source: ManifestSource,
+    state: std::sync::Arc<super::SourceState>,
+    debounce: std::time::Duration,
+    rescan_every: std::time::Duration,
+) {
+    use tokio::time::{Instant, sleep_until};
     let watch = source.watch();
-    let publish = |source: &mut ManifestSource| {
-        let (snapshot, errors) = source.load();
-        for e in &errors {
-            tracing::error!("invalid manifest: {e}");
-        }
-        let generation = state.replace_all(snapshot);
-        tracing::info!(generation, errors = errors.len(), "manifests read");
-    };
-    publish(&mut source);
+    let path = source.path().to_path_buf();
+    let mut source = Some(source);
     let (_watcher, mut changes) = match watch {
-        Ok(w) => w,
+        Ok(w) => (Some(w.0), Some(w.1)),
         Err(e) => {
-            tracing::error!(
-                "cannot watch {}: {e:#}; changes will not be seen",
-                source.path().display()
-            );
-            return;
+            tracing::error!("cannot watch {}: {e:#}; changes will not be seen", path.display());
+            (None, None)
         }
     };
-    while changes.recv().await.is_some() {
-        // Let a burst of writes finish, then read once.
-        tokio::time::sleep(debounce).await;
-        while changes.try_recv().is_ok() {}
-        publish(&mut source);
+    let mut work = Work::Everything;
+    let mut missing: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut recheck_at: Option<Instant> = None;
+    let mut next_rescan = Instant::now() + rescan_every;
+    loop {
+        let Some(mut src) = source.take() else { return };
+        let job = std::mem::replace(&mut work, Work::Nothing);
+        let (src, published, gone) = match tokio::task::spawn_blocking(move || {
+            let outcome = job.run(&mut src);
+            (src, outcome)
+        })
+        .await
+        {
+            Ok((src, (published, gone))) => (src, published, gone),
+            Err(e) => {
+                tracing::error!("manifests reader failed: {e}; changes will not be seen");
+                return;
+            }
+        };
+        source = Some(src);
+        if let Some((snapshot, errors)) = published {
+            for e in &errors {
+                tracing::error!("invalid manifest: {e}");
+            }
+            let generation = state.replace_all(snapshot);
+            tracing::info!(generation, errors = errors.len(), "manifests read");
+        }
+        if !gone.is_empty() {
+            missing.extend(gone);
+            recheck_at.get_or_insert_with(|| Instant::now() + MISSING_GRACE);
+        }
+        // Wait for the next piece of work.
+        let Some(rx) = changes.as_mut() else {
+            // No watch: only the periodic rescan.
+            sleep_until(next_rescan).await;
+            next_rescan = Instant::now() + rescan_every;
+            work = Work::Everything;
+            continue;
+        };
+        work = tokio::select! {
+            event = rx.recv() => {
+                let Some(first) = event else { return };
+                // Let a burst of writes finish, then read once.
+                tokio::time::sleep(debounce).await;
+                let mut burst = vec![first];
+                while let Ok(e) = rx.try_recv() {
+                    burst.push(e);
+                }
+                Work::from_events(burst)
+            }
+            () = sleep_until(recheck_at.unwrap_or_else(Instant::now)), if recheck_at.is_some() => {
+                recheck_at = None;
+                Work::ForgetIfGone(std::mem::take(&mut missing))
+            }
+            () = sleep_until(next_rescan) => {
+                next_rescan = Instant::now() + rescan_every;
+                Work::Everything
+            }
+        };
+    }
+}
+
+/// What the reader does next.
+enum Work {
+    Nothing,
+    Everything,
+    Paths(BTreeSet<PathBuf>),
+    ForgetIfGone(BTreeSet<PathBuf>),
+}
+
+type Published = Option<(Snapshot, Vec<ManifestError>)>;
+
+impl Work {
+    fn from_events(events: Vec<WatchEvent>) -> Self {
+        let mut paths = BTreeSet::new();
+        for e in events {
+            match e {
+                WatchEvent::Rescan => return Work::Everything,
+                WatchEvent::Paths(p) => paths.extend(p),
+            }
+        }
+        Work::Paths(paths)
+    }
+
+    /// Does the work; returns what to publish (if anything changed) and
+    /// the paths found missing.
+    fn run(self, source: &mut ManifestSource) -> (Published, BTreeSet<PathBuf>) {
+        match self {
+            Work::Nothing => (None, BTreeSet::new()),
+            Work::Everything => (Some(source.load()), BTreeSet::new()),
+            Work::Paths(paths) => {
+                let (snapshot, errors, missing) = source.load_paths(&paths);
+                (Some((snapshot, errors)), missing)
+            }
+            Work::ForgetIfGone(paths) => {
+                let (changed, errors) = source.forget_if_gone(&paths);
+                ((changed || !errors.is_empty()).then(|| (source.snapshot(), errors)), BTreeSet::new())
+            }
+        }
     }
 }
 
@@ -463,7 +658,54 @@ endpoints:
         assert!(neighbour.is_err(), "a neighbour's change was taken for the manifest's");
         write(&dir, "a.yaml", GOOD);
         let own = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
-        assert_eq!(own, Ok(Some(())), "the manifest's own change");
+        assert!(
+            matches!(&own, Ok(Some(WatchEvent::Paths(p))) if p.contains(&file)),
+            "the manifest's own change: {own:?}"
+        );
+    }
+
+    /// A file replaced by rename is never a deletion; a file that goes is
+    /// dropped only once it is still gone after the grace period; only the
+    /// named files are read.
+    #[test]
+    fn named_paths_are_read_and_missing_ones_dropped_only_when_still_gone() {
+        let dir = tempdir();
+        let web = write(&dir, "web.yaml", GOOD);
+        let other = write(&dir, "other.yaml", &GOOD.replace("name: web", "name: db").replace("198.19.0.10", "198.19.0.11"));
+        let mut source = ManifestSource::new(&dir);
+        let (snap, errors) = source.load();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snap.services.len(), 2);
+
+        // Atomic replace: write a temporary file, rename it over web.yaml.
+        let tmp = write(&dir, ".web.yaml.tmp", &GOOD.replace("198.18.1.11", "198.18.1.12"));
+        std::fs::rename(&tmp, &web).unwrap();
+        // other.yaml is unreadable now: a full read would report it, a
+        // read of the named paths does not touch it.
+        std::fs::write(&other, "{ not yaml").unwrap();
+        let (snap, errors, missing) = source.load_paths(&BTreeSet::from([tmp.clone(), web.clone()]));
+        assert!(errors.is_empty() && missing.is_empty(), "{errors:?} {missing:?}");
+        assert_eq!(snap.services.len(), 2, "nothing vanished");
+        let slice = snap.slices.iter().find(|s| s.service_name == "web").unwrap();
+        assert_eq!(slice.endpoints[0].address.to_string(), "198.18.1.12", "the new content");
+
+        // Deleted, then back before the grace ran out: kept, re-read.
+        std::fs::remove_file(&web).unwrap();
+        let (snap, _, missing) = source.load_paths(&BTreeSet::from([web.clone()]));
+        assert_eq!(missing, BTreeSet::from([web.clone()]));
+        assert_eq!(snap.services.len(), 2, "a missing file stays in force for now");
+        write(&dir, "web.yaml", GOOD);
+        let (changed, _) = source.forget_if_gone(&missing);
+        assert!(changed, "re-read");
+        assert_eq!(source.snapshot().services.len(), 2);
+
+        // Deleted for good: dropped after the grace.
+        std::fs::remove_file(&web).unwrap();
+        let (_, _, missing) = source.load_paths(&BTreeSet::from([web.clone()]));
+        let (changed, _) = source.forget_if_gone(&missing);
+        assert!(changed);
+        let snap = source.snapshot();
+        assert_eq!(snap.services.len(), 1, "{:?}", snap.services);
     }
 
     #[test]
