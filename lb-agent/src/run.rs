@@ -16,7 +16,7 @@ use crate::health::HealthServers;
 use crate::metrics::SharedStatus;
 use crate::model::{Cidr, FamilyFlags, Model, NodeContext, Snapshot};
 use crate::source::{self, SourceState};
-use crate::sync::Syncer;
+use crate::sync::{MapContents, Syncer};
 use lb_common::cidr_kind;
 
 /// How soon a failed sync is retried (as a full resync).
@@ -335,6 +335,9 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     let mut retry_at: Option<tokio::time::Instant> =
         (!first_sync_ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
     let mut next_full = tokio::time::Instant::now() + args.sync_period;
+    // The periodic full resync's read of the maps, running on another
+    // thread: changes keep being applied meanwhile.
+    let mut resync_read: Option<tokio::task::JoinHandle<anyhow::Result<MapContents>>> = None;
     let result = loop {
         let sync_at = if pending {
             Some(retry_at.unwrap_or_else(|| limiter.next_allowed()))
@@ -371,12 +374,47 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                 retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY_AFTER);
             }
             () = sleep_until(next_full) => {
-                syncer.request_full_resync();
-                pending = true;
                 next_full = tokio::time::Instant::now() + args.sync_period;
+                if resync_read.is_none() {
+                    let root = args.bpf_root.clone();
+                    resync_read = Some(tokio::task::spawn_blocking(move || {
+                        let maps = crate::datapath::BpfMaps::open_pinned(&root)?;
+                        Ok(MapContents::read(&maps)?)
+                    }));
+                }
                 // Link events can be lost (a netlink buffer overrun under
                 // heavy churn): the periodic resync also re-lists interfaces.
                 attachers.reconcile(datapath).await;
+            }
+            read = async { resync_read.as_mut().expect("guarded").await }, if resync_read.is_some() => {
+                resync_read = None;
+                let read = read.map_err(anyhow::Error::from).and_then(|r| r);
+                let ok = match (read, state.snapshot()) {
+                    (Ok(actual), Some((snapshot, generation))) => {
+                        lock_status(&status).node_eligible = node.eligible(&snapshot);
+                        let model = node.build_model(&snapshot);
+                        let started = Instant::now();
+                        let ok = resync_once(&mut syncer, datapath, &model, actual, generation, &status);
+                        if ok {
+                            applied_generation = generation;
+                            node_changed = false;
+                            health.update(&model.health_checks, &node.health_check_addrs());
+                            report_sync(&status, &syncer, &model, started.elapsed());
+                        }
+                        ok
+                    }
+                    (Err(e), _) => {
+                        // Read the maps on the loop then: the next sync is a full one.
+                        warn!("reading the maps for the periodic resync failed: {e:#}; resyncing in line");
+                        syncer.request_full_resync();
+                        false
+                    }
+                    (Ok(_), None) => true,
+                };
+                if !ok {
+                    pending = true;
+                    lock_status(&status).pending_since.get_or_insert_with(Instant::now);
+                }
             }
             event = links.recv() => {
                 let Some(event) = event else {
@@ -674,7 +712,36 @@ fn sync_once(
     status: &SharedStatus,
 ) -> bool {
     let started = Instant::now();
-    match syncer.sync(&mut datapath.maps, model) {
+    let result = syncer.sync(&mut datapath.maps, model);
+    after_sync(syncer, datapath, model, generation, status, started, result)
+}
+
+/// The periodic full resync, against maps read on another thread.
+fn resync_once(
+    syncer: &mut Syncer,
+    datapath: &mut Datapath,
+    model: &Model,
+    actual: MapContents,
+    generation: u64,
+    status: &SharedStatus,
+) -> bool {
+    let started = Instant::now();
+    let result = syncer.resync_against(&mut datapath.maps, model, actual);
+    after_sync(syncer, datapath, model, generation, status, started, result)
+}
+
+/// What follows every sync: stale UDP flows cleared, the outcome logged
+/// (a failure counted); true when it succeeded.
+fn after_sync(
+    syncer: &mut Syncer,
+    datapath: &mut Datapath,
+    model: &Model,
+    generation: u64,
+    status: &SharedStatus,
+    started: Instant,
+    result: Result<crate::sync::SyncReport, crate::sync::SyncError>,
+) -> bool {
+    match result {
         Ok(report) => {
             let stale = syncer.take_stale_udp_flows();
             match datapath.maps.clear_stale_udp_flows(&stale) {

@@ -75,14 +75,16 @@ pub trait DatapathMaps {
 }
 
 /// What the maps hold, read once for a full resync.
-struct MapContents {
+/// What the service, slot and backend maps hold: read whole for a full
+/// resync (on another thread for the periodic one: see `resync_against`).
+pub struct MapContents {
     services: HashMap<ServiceKey, ServiceValue>,
     slots: HashMap<BackendSlotKey, BackendId>,
     backends: HashMap<BackendId, Backend>,
 }
 
 impl MapContents {
-    fn read(maps: &impl DatapathMaps) -> Result<Self, MapOpError> {
+    pub fn read(maps: &impl DatapathMaps) -> Result<Self, MapOpError> {
         Ok(MapContents {
             services: maps.dump_services()?.into_iter().collect(),
             slots: maps.dump_slots()?.into_iter().collect(),
@@ -295,8 +297,35 @@ impl Syncer {
     /// failure, is a full resync.
     pub fn sync(&mut self, maps: &mut impl DatapathMaps, model: &Model) -> Result<SyncReport, SyncError> {
         let full = self.needs_full_resync;
+        self.sync_with(maps, model, full, None)
+    }
+
+    /// A full resync against `actual`, what the maps held when it was read
+    /// — possibly a while ago: the periodic resync reads the maps on
+    /// another thread while changes keep being applied, so the (slow)
+    /// read never holds them up. An older read is still safe to repair
+    /// from: every service port that differs from what is programmed now
+    /// is written again from the current model (idempotent), and only
+    /// entries that nothing programmed now owns are deleted — an entry
+    /// written after the read is not in it, so it is never swept.
+    pub fn resync_against(
+        &mut self,
+        maps: &mut impl DatapathMaps,
+        model: &Model,
+        actual: MapContents,
+    ) -> Result<SyncReport, SyncError> {
+        self.sync_with(maps, model, true, Some(actual))
+    }
+
+    fn sync_with(
+        &mut self,
+        maps: &mut impl DatapathMaps,
+        model: &Model,
+        full: bool,
+        actual: Option<MapContents>,
+    ) -> Result<SyncReport, SyncError> {
         let result = if full {
-            self.full_resync(maps, model)
+            self.full_resync(maps, model, actual)
         } else {
             self.apply(maps, tracker::changes(&self.applied, model), false)
         }
@@ -429,8 +458,16 @@ impl Syncer {
     /// Compares the maps with the model: service ports whose entries all
     /// match are left alone, the others are rewritten, and entries nobody
     /// owns (left by a failed sync, or written by someone else) are deleted.
-    fn full_resync(&mut self, maps: &mut impl DatapathMaps, model: &Model) -> Result<SyncReport, SyncError> {
-        let actual = MapContents::read(maps)?;
+    fn full_resync(
+        &mut self,
+        maps: &mut impl DatapathMaps,
+        model: &Model,
+        actual: Option<MapContents>,
+    ) -> Result<SyncReport, SyncError> {
+        let actual = match actual {
+            Some(actual) => actual,
+            None => MapContents::read(maps)?,
+        };
         let stale: Vec<Frontend> = self
             .programmed
             .keys()
