@@ -11,7 +11,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     // RUST_LOG, when set, overrides --v (e.g. RUST_LOG=lb_agent::sync=trace).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cli.log_level()));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.logging_format {
         LoggingFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LoggingFormat::Json => logs.json().flatten_event(true).init(),

@@ -171,6 +171,12 @@ pub struct CtEntry {
 }
 assert_size!(CtEntry, 52);
 
+/// Layout version of CONNTRACK's `CtKey`/`CtEntry`: bumped on any change of
+/// their fields' meaning or placement. An agent migrates the entries of the
+/// previous version into its own (a conversion kept for one version, in
+/// the agent's `datapath::migrate`); older layouts start afresh.
+pub const CT_LAYOUT_VERSION: u32 = 1;
+
 /// `CtEntry::flags`.
 pub mod entry_flags {
     /// The flow is masqueraded (KUBE-POSTROUTING MASQUERADE).

@@ -353,7 +353,10 @@ mod tests {
     #[test]
     fn kubelet_style_variable_expansion() {
         let vars = BTreeMap::from([("NODE_NAME", "node-1"), ("API", "https://a:6443")]);
-        assert_eq!(expand_vars("--hostname-override=$(NODE_NAME)", &vars), "--hostname-override=node-1");
+        assert_eq!(
+            expand_vars("--hostname-override=$(NODE_NAME)", &vars),
+            "--hostname-override=node-1"
+        );
         assert_eq!(expand_vars("$(API)/x$(NODE_NAME)", &vars), "https://a:6443/xnode-1");
         assert_eq!(expand_vars("$(UNSET) $(", &vars), "$(UNSET) $(");
     }
@@ -363,6 +366,10 @@ mod tests {
         let doc = |name: &str| serde_json::json!({"kind": "ConfigMap", "metadata": {"name": name}});
         assert!(matches(&doc("lb-agent-ktcg98649k"), "ConfigMap", "lb-agent"));
         assert!(!matches(&doc("lb-agent-params-gmf2h6kmdt"), "ConfigMap", "lb-agent"));
-        assert!(matches(&doc("lb-agent-params-gmf2h6kmdt"), "ConfigMap", "lb-agent-params"));
+        assert!(matches(
+            &doc("lb-agent-params-gmf2h6kmdt"),
+            "ConfigMap",
+            "lb-agent-params"
+        ));
     }
 }

@@ -109,8 +109,19 @@ fn stopped_agent_leaves_the_datapath_serving_and_cleanup_removes_it() {
     assert_eq!(get(&sandbox, addr(pod_a, 80)).unwrap(), "nginx-a");
 }
 
-#[test]
-fn restarts_under_load_drop_no_connection() {
+/// How an agent restart is done: extra flags and environment.
+#[derive(Clone, Copy)]
+struct Restart<'a> {
+    args: &'a [&'a str],
+    envs: &'a [(&'a str, &'a str)],
+}
+
+/// Restarts the agent of the example sandbox once per `restarts` while 32
+/// clients (half through the ClusterIP, half through the masqueraded
+/// NodePort) make short connections and four long-lived ones stay open;
+/// `check` looks at each new agent. No connection may fail, and each
+/// long-lived one keeps its pod.
+fn restarts_under_load(restarts: &[Restart], check: impl Fn(usize, &Sandbox, &Agent)) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let (sandbox, agent) = example_sandbox();
@@ -153,14 +164,17 @@ fn restarts_under_load_drop_no_connection() {
         })
         .collect();
     let mut agent = agent;
-    for round in 0..5 {
+    for (round, restart) in restarts.iter().enumerate() {
         let status = agent.stop().unwrap();
         assert!(status.success(), "round {round}: exit {status}");
-        agent = Agent::start(&sandbox, true).expect("restarted agent");
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), sandbox.manifests_dir.as_os_str()];
+        args.extend(restart.args.iter().map(std::ffi::OsStr::new));
+        agent = Agent::start_with_env(&sandbox, &args, restart.envs, true).expect("restarted agent");
         assert!(
             agent.log().contains("took over the pinned maps"),
             "round {round}: maps not reused"
         );
+        check(round, &sandbox, &agent);
         for (conn, pod) in &mut long_lived {
             assert_eq!(&conn.get().expect("established connection broken by a restart"), pod);
         }
@@ -170,7 +184,10 @@ fn restarts_under_load_drop_no_connection() {
         w.join().unwrap().unwrap();
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("restarts: {ok} connections succeeded, {failed} failed across 5 restarts");
+    eprintln!(
+        "restarts: {ok} connections succeeded, {failed} failed across {} restarts",
+        restarts.len()
+    );
     assert_eq!(
         failed,
         0,
@@ -178,6 +195,74 @@ fn restarts_under_load_drop_no_connection() {
         ok + failed
     );
     assert!(ok > 100, "too little load: {ok}");
+}
+
+#[test]
+fn restarts_under_load_drop_no_connection() {
+    let same = Restart { args: &[], envs: &[] };
+    restarts_under_load(&[same, same, same, same, same], |round, _, agent| {
+        assert!(
+            !agent.log().contains("map: replaced"),
+            "round {round}: a restart with the same settings replaced a map:\n{}",
+            agent.log()
+        );
+    });
+}
+
+/// Issue #13 point 5: a new conntrack size or layout migrates the flows.
+#[test]
+fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
+    // lb-agent's test-only layout version override of CONNTRACK.
+    const BUMP: &str = "LB_TEST_CONNTRACK_LAYOUT_VERSION";
+    let restarts = [
+        Restart {
+            args: &["--conntrack-max", "65536"],
+            envs: &[],
+        },
+        Restart {
+            args: &["--conntrack-max", "65536"],
+            envs: &[(BUMP, "2")],
+        },
+        Restart {
+            args: &["--conntrack-max", "131072"],
+            envs: &[(BUMP, "2")],
+        },
+        Restart {
+            args: &["--conntrack-max", "131072"],
+            envs: &[(BUMP, "3")],
+        },
+        Restart {
+            args: &["--conntrack-max", "32768"],
+            envs: &[(BUMP, "3")],
+        },
+    ];
+    restarts_under_load(&restarts, |round, sandbox, agent| {
+        let log = agent.log();
+        let migrated = log
+            .lines()
+            .find(|l| l.contains("map: migrated entries") && l.contains("CONNTRACK") && l.contains("before attach"))
+            .unwrap_or_else(|| panic!("round {round}: CONNTRACK not migrated:\n{log}"));
+        let copied = lb_tests::agent::log_field(migrated, "copied").unwrap_or(0);
+        assert!(copied > 0, "round {round}: nothing copied: {migrated}");
+        let dropped = lb_tests::agent::log_field(migrated, "dropped");
+        if round + 1 < restarts.len() {
+            assert_eq!(dropped, Some(0), "round {round}: {migrated}");
+        } else {
+            // The table shrank below what the load fills: the flows that
+            // expire last (the established long-lived ones, checked after
+            // this) are kept, the closed short ones dropped.
+            assert_eq!(copied, 32768, "round {round}: {migrated}");
+            assert!(dropped > Some(0), "round {round}: {migrated}");
+        }
+        assert!(
+            log.contains("migration done"),
+            "round {round}: previous maps not removed:\n{log}"
+        );
+        assert!(
+            !sandbox.bpf_root.join("migrate").exists(),
+            "round {round}: the moved-aside maps are still pinned"
+        );
+    });
 }
 
 #[test]

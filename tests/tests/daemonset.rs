@@ -93,13 +93,17 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     // sandbox, a bpf root of its own (config.yaml).
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     let mut rendered = Rendered::kustomize(std::path::Path::new(deploy)).expect("kubectl kustomize deploy/");
-    rendered.find_mut("ConfigMap", "lb-agent-params").expect("params ConfigMap")["data"]["API_SERVER"] =
-        format!("http://{}", api.addr()).into();
+    rendered
+        .find_mut("ConfigMap", "lb-agent-params")
+        .expect("params ConfigMap")["data"]["API_SERVER"] = format!("http://{}", api.addr()).into();
     let config = rendered.find_mut("ConfigMap", "lb-agent").expect("config ConfigMap");
     let text = config["data"]["config.yaml"].as_str().unwrap().to_string();
     assert!(text.contains("bpfRoot: /sys/fs/bpf/lb-agent"), "{text}");
     config["data"]["config.yaml"] = text
-        .replace("bpfRoot: /sys/fs/bpf/lb-agent", &format!("bpfRoot: {}", sandbox.bpf_root.display()))
+        .replace(
+            "bpfRoot: /sys/fs/bpf/lb-agent",
+            &format!("bpfRoot: {}", sandbox.bpf_root.display()),
+        )
         .into();
     let spec = rendered.pod_template("lb-agent").unwrap().clone();
     let (ready_path, ready_port) = probe_of(&spec, "readinessProbe");
@@ -113,11 +117,16 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
         run.image = Some(image.0.clone());
         run.without_volumes = vec!["host-cgroup".into()];
         let names = run.start(&spec).expect("container started");
-        wait_until("the agent refusing a namespaced cgroup", Duration::from_secs(20), || {
-            !run.running(&names[0])
-        });
+        wait_until(
+            "the agent refusing a namespaced cgroup",
+            Duration::from_secs(20),
+            || !run.running(&names[0]),
+        );
         let logs = run.logs(&names[0]);
-        assert!(logs.contains("Mount the host's /sys/fs/cgroup into the container"), "{logs}");
+        assert!(
+            logs.contains("Mount the host's /sys/fs/cgroup into the container"),
+            "{logs}"
+        );
     }
 
     let pod = format!("lbt-{}-agent", std::process::id());
@@ -143,7 +152,11 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     wait_until("the first sync", Duration::from_secs(30), || {
         sandbox.client().run(move || http_get(vip).is_ok()).unwrap()
     });
-    assert_eq!(tally(sandbox.client(), 30, vip, http_get).unwrap().len(), 3, "client → ClusterIP");
+    assert_eq!(
+        tally(sandbox.client(), 30, vip, http_get).unwrap().len(),
+        3,
+        "client → ClusterIP"
+    );
     let from_host = sandbox.node.run(move || http_get(vip)).unwrap();
     assert!(
         from_host.as_ref().is_ok_and(|pod| pod.starts_with("nginx-")),
@@ -158,19 +171,23 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let load = {
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        sandbox.client().spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(vip) {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-        .unwrap()
+        sandbox
+            .client()
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(vip) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .unwrap()
     };
     image::podman(&["kill", &agent]).unwrap();
-    wait_until("the killed container to stop", Duration::from_secs(10), || !run.running(&agent));
+    wait_until("the killed container to stop", Duration::from_secs(10), || {
+        !run.running(&agent)
+    });
     assert_eq!(held.get().unwrap(), held_pod, "held connection while no agent runs");
     image::podman(&["start", &agent]).unwrap();
     wait_until("readiness after the restart", Duration::from_secs(30), || {
@@ -181,7 +198,12 @@ fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
     load.join().unwrap().unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 20, "only {ok} requests during the restart");
-    assert_eq!(failed, 0, "{failed} of {} connections failed during the restart", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed during the restart",
+        ok + failed
+    );
     assert!(
         run.logs(&agent).contains("took over"),
         "the restarted agent took the pinned datapath over:\n{}",

@@ -253,7 +253,8 @@ fn master_flag_reaches_the_api_server_before_its_service_is_programmed() {
 
     // Without --master: in-cluster config (no service account here) leads nowhere.
     let lost = spawn(&[]);
-    lost.wait_for_log(0, "cannot set up the Kubernetes API client", WAIT).unwrap();
+    lost.wait_for_log(0, "cannot set up the Kubernetes API client", WAIT)
+        .unwrap();
     lost.wait_for_log(0, "<exited>", WAIT).expect("the agent exits at once");
 
     let master = format!("http://{}", api.addr());

