@@ -1,7 +1,7 @@
 //! Flow state: forward entries pin a client flow to its backend, reply
 //! entries let the backend's answers be translated back to the VIP.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     CtEntry, CtKey, CtKind, CtState, RawAddr,
     conntrack::{ct_timeouts, entry_flags},
@@ -94,15 +94,24 @@ fn lifetime(state: CtState) -> u32 {
     }
 }
 
-/// A live entry for `key`, or `None` when absent or expired; during a
-/// migration also one of the previous table (copied into CONNTRACK).
+/// A live entry for `key`, or `None` when absent or expired. During a
+/// migration the previous table has the last word on a flow absent here
+/// or only copied here by the agent (`MIGRATED`): the previous programs
+/// may have changed it since (a client reusing a port re-balances a
+/// closed flow); it is then copied over.
 #[inline(always)]
 pub fn lookup(key: &CtKey, now: u32) -> Option<*mut CtEntry> {
-    let entry = match CONNTRACK.get_ptr_mut(key) {
-        Some(e) => e,
-        None if take_from_prev(key) => CONNTRACK.get_ptr_mut(key)?,
-        None => return None,
-    };
+    let mut entry = CONNTRACK.get_ptr_mut(key);
+    // SAFETY: pointer from a successful lookup; fields are plain integers.
+    let copied = entry.is_some_and(|e| unsafe { (*e).flags } & entry_flags::MIGRATED != 0);
+    if (entry.is_none() || copied) && take_from_prev(key) {
+        entry = CONNTRACK.get_ptr_mut(key);
+    }
+    let entry = entry?;
+    if copied {
+        // SAFETY: as above; this run owns the entry.
+        unsafe { (*entry).flags &= !entry_flags::MIGRATED };
+    }
     live(entry, now)
 }
 
@@ -128,8 +137,9 @@ fn live(entry: *mut CtEntry, now: u32) -> Option<*mut CtEntry> {
 static PREV_SLOT: u32 = 0;
 
 /// During a migration (see maps::CONNTRACK_PREV): copies `key`'s entry
-/// from the previous table, if it has one; true when it did. Inlined: a
-/// call frame of its own would overflow the XDP path's 512-byte stack.
+/// from the previous table over this one's, if it has one; true when it
+/// did. Inlined: a call frame of its own would overflow the XDP path's
+/// 512-byte stack.
 #[inline(always)]
 fn take_from_prev(key: &CtKey) -> bool {
     // SAFETY: the inner map is only used through helpers.
@@ -140,7 +150,7 @@ fn take_from_prev(key: &CtKey) -> bool {
         return false;
     };
     // SAFETY: pointer from a successful lookup, read by the helper.
-    CONNTRACK.insert(key, unsafe { &*entry }, BPF_NOEXIST as u64).is_ok()
+    CONNTRACK.insert(key, unsafe { &*entry }, 0).is_ok()
 }
 
 /// During a migration, copies the entries of the flow `new_flow` has just

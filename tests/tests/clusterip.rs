@@ -146,17 +146,23 @@ fn restarts_under_load(restarts: &[Restart], check: impl Fn(usize, &Sandbox, &Ag
     // 32 clients making short connections all the time.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // What failed, and when (to match with the agents' logs).
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let workers: Vec<_> = (0..32)
         .map(|i| {
             let target = targets[i % 2];
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (stop, ok, failed, failures) = (stop.clone(), ok.clone(), failed.clone(), failures.clone());
             sandbox
                 .client()
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         match http_get(target) {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                let at = std::time::SystemTime::now();
+                                failures.lock().unwrap().push(format!("{at:?} {target}: {e:#}"));
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
                         };
                     }
                 })
@@ -191,8 +197,9 @@ fn restarts_under_load(restarts: &[Restart], check: impl Fn(usize, &Sandbox, &Ag
     assert_eq!(
         failed,
         0,
-        "{failed} of {} connections failed across restarts",
-        ok + failed
+        "{failed} of {} connections failed across restarts: {:#?}",
+        ok + failed,
+        failures.lock().unwrap()
     );
     assert!(ok > 100, "too little load: {ok}");
 }
@@ -214,25 +221,27 @@ fn restarts_under_load_drop_no_connection() {
 fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
     // lb-agent's test-only layout version override of CONNTRACK.
     const BUMP: &str = "LB_TEST_CONNTRACK_LAYOUT_VERSION";
+    // Sizes above what the load fills (~15,000 entries a second of it);
+    // what a smaller table keeps is datapath.rs's migration test.
     let restarts = [
         Restart {
-            args: &["--conntrack-max", "65536"],
+            args: &["--conntrack-max", "131072"],
             envs: &[],
         },
         Restart {
-            args: &["--conntrack-max", "65536"],
-            envs: &[(BUMP, "2")],
-        },
-        Restart {
             args: &["--conntrack-max", "131072"],
             envs: &[(BUMP, "2")],
         },
         Restart {
-            args: &["--conntrack-max", "131072"],
+            args: &["--conntrack-max", "262144"],
+            envs: &[(BUMP, "2")],
+        },
+        Restart {
+            args: &["--conntrack-max", "262144"],
             envs: &[(BUMP, "3")],
         },
         Restart {
-            args: &["--conntrack-max", "32768"],
+            args: &["--conntrack-max", "131072"],
             envs: &[(BUMP, "3")],
         },
     ];
@@ -244,16 +253,11 @@ fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
             .unwrap_or_else(|| panic!("round {round}: CONNTRACK not migrated:\n{log}"));
         let copied = lb_tests::agent::log_field(migrated, "copied").unwrap_or(0);
         assert!(copied > 0, "round {round}: nothing copied: {migrated}");
-        let dropped = lb_tests::agent::log_field(migrated, "dropped");
-        if round + 1 < restarts.len() {
-            assert_eq!(dropped, Some(0), "round {round}: {migrated}");
-        } else {
-            // The table shrank below what the load fills: the flows that
-            // expire last (the established long-lived ones, checked after
-            // this) are kept, the closed short ones dropped.
-            assert_eq!(copied, 32768, "round {round}: {migrated}");
-            assert!(dropped > Some(0), "round {round}: {migrated}");
-        }
+        assert_eq!(
+            lb_tests::agent::log_field(migrated, "dropped"),
+            Some(0),
+            "round {round}: {migrated}"
+        );
         assert!(
             log.contains("migration done"),
             "round {round}: previous maps not removed:\n{log}"

@@ -470,6 +470,9 @@ pub fn copy_conntrack(
     let before = entries.len();
     entries.retain(|(_, e)| e.expires_at >= now);
     report.skipped += before - entries.len();
+    for (_, e) in &mut entries {
+        e.flags |= lb_common::conntrack::entry_flags::MIGRATED;
+    }
     insert_newest(new, entries, |e| e.expires_at, report)
 }
 
