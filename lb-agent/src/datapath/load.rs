@@ -1,5 +1,6 @@
 //! Loading the embedded eBPF object and pinning its maps.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -11,7 +12,7 @@ use aya::{
 use lb_common::map_names;
 
 use super::maps::BpfMaps;
-use super::migrate::{self, Migration};
+use super::migrate::{self, CopyReport, Migration};
 
 /// The eBPF object built by build.rs from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -63,6 +64,8 @@ pub struct Datapath {
     had_pins: bool,
     /// CONNTRACK_PREV (see migrate.rs).
     conntrack_prev: HashOfMaps<MapData, u32, MapData>,
+    /// What the copy before attaching did, per migrated map.
+    migrated: BTreeMap<&'static str, CopyReport>,
     /// Pinned socket-hook links (see `attach_socket_hooks`).
     pub(super) sock_links: Vec<aya::programs::links::PinnedLink>,
 }
@@ -166,7 +169,7 @@ impl Datapath {
             .context("map CONNTRACK_PREV missing from the eBPF object")?
             .try_into()?;
         migration.share_conntrack(&mut conntrack_prev);
-        migration.copy_entries(&mut maps, false);
+        let migrated = migration.copy_entries(&mut maps, false);
         let previous = match &opts.bpf_root {
             Some(root) if had_pins && map_names::ALL.iter().any(|n| migration.moved(n)) => {
                 match BpfMaps::build(|name| super::maps::from_pin_path(&migration.previous_pin(root, name))) {
@@ -187,6 +190,7 @@ impl Datapath {
             migration,
             previous,
             conntrack_prev,
+            migrated,
             sock_links: Vec::new(),
         })
     }
@@ -218,6 +222,7 @@ impl Datapath {
             previous: None,
             had_pins: true,
             conntrack_prev,
+            migrated: BTreeMap::new(),
             sock_links: Vec::new(),
         })
     }
@@ -232,6 +237,11 @@ impl Datapath {
     /// services and backends to take over with their ids.
     pub fn previous_maps(&self) -> Option<&BpfMaps> {
         self.had_pins.then(|| self.previous.as_ref().unwrap_or(&self.maps))
+    }
+
+    /// What start-up's copy (before attaching) did with each migrated map.
+    pub fn migrated(&self) -> &BTreeMap<&'static str, CopyReport> {
+        &self.migrated
     }
 
     /// Once the new programs are attached everywhere: the last copy of the
