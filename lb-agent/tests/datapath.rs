@@ -3321,12 +3321,20 @@ fn an_upgrade_migrates_conntrack_newest_first_and_defers_to_the_previous_table()
     let Harness { datapath, netns, .. } = h;
     drop(datapath);
 
-    // The same settings again: every map is reused as it is.
+    // The same settings again, from pins of an agent that recorded one
+    // layout signature for all maps (version 1 of each): every map is
+    // reused as it is.
+    std::fs::remove_dir_all(root.0.join("layout")).unwrap();
+    std::fs::create_dir(root.0.join("layout-0123456789abcdef")).unwrap();
     let again = Datapath::load(&opts(64)).expect("loading with the same settings");
     assert!(again.migrated().is_empty(), "{:?}", again.migrated());
     assert!(
         again.previous_maps().is_some() && !root.0.join("migrate").exists(),
         "reused, nothing moved aside"
+    );
+    assert!(
+        root.0.join("layout").join("CONNTRACK-v1").is_dir() && !root.0.join("layout-0123456789abcdef").exists(),
+        "per-map layout versions recorded instead"
     );
     drop(again);
     drop(netns);

@@ -208,10 +208,10 @@ fn restarts_under_load(restarts: &[Restart], check: impl Fn(usize, &Sandbox, &Ag
 fn restarts_under_load_drop_no_connection() {
     let same = Restart { args: &[], envs: &[] };
     restarts_under_load(&[same, same, same, same, same], |round, _, agent| {
+        let log = agent.log();
         assert!(
-            !agent.log().contains("map: replaced"),
-            "round {round}: a restart with the same settings replaced a map:\n{}",
-            agent.log()
+            !log.contains("map: replaced") && !log.contains("map: migrating"),
+            "round {round}: a restart with the same settings did not reuse every map:\n{log}"
         );
     });
 }
@@ -221,8 +221,10 @@ fn restarts_under_load_drop_no_connection() {
 fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
     // lb-agent's test-only layout version override of CONNTRACK.
     const BUMP: &str = "LB_TEST_CONNTRACK_LAYOUT_VERSION";
-    // Sizes above what the load fills (~15,000 entries a second of it);
-    // what a smaller table keeps is datapath.rs's migration test.
+    // Conntrack sizes above what the load fills (~15,000 entries a second
+    // of it; what a smaller table keeps is datapath.rs's migration test),
+    // and a change of the service and backend table sizes in between.
+    const SMALLER_TABLES: [&str; 4] = ["--max-services", "4096", "--max-backends", "16384"];
     let restarts = [
         Restart {
             args: &["--conntrack-max", "131072"],
@@ -233,11 +235,25 @@ fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
             envs: &[(BUMP, "2")],
         },
         Restart {
-            args: &["--conntrack-max", "262144"],
+            args: &[
+                "--conntrack-max",
+                "262144",
+                SMALLER_TABLES[0],
+                SMALLER_TABLES[1],
+                SMALLER_TABLES[2],
+                SMALLER_TABLES[3],
+            ],
             envs: &[(BUMP, "2")],
         },
         Restart {
-            args: &["--conntrack-max", "262144"],
+            args: &[
+                "--conntrack-max",
+                "262144",
+                SMALLER_TABLES[0],
+                SMALLER_TABLES[1],
+                SMALLER_TABLES[2],
+                SMALLER_TABLES[3],
+            ],
             envs: &[(BUMP, "3")],
         },
         Restart {
@@ -257,6 +273,14 @@ fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
             lb_tests::agent::log_field(migrated, "dropped"),
             Some(0),
             "round {round}: {migrated}"
+        );
+        let services_replaced = log
+            .lines()
+            .any(|l| l.contains("map: replaced") && l.contains("\"SERVICES\""));
+        assert_eq!(
+            services_replaced,
+            round == 2 || round == 4,
+            "round {round}: SERVICES replaced when --max-services changes:\n{log}"
         );
         assert!(
             log.contains("migration done"),

@@ -172,7 +172,15 @@ impl Datapath {
         let migrated = migration.copy_entries(&mut maps, false);
         let previous = match &opts.bpf_root {
             Some(root) if had_pins && map_names::ALL.iter().any(|n| migration.moved(n)) => {
-                match BpfMaps::build(|name| super::maps::from_pin_path(&migration.previous_pin(root, name))) {
+                // What adopting reads, as the previous programs see it; the
+                // rest (not read) from this agent's maps.
+                let pin = |name: &str| match name {
+                    map_names::SERVICES | map_names::BACKEND_SLOTS | map_names::BACKENDS | map_names::SOURCE_RANGES => {
+                        migration.previous_pin(root, name)
+                    }
+                    _ => root.join(name),
+                };
+                match BpfMaps::build(|name| super::maps::from_pin_path(&pin(name))) {
                     Ok(m) => Some(m),
                     Err(e) => {
                         tracing::warn!("the previous services cannot be read (their ids start afresh): {e:#}");

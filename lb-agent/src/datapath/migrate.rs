@@ -246,10 +246,18 @@ impl Migration {
     pub fn prepare(root: &Path, wanted: &BTreeMap<String, MapShape>) -> anyhow::Result<Self> {
         let dir = root.join(MIGRATE_DIR);
         if dir.exists() {
-            // An agent stopped in the middle of a migration: what it moved
-            // aside is not what the programs attached now use (the pins
-            // under the root are), and cannot be trusted to be complete.
-            warn!(dir = %dir.display(), "removing the maps of an interrupted migration");
+            // An agent stopped in the middle of a migration. A map it moved
+            // aside whose replacement it had not created yet is the one the
+            // attached programs use: it goes back. Where a replacement
+            // exists, that agent got as far as loading (and its layout
+            // versions are recorded): the replacement stays.
+            for name in map_names::ALL {
+                let (aside, pin) = (dir.join(name), root.join(name));
+                if aside.exists() && !pin.exists() {
+                    std::fs::rename(&aside, &pin).with_context(|| format!("moving {} back", aside.display()))?;
+                    warn!(map = name, "map: moved back from an interrupted migration");
+                }
+            }
             let _ = std::fs::remove_dir_all(&dir);
         }
         let mut migration = Migration {
@@ -273,7 +281,11 @@ impl Migration {
                     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
                     std::fs::rename(&path, dir.join(name))
                         .with_context(|| format!("moving {} aside", path.display()))?;
-                    info!(map = name, reason = %why, "map: replaced (old one kept until the new programs are attached)");
+                    if matches!(plan, Plan::Migrate { .. }) {
+                        info!(map = name, reason = %why, "map: migrating its entries into a new one (the old one is kept until the new programs are attached)");
+                    } else {
+                        info!(map = name, reason = %why, "map: replaced, its entries not carried over (the old one is kept until the new programs are attached)");
+                    }
                     migration.moved.insert(name, plan.clone());
                 }
             }
