@@ -3233,7 +3233,7 @@ fn an_upgrade_migrates_conntrack_newest_first_and_defers_to_the_previous_table()
     let opts = |conntrack_max| LoadOptions::new(Some(root.0.clone()), conntrack_max);
 
     // The previous agent: 100 flows that sent only a SYN (a minute to
-    // live) and two established ones (a day).
+    // live) and three established ones (a day).
     let mut old = Harness {
         datapath: Datapath::load(&opts(4096)).expect("loading the datapath (run as root)"),
         syncer: Syncer::new(),
@@ -3244,7 +3244,7 @@ fn an_upgrade_migrates_conntrack_newest_first_and_defers_to_the_previous_table()
         backend_of(&mut old, sport, Tcp::Syn);
     }
     let mut established = Vec::new();
-    for sport in [30000, 30001] {
+    for sport in [30000, 30001, 30003] {
         backend_of(&mut old, sport, Tcp::Syn);
         established.push(backend_of(&mut old, sport, Tcp::Ack));
     }
@@ -3257,7 +3257,7 @@ fn an_upgrade_migrates_conntrack_newest_first_and_defers_to_the_previous_table()
     let report = datapath.migrated()[lb_common::map_names::CONNTRACK];
     assert_eq!(
         (report.copied, report.dropped, report.skipped),
-        (64, 204 - 64, 0),
+        (64, 206 - 64, 0),
         "{report:?}"
     );
     let mut h = Harness {
@@ -3312,8 +3312,24 @@ fn an_upgrade_migrates_conntrack_newest_first_and_defers_to_the_previous_table()
     backend_of(&mut h, 40000, Tcp::Syn);
     assert!(old_ct.get(&forward_key(40000), 0).is_ok(), "new flow mirrored");
 
+    // The second copy, once attached, takes what the previous programs
+    // changed since the first and the new ones have not used yet (30003
+    // re-balanced), and what they created (30004), but not what did not
+    // fit the first time (a SYN-only flow).
+    let mut rebalanced = old_ct.get(&forward_key(30003), 0).unwrap();
+    let other3 = backends.iter().map(|b| b.0).find(|b| *b != established[2]).unwrap();
+    rebalanced.nat_addr = lb_agent::sync::raw_addr(v4(other3));
+    old_ct.insert(forward_key(30003), rebalanced, 0).unwrap();
+    old_ct.insert(forward_key(30004), rebalanced, 0).unwrap();
+    let left_out = (20000..20100)
+        .find(|&sport| entry(&h, sport).is_none())
+        .expect("a SYN-only flow left out");
     // Attached: the previous table goes, and is no longer written.
     h.datapath.finish_migration();
+    let nat = |h: &Harness, sport| entry(h, sport).map(|e| e.nat_addr);
+    assert_eq!(nat(&h, 30003), Some(rebalanced.nat_addr), "changed entry copied again");
+    assert_eq!(nat(&h, 30004), Some(rebalanced.nat_addr), "new entry copied");
+    assert_eq!(nat(&h, left_out), None, "what did not fit stays out");
     assert!(!old_pin.exists(), "the previous CONNTRACK is unpinned");
     backend_of(&mut h, 40001, Tcp::Syn);
     assert!(old_ct.get(&forward_key(40001), 0).is_err(), "not mirrored any more");

@@ -134,7 +134,7 @@ impl Datapath {
         for (name, capacity) in capacities(opts) {
             loader.map_max_entries(name, capacity);
         }
-        let (migration, had_pins) = match &opts.bpf_root {
+        let (mut migration, had_pins) = match &opts.bpf_root {
             Some(root) => {
                 let had_pins = root.join(map_names::SERVICES).exists();
                 (prepare_pins(root, opts)?, had_pins)

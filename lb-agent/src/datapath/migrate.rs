@@ -224,8 +224,10 @@ pub fn record_versions(root: &Path) -> anyhow::Result<()> {
 #[derive(Default)]
 pub struct Migration {
     dir: Option<PathBuf>,
-    /// Map name → (plan, entries the first copy pass carried over).
+    /// Map name → what is done with it.
     moved: BTreeMap<&'static str, Plan>,
+    /// Map name → the first copy pass's cutoff (see `Pass`).
+    cutoffs: BTreeMap<&'static str, Option<u32>>,
 }
 
 /// What one copy pass did with one map.
@@ -238,6 +240,19 @@ pub struct CopyReport {
     pub dropped: usize,
     /// Entries that had expired, or that the new map already held.
     pub skipped: usize,
+    /// After attaching: entries the old programs changed since the first
+    /// copy, written again (the new programs had not used them yet).
+    pub updated: usize,
+}
+
+/// Which copy pass, and what the first one left for the second.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pass {
+    after_attach: bool,
+    /// The lowest rank the first pass kept when the new map was too small:
+    /// the second leaves out older entries too (inserting them into a full
+    /// LRU would evict newer ones).
+    cutoff: Option<u32>,
 }
 
 impl Migration {
@@ -262,7 +277,7 @@ impl Migration {
         }
         let mut migration = Migration {
             dir: Some(dir.clone()),
-            moved: BTreeMap::new(),
+            ..Migration::default()
         };
         for name in map_names::ALL {
             let path = root.join(name);
@@ -332,10 +347,14 @@ impl Migration {
         }
     }
 
-    /// Copies the entries of the maps being migrated into `maps` (new
-    /// entries only: what the new programs wrote stays). `final_pass`
-    /// only changes the log.
-    pub fn copy_entries(&self, maps: &mut super::BpfMaps, final_pass: bool) -> BTreeMap<&'static str, CopyReport> {
+    /// Copies the entries of the maps being migrated into `maps`: those the
+    /// new map lacks; after attaching (`after_attach`) also those the old
+    /// programs changed since that the new ones have not used yet.
+    pub fn copy_entries(
+        &mut self,
+        maps: &mut super::BpfMaps,
+        after_attach: bool,
+    ) -> BTreeMap<&'static str, CopyReport> {
         let now = crate::run::monotonic_secs();
         let mut reports = BTreeMap::new();
         for (&name, plan) in &self.moved {
@@ -343,10 +362,14 @@ impl Migration {
                 continue;
             };
             let Some(old) = self.old(name) else { continue };
+            let mut pass = Pass {
+                after_attach,
+                cutoff: self.cutoffs.get(name).copied().flatten(),
+            };
             let result = old.and_then(|old| match name {
-                map_names::CONNTRACK => copy_conntrack(old, &mut maps.conntrack, *from_version, now),
-                map_names::AFFINITY => copy_affinity(old, &mut maps.affinity, *from_version),
-                map_names::SOCK_REVNAT => copy_sock_revnat(old, &mut maps.sock_revnat, *from_version),
+                map_names::CONNTRACK => copy_conntrack(old, &mut maps.conntrack, *from_version, now, &mut pass),
+                map_names::AFFINITY => copy_affinity(old, &mut maps.affinity, *from_version, &mut pass),
+                map_names::SOCK_REVNAT => copy_sock_revnat(old, &mut maps.sock_revnat, *from_version, &mut pass),
                 _ => Ok(CopyReport::default()),
             });
             match result {
@@ -355,12 +378,16 @@ impl Migration {
                         map = name,
                         from_version,
                         copied = r.copied,
+                        updated = r.updated,
                         dropped = r.dropped,
                         skipped = r.skipped,
-                        pass = if final_pass { "after attach" } else { "before attach" },
+                        pass = if after_attach { "after attach" } else { "before attach" },
                         "map: migrated entries"
                     );
                     reports.insert(name, r);
+                    if !after_attach {
+                        self.cutoffs.insert(name, pass.cutoff);
+                    }
                 }
                 Err(e) => warn!(map = name, "map: entries not migrated: {e:#}"),
             }
@@ -391,23 +418,44 @@ fn typed<K: aya::Pod, V: aya::Pod>(old: MapData) -> anyhow::Result<HashMap<MapDa
 
 /// Copies `entries` (already converted) into `new`, where absent: the
 /// `capacity` with the highest `rank` (newest), inserted oldest first so
-/// an LRU that evicts early evicts those.
-fn insert_newest<K: aya::Pod, V: aya::Pod>(
+/// an LRU that evicts early evicts those. After attaching, an entry the new
+/// map holds `untouched` by the new programs is written again if it changed.
+fn insert_newest<K: aya::Pod, V: aya::Pod + PartialEq>(
     new: &mut HashMap<MapData, K, V>,
     mut entries: Vec<(K, V)>,
     rank: impl Fn(&V) -> u32,
+    untouched: impl Fn(&V) -> bool,
+    pass: &mut Pass,
     mut report: CopyReport,
 ) -> anyhow::Result<CopyReport> {
     use aya::maps::IterableMap as _;
+    const BPF_EXIST: u64 = 2;
     let capacity = new.map().info().map(|i| i.max_entries() as usize).unwrap_or(usize::MAX);
     entries.sort_by_key(|(_, v)| rank(v));
-    let excess = entries.len().saturating_sub(capacity);
-    report.dropped += excess;
-    for (k, v) in entries.into_iter().skip(excess) {
+    let left_out = if pass.after_attach {
+        // Ties at the cutoff may have been left out: they stay out.
+        pass.cutoff
+            .map_or(0, |cutoff| entries.partition_point(|(_, v)| rank(v) <= cutoff))
+    } else {
+        let excess = entries.len().saturating_sub(capacity);
+        if excess > 0 {
+            pass.cutoff = entries.get(excess).map(|(_, v)| rank(v));
+        }
+        excess
+    };
+    report.dropped += left_out;
+    let exists = |e: &aya::maps::MapError, errno| matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno));
+    for (k, v) in entries.into_iter().skip(left_out) {
         match new.insert(k, v, BPF_NOEXIST) {
             Ok(()) => report.copied += 1,
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                report.skipped += 1
+            Err(e) if exists(&e, libc::EEXIST) => {
+                let stale = pass.after_attach && new.get(&k, 0).is_ok_and(|cur| untouched(&cur) && cur != v);
+                // Gone in between (the LRU, the GC): nothing to update.
+                match stale.then(|| new.insert(k, v, BPF_EXIST)) {
+                    Some(Ok(())) => report.updated += 1,
+                    Some(Err(e)) if !exists(&e, libc::ENOENT) => return Err(e.into()),
+                    _ => report.skipped += 1,
+                }
             }
             Err(e) => return Err(e.into()),
         }
@@ -466,12 +514,14 @@ fn same_layout(name: &str, from_version: u32) -> bool {
 }
 
 /// CONNTRACK: live entries, the latest-expiring first.
-pub fn copy_conntrack(
+fn copy_conntrack(
     old: MapData,
     new: &mut HashMap<MapData, CtKey, CtEntry>,
     from_version: u32,
     now: u32,
+    pass: &mut Pass,
 ) -> anyhow::Result<CopyReport> {
+    use lb_common::conntrack::entry_flags::MIGRATED;
     let name = map_names::CONNTRACK;
     let mut report = CopyReport::default();
     let mut entries = if same_layout(name, from_version) {
@@ -483,16 +533,24 @@ pub fn copy_conntrack(
     entries.retain(|(_, e)| e.expires_at >= now);
     report.skipped += before - entries.len();
     for (_, e) in &mut entries {
-        e.flags |= lb_common::conntrack::entry_flags::MIGRATED;
+        e.flags |= MIGRATED;
     }
-    insert_newest(new, entries, |e| e.expires_at, report)
+    insert_newest(
+        new,
+        entries,
+        |e| e.expires_at,
+        |e| e.flags & MIGRATED != 0,
+        pass,
+        report,
+    )
 }
 
 /// AFFINITY: the most recently used first.
-pub fn copy_affinity(
+fn copy_affinity(
     old: MapData,
     new: &mut HashMap<MapData, AffinityKey, AffinityValue>,
     from_version: u32,
+    pass: &mut Pass,
 ) -> anyhow::Result<CopyReport> {
     let name = map_names::AFFINITY;
     let mut report = CopyReport::default();
@@ -501,14 +559,16 @@ pub fn copy_affinity(
     } else {
         read_converted(old, name, previous::affinity, &mut report)?
     };
-    insert_newest(new, entries, |v| v.last_used, report)
+    // The new programs' choice stands: nothing tells their entries apart.
+    insert_newest(new, entries, |v| v.last_used, |_| false, pass, report)
 }
 
 /// SOCK_REVNAT: no age to rank by.
-pub fn copy_sock_revnat(
+fn copy_sock_revnat(
     old: MapData,
     new: &mut HashMap<MapData, SockNatKey, SockRevNat>,
     from_version: u32,
+    pass: &mut Pass,
 ) -> anyhow::Result<CopyReport> {
     let name = map_names::SOCK_REVNAT;
     let mut report = CopyReport::default();
@@ -517,7 +577,7 @@ pub fn copy_sock_revnat(
     } else {
         read_converted(old, name, previous::sock_revnat, &mut report)?
     };
-    insert_newest(new, entries, |_| 0, report)
+    insert_newest(new, entries, |_| 0, |_| false, pass, report)
 }
 
 #[cfg(test)]
