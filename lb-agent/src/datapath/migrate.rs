@@ -123,13 +123,15 @@ pub fn plan(name: &str, pinned: Option<(MapShape, Option<u32>)>, want: &MapShape
     }
     let why = why.join(", ");
     let convertible = recorded == version || recorded + 1 == version;
-    if COPIED.contains(&name) && convertible {
-        Plan::Migrate {
+    match (COPIED.contains(&name), convertible) {
+        (true, true) => Plan::Migrate {
             from_version: recorded,
             why,
-        }
-    } else {
-        Plan::Replace { why }
+        },
+        (true, false) => Plan::Replace {
+            why: format!("{why}; no conversion from that layout, entries dropped"),
+        },
+        (false, _) => Plan::Replace { why },
     }
 }
 
@@ -299,7 +301,7 @@ impl Migration {
                     if matches!(plan, Plan::Migrate { .. }) {
                         info!(map = name, reason = %why, "map: migrating its entries into a new one (the old one is kept until the new programs are attached)");
                     } else {
-                        info!(map = name, reason = %why, "map: replaced, its entries not carried over (the old one is kept until the new programs are attached)");
+                        info!(map = name, reason = %why, "map: replaced by a new one the agent fills (the old one is kept until the new programs are attached)");
                     }
                     migration.moved.insert(name, plan.clone());
                 }
