@@ -35,16 +35,20 @@ const KUBE_PROXY_LEFTOVERS: &str = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - 
 struct TestImage(String);
 
 impl TestImage {
-    fn build() -> Self {
+    /// None where containers cannot run (LB_TESTS_NO_CONTAINERS set, on
+    /// hosts without a usable podman): the test says so and skips. Here
+    /// `cargo xtask setup` installs podman, so a missing one fails.
+    fn build() -> Option<Self> {
         if std::env::var_os("LB_TESTS_NO_CONTAINERS").is_some() {
-            panic!("LB_TESTS_NO_CONTAINERS is set: run this test where podman works");
+            eprintln!("SKIPPED: LB_TESTS_NO_CONTAINERS is set (podman cannot run containers here)");
+            return None;
         }
         if let Some(why) = image::podman_missing() {
-            panic!("podman cannot run here: {why}");
+            panic!("podman cannot run here: {why} (or set LB_TESTS_NO_CONTAINERS=1 where it never can)");
         }
         let tag = format!("localhost/lb-agent:lbt-{}", std::process::id());
         image::build(&lb_tests::agent::agent_bin(), &tag).expect("building the agent image");
-        TestImage(tag)
+        Some(TestImage(tag))
     }
 }
 
@@ -87,7 +91,7 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn the_daemonset_pod_spec_runs_in_a_container_and_survives_a_restart() {
-    let image = TestImage::build();
+    let Some(image) = TestImage::build() else { return };
     let sandbox = Sandbox::new("lbt-", &PODS).expect("sandbox");
     let listener = sandbox
         .node
