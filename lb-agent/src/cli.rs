@@ -91,10 +91,16 @@ pub struct CleanupArgs {
     /// The agent's --bpf-root.
     #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
     pub bpf_root: PathBuf,
-    /// Also remove kube-proxy's KUBE-* chains (iptables-legacy,
-    /// iptables-nft) and nftables `kube-proxy` tables in this namespace.
+    /// Remove kube-proxy's KUBE-* chains (iptables-legacy, iptables-nft)
+    /// and nftables `kube-proxy` tables in this namespace — and nothing
+    /// of ours unless --datapath is given too (the DaemonSet's takeover
+    /// init container runs this at every start).
     #[arg(long)]
     pub cleanup_kube_proxy: bool,
+    /// Remove this agent's datapath (programs, links, pins): what
+    /// `cleanup` does when no other flag is given.
+    #[arg(long)]
+    pub datapath: bool,
     /// After cleaning up, keep running until SIGTERM: the uninstall
     /// DaemonSet (deploy/uninstall/) shows each node done as a running pod.
     #[arg(long)]

@@ -78,7 +78,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Maps(a) => lb_agent::inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?).print(&a.output),
         Command::Cleanup(args) => {
-            let left = lb_agent::datapath::load::remove_pins(&args.bpf_root);
+            // Our own datapath only when asked, or when nothing else is.
+            let datapath = args.datapath || !args.cleanup_kube_proxy;
+            let left = if datapath {
+                lb_agent::datapath::load::remove_pins(&args.bpf_root)
+            } else {
+                Default::default()
+            };
             let kube_proxy = if args.cleanup_kube_proxy {
                 lb_agent::kube_proxy::cleanup()
             } else {
@@ -94,7 +100,12 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             kube_proxy?;
-            tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");
+            if datapath {
+                tracing::info!(bpf_root = %args.bpf_root.display(), "removed programs, links and pins");
+            }
+            if args.cleanup_kube_proxy {
+                tracing::info!("removed kube-proxy's chains and tables");
+            }
             if args.hold {
                 tracing::info!("cleanup done; holding until stopped (delete the DaemonSet once every node shows this)");
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -272,10 +272,10 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
         }
     };
     let mut syncer = Syncer::with_limits(args.max_services, args.max_backends);
-    if datapath.reused_pins() {
+    if let Some(previous) = datapath.previous_maps() {
         // A restart: keep the ids the maps (and conntrack) already use.
         let adopted = syncer
-            .adopt(&datapath.maps)
+            .adopt(previous)
             .context("reading the pinned maps of the previous agent")?;
         info!(
             service_ports = adopted,
@@ -324,6 +324,8 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     }
     attachers.xdp.start(datapath, &interfaces)?;
     attachers.refresh_xdp_egress(datapath);
+    // Every interface runs the new programs: the old maps can go.
+    datapath.finish_migration();
     if attachers.ingress.attached().next().is_none() {
         warn!("no interface to attach to yet; waiting for one to appear");
     }

@@ -3194,3 +3194,164 @@ fn xdp_passes_flows_to_a_host_network_endpoint_to_tc_unmasqueraded() {
     assert_eq!(action, TC_ACT_OK);
     assert_eq!(hex(&out), hex(&tcp(ip(CLIENT, NODE_ADDR), 40000, 6443, Tcp::Syn)));
 }
+
+// ---- Upgrades -----------------------------------------------------------------
+
+/// A test's bpf root: its pins are removed however the test ends.
+struct PinRoot(std::path::PathBuf);
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        lb_agent::datapath::load::remove_pins(&self.0);
+    }
+}
+
+fn forward_key(sport: u16) -> lb_common::CtKey {
+    lb_common::CtKey {
+        src_addr: lb_agent::sync::raw_addr(v4(CLIENT)),
+        dst_addr: lb_agent::sync::raw_addr(v4(VIP)),
+        src_port: sport,
+        dst_port: 8080,
+        proto: lb_common::proto::TCP,
+        kind: lb_common::CtKind::Forward as u8,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn an_upgrade_migrates_conntrack_newest_first_and_defers_to_the_previous_table() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use lb_common::conntrack::entry_flags::MIGRATED;
+    use lb_common::{CtEntry, CtKey};
+    let root = PinRoot(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/lbk-{}-migrate",
+        std::process::id()
+    )));
+    let backends = [([198, 18, 1, 11], 80), ([198, 18, 1, 12], 80)];
+    let model = model(vec![service_port(VIP, 8080, Protocol::Tcp, &backends)]);
+    let netns = enter_test_netns();
+    let opts = |conntrack_max| LoadOptions::new(Some(root.0.clone()), conntrack_max);
+
+    // The previous agent: 100 flows that sent only a SYN (a minute to
+    // live) and three established ones (a day).
+    let mut old = Harness {
+        datapath: Datapath::load(&opts(4096)).expect("loading the datapath (run as root)"),
+        syncer: Syncer::new(),
+        netns,
+    };
+    old.sync(&model);
+    for sport in 20000..20100 {
+        backend_of(&mut old, sport, Tcp::Syn);
+    }
+    let mut established = Vec::new();
+    for sport in [30000, 30001, 30003] {
+        backend_of(&mut old, sport, Tcp::Syn);
+        established.push(backend_of(&mut old, sport, Tcp::Ack));
+    }
+    let Harness { datapath, netns, .. } = old;
+    drop(datapath);
+
+    // The next agent has room for 64 entries: the established flows'
+    // (they expire last) are among those kept, the rest is counted.
+    let datapath = Datapath::load(&opts(64)).expect("loading the next datapath");
+    let report = datapath.migrated()[lb_common::map_names::CONNTRACK];
+    assert_eq!(
+        (report.copied, report.dropped, report.skipped),
+        (64, 206 - 64, 0),
+        "{report:?}"
+    );
+    let mut h = Harness {
+        datapath,
+        syncer: Syncer::new(),
+        netns,
+    };
+    let previous = h.datapath.previous_maps().expect("the previous agent's maps");
+    h.syncer.adopt(previous).expect("adopting the previous services");
+    h.sync(&model);
+    let conntrack = |h: &Harness| lb_agent::datapath::maps::dump(&h.datapath.maps.conntrack, "CONNTRACK").unwrap();
+    let entry = |h: &Harness, sport| {
+        conntrack(h)
+            .into_iter()
+            .find(|(k, _)| *k == forward_key(sport))
+            .map(|(_, e)| e)
+    };
+    assert!(
+        entry(&h, 30000).is_some_and(|e| e.flags & MIGRATED != 0),
+        "the established flow was copied, marked as such"
+    );
+    let misses = |h: &Harness| h.datapath.maps.events(FlowEvent::TcpMidFlowConntrackMiss).unwrap();
+    assert_eq!(backend_of(&mut h, 30000, Tcp::Ack), established[0], "keeps its backend");
+    assert!(
+        entry(&h, 30000).is_some_and(|e| e.flags & MIGRATED == 0),
+        "taken over by the new programs"
+    );
+
+    // Until the migration is finished the previous table (which the
+    // previous programs may still write) has the last word.
+    let old_pin = root.0.join("migrate").join(lb_common::map_names::CONNTRACK);
+    let mut old_ct: BpfHashMap<MapData, CtKey, CtEntry> =
+        BpfHashMap::try_from(Map::from_map_data(MapData::from_pin(&old_pin).unwrap()).unwrap()).unwrap();
+    let other = backends.iter().map(|b| b.0).find(|b| *b != established[1]).unwrap();
+    let mut moved = old_ct.get(&forward_key(30001), 0).unwrap();
+    moved.nat_addr = lb_agent::sync::raw_addr(v4(other));
+    old_ct.insert(forward_key(30001), moved, 0).unwrap();
+    assert_eq!(
+        backend_of(&mut h, 30001, Tcp::Ack),
+        other,
+        "re-balanced by the previous programs after the copy"
+    );
+    // A flow only the previous table knows (one of those that did not fit).
+    old_ct.insert(forward_key(30002), moved, 0).unwrap();
+    assert_eq!(
+        backend_of(&mut h, 30002, Tcp::Ack),
+        other,
+        "found in the previous table"
+    );
+    assert_eq!(misses(&h), 0, "no flow was balanced afresh");
+    // New flows are written to both, for interfaces still running the previous programs.
+    backend_of(&mut h, 40000, Tcp::Syn);
+    assert!(old_ct.get(&forward_key(40000), 0).is_ok(), "new flow mirrored");
+
+    // The second copy, once attached, takes what the previous programs
+    // changed since the first and the new ones have not used yet (30003
+    // re-balanced), and what they created (30004), but not what did not
+    // fit the first time (a SYN-only flow).
+    let mut rebalanced = old_ct.get(&forward_key(30003), 0).unwrap();
+    let other3 = backends.iter().map(|b| b.0).find(|b| *b != established[2]).unwrap();
+    rebalanced.nat_addr = lb_agent::sync::raw_addr(v4(other3));
+    old_ct.insert(forward_key(30003), rebalanced, 0).unwrap();
+    old_ct.insert(forward_key(30004), rebalanced, 0).unwrap();
+    let left_out = (20000..20100)
+        .find(|&sport| entry(&h, sport).is_none())
+        .expect("a SYN-only flow left out");
+    // Attached: the previous table goes, and is no longer written.
+    h.datapath.finish_migration();
+    let nat = |h: &Harness, sport| entry(h, sport).map(|e| e.nat_addr);
+    assert_eq!(nat(&h, 30003), Some(rebalanced.nat_addr), "changed entry copied again");
+    assert_eq!(nat(&h, 30004), Some(rebalanced.nat_addr), "new entry copied");
+    assert_eq!(nat(&h, left_out), None, "what did not fit stays out");
+    assert!(!old_pin.exists(), "the previous CONNTRACK is unpinned");
+    backend_of(&mut h, 40001, Tcp::Syn);
+    assert!(old_ct.get(&forward_key(40001), 0).is_err(), "not mirrored any more");
+    assert_eq!(backend_of(&mut h, 30002, Tcp::Ack), other, "kept after the migration");
+    let Harness { datapath, netns, .. } = h;
+    drop(datapath);
+
+    // The same settings again, from pins of an agent that recorded one
+    // layout signature for all maps (version 1 of each): every map is
+    // reused as it is.
+    std::fs::remove_dir_all(root.0.join("layout")).unwrap();
+    std::fs::create_dir(root.0.join("layout-0123456789abcdef")).unwrap();
+    let again = Datapath::load(&opts(64)).expect("loading with the same settings");
+    assert!(again.migrated().is_empty(), "{:?}", again.migrated());
+    assert!(
+        again.previous_maps().is_some() && !root.0.join("migrate").exists(),
+        "reused, nothing moved aside"
+    );
+    assert!(
+        root.0.join("layout").join("CONNTRACK-v1").is_dir() && !root.0.join("layout-0123456789abcdef").exists(),
+        "per-map layout versions recorded instead"
+    );
+    drop(again);
+    drop(netns);
+}

@@ -171,6 +171,12 @@ pub struct CtEntry {
 }
 assert_size!(CtEntry, 52);
 
+/// Layout version of CONNTRACK's `CtKey`/`CtEntry`: bumped on any change of
+/// their fields' meaning or placement. An agent migrates the entries of the
+/// previous version into its own (a conversion kept for one version, in
+/// the agent's `datapath::migrate`); older layouts start afresh.
+pub const CT_LAYOUT_VERSION: u32 = 1;
+
 /// `CtEntry::flags`.
 pub mod entry_flags {
     /// The flow is masqueraded (KUBE-POSTROUTING MASQUERADE).
@@ -178,6 +184,11 @@ pub mod entry_flags {
     /// The backend has answered (a packet hit the reply entry); the
     /// forward entry learns it too. A UDP flow then lives `UDP_STREAM`.
     pub const REPLIED: u8 = 1 << 1;
+    /// Copied by the agent from the table of the previous agent, which
+    /// may have changed the flow since: while that table is shared (see
+    /// lb-ebpf's CONNTRACK_PREV), the datapath takes its entry instead,
+    /// then clears this.
+    pub const MIGRATED: u8 = 1 << 2;
 }
 
 /// Source ports for masquerading: 1024–29999 and 61000–65535, all but

@@ -70,6 +70,28 @@ pub mod map_names {
         MAGLEV,
         XDP_EGRESS,
     ];
+
+    /// Not pinned: the previous agent's CONNTRACK while it is migrated (see
+    /// lb-ebpf's maps.rs).
+    pub const CONNTRACK_PREV: &str = "CONNTRACK_PREV";
+
+    /// Layout version of map `name`'s keys and values: part of what a
+    /// pinned map must match to be reused. The maps whose entries outlive an
+    /// upgrade (CONNTRACK, AFFINITY, SOCK_REVNAT) have theirs next to their
+    /// types; the others are rebuilt by the agent and share `REBUILT_LAYOUT_VERSION`.
+    pub fn layout_version(name: &str) -> u32 {
+        match name {
+            CONNTRACK => crate::conntrack::CT_LAYOUT_VERSION,
+            AFFINITY => crate::service::AFFINITY_LAYOUT_VERSION,
+            SOCK_REVNAT => crate::sock::SOCK_REVNAT_LAYOUT_VERSION,
+            _ => REBUILT_LAYOUT_VERSION,
+        }
+    }
+
+    /// Layout version of the maps the agent fills from its model or settings
+    /// (services, backends, CIDRs, config, counters): bumped on a change of
+    /// their types' meaning that their sizes do not show.
+    pub const REBUILT_LAYOUT_VERSION: u32 = 1;
 }
 
 /// Map capacities. Ids index the per-CPU counter arrays, so they stay below

@@ -117,3 +117,7 @@ pub struct AffinityValue {
     pub last_used: u32,
 }
 assert_size!(AffinityValue, 8);
+
+/// Layout version of AFFINITY's `AffinityKey`/`AffinityValue` (see
+/// `conntrack::CT_LAYOUT_VERSION`).
+pub const AFFINITY_LAYOUT_VERSION: u32 = 1;

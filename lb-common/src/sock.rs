@@ -74,3 +74,7 @@ pub struct SockRevNat {
     pub backend_id: u32,
 }
 assert_size!(SockRevNat, 24);
+
+/// Layout version of SOCK_REVNAT's `SockNatKey`/`SockRevNat` (see
+/// `conntrack::CT_LAYOUT_VERSION`).
+pub const SOCK_REVNAT_LAYOUT_VERSION: u32 = 1;

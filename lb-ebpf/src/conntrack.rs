@@ -8,7 +8,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, SCRATCH, SCRATCH_KEY},
+    maps::{CONFIG, CONNTRACK, CONNTRACK_PREV, SCRATCH, SCRATCH_KEY},
     parse::Packet,
 };
 
@@ -94,15 +94,106 @@ fn lifetime(state: CtState) -> u32 {
     }
 }
 
-/// A live entry for `key`, or `None` when absent or expired.
+/// A live entry for `key`, or `None` when absent or expired. During a
+/// migration the previous table has the last word on a flow absent here
+/// or only copied here by the agent (`MIGRATED`): the previous programs
+/// may have changed it since (a client reusing a port re-balances a
+/// closed flow); it is then copied over.
 #[inline(always)]
 pub fn lookup(key: &CtKey, now: u32) -> Option<*mut CtEntry> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+    let mut entry = CONNTRACK.get_ptr_mut(key);
+    // SAFETY: pointer from a successful lookup; fields are plain integers.
+    let copied = entry.is_some_and(|e| unsafe { (*e).flags } & entry_flags::MIGRATED != 0);
+    if (entry.is_none() || copied) && take_from_prev(key) {
+        entry = CONNTRACK.get_ptr_mut(key);
+    }
+    let entry = entry?;
+    if copied {
+        // SAFETY: as above; this run owns the entry.
+        unsafe { (*entry).flags &= !entry_flags::MIGRATED };
+    }
+    live(entry, now)
+}
+
+/// `lookup` in CONNTRACK only, for a path whose miss is handled by
+/// another that uses `lookup` (XDP passes it to TC); it has no stack to
+/// spare for the previous table.
+#[inline(always)]
+pub fn lookup_current(key: &CtKey, now: u32) -> Option<*mut CtEntry> {
+    live(CONNTRACK.get_ptr_mut(key)?, now)
+}
+
+#[inline(always)]
+fn live(entry: *mut CtEntry, now: u32) -> Option<*mut CtEntry> {
     // SAFETY: pointer from a successful lookup; fields are plain integers.
     if unsafe { (*entry).expires_at } < now {
         return None;
     }
     Some(entry)
+}
+
+/// CONNTRACK_PREV's only key, as a global: a key on the stack would cost
+/// paths that are already at the 512-byte limit.
+static PREV_SLOT: u32 = 0;
+
+/// During a migration (see maps::CONNTRACK_PREV): copies `key`'s entry
+/// from the previous table over this one's, if it has one; true when it
+/// did. Inlined: a call frame of its own would overflow the XDP path's
+/// 512-byte stack.
+#[inline(always)]
+fn take_from_prev(key: &CtKey) -> bool {
+    // SAFETY: the inner map is only used through helpers.
+    let Some(prev) = (unsafe { CONNTRACK_PREV.get(&PREV_SLOT) }) else {
+        return false;
+    };
+    let Some(entry) = prev.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: pointer from a successful lookup, read by the helper.
+    CONNTRACK.insert(key, unsafe { &*entry }, 0).is_ok()
+}
+
+/// During a migration, copies the entries of the flow `new_flow` has just
+/// recorded for `pkt` (its forward entry is in the scratch slot) to the
+/// previous table too: an interface still running the previous programs
+/// then knows the flow. Called after `new_flow`, from the top level: that
+/// call chain has no stack to spare.
+#[inline(never)]
+pub fn mirror_new_flow(pkt: &Packet) {
+    // SAFETY: the inner map is only used through helpers.
+    let Some(prev) = (unsafe { CONNTRACK_PREV.get(&PREV_SLOT) }) else {
+        return;
+    };
+    let (Some(e), Some(k)) = (scratch(), key_slot()) else {
+        return;
+    };
+    let mirror = |k: &CtKey| {
+        if let Some(entry) = CONNTRACK.get_ptr_mut(k) {
+            // SAFETY: pointer from a successful lookup, read by the helper.
+            let _ = prev.insert(k, unsafe { &*entry }, 0);
+        }
+    };
+    set_key(k, pkt, CtKind::Forward);
+    mirror(k);
+    let snat = e.flags & entry_flags::SNAT != 0;
+    let (to, to_port) = if snat {
+        (e.snat_addr, e.snat_port)
+    } else {
+        (pkt.src, pkt.sport)
+    };
+    set_reply_key(k, &e.nat_addr, e.nat_port, &to, to_port, pkt.proto);
+    mirror(k);
+    if snat {
+        // Stack forwarding's egress masquerade entry, if there is one.
+        set_tuple_key(
+            k,
+            (&pkt.src, pkt.sport),
+            (&e.nat_addr, e.nat_port),
+            pkt.proto,
+            CtKind::Snat,
+        );
+        mirror(k);
+    }
 }
 
 /// Records this packet on a live entry of `kind`: TCP flags, "replied",

@@ -49,7 +49,11 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         let egress = match to_service(&pkt, &svc)? {
             Flow::Established => 0,
-            Flow::New => new_flow(ctx, &pkt, &svc)?,
+            Flow::New => {
+                let egress = new_flow(ctx, &pkt, &svc)?;
+                conntrack::mirror_new_flow(&pkt);
+                egress
+            }
             Flow::NoEndpoints if svc.flags & svc_flags::DROP_IF_EMPTY != 0 => {
                 return Err(DropReason::NoBackend);
             }

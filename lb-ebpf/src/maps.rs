@@ -37,6 +37,14 @@ pub static BACKENDS: HashMap<BackendId, Backend, { MAX_BACKENDS as usize }> = Ha
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> = LruHashMap::new();
 
+/// Slot 0 → the previous agent's CONNTRACK while the agent migrates it
+/// into a new one (another size or layout), empty otherwise. Until every
+/// interface runs the new programs, flows are known to one table or the
+/// other: a miss in CONNTRACK is looked up here (and copied over), and new
+/// entries are written here too, for the old programs still attached.
+#[btf_map]
+pub static CONNTRACK_PREV: HashOfMaps<u32, LruHashMap<CtKey, CtEntry, 1024>, 1> = HashOfMaps::new();
+
 /// (client, service id) → backend and last use: ClientIP session affinity
 /// (kube-proxy's `recent` match); LRU, stale entries age out by timeout.
 #[btf_map]

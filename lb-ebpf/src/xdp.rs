@@ -45,6 +45,7 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
             Flow::Established => {}
             Flow::New => {
                 ingress::new_flow(ctx, &pkt, &svc)?;
+                conntrack::mirror_new_flow(&pkt);
             }
             Flow::NoEndpoints => return Ok(passed_to_stack()),
         }
@@ -111,7 +112,8 @@ fn from_backend(ctx: &XdpContext, pkt: &Packet) -> u32 {
 #[inline(always)]
 fn try_from_backend(ctx: &XdpContext, pkt: &Packet) -> Result<u32, DropReason> {
     let now = conntrack::now_secs();
-    let Some(entry) = conntrack::lookup(&conntrack::key(pkt, CtKind::Reply), now) else {
+    // A miss goes to TC, which also looks in a previous table.
+    let Some(entry) = conntrack::lookup_current(&conntrack::key(pkt, CtKind::Reply), now) else {
         return Ok(XDP_PASS);
     };
     conntrack::touch(entry, pkt, CtKind::Reply, now);

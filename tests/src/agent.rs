@@ -52,6 +52,16 @@ impl Agent {
         Self::spawn(sandbox, source_args, echo)?.ready()
     }
 
+    /// `start_with` with these environment variables set for the agent.
+    pub fn start_with_env(
+        sandbox: &Sandbox,
+        args: &[&OsStr],
+        envs: &[(&str, &str)],
+        echo: bool,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_in_with_env(&sandbox.node, NODE_NAME, &sandbox.bpf_root, args, envs, echo)?.ready()
+    }
+
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

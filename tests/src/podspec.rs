@@ -7,7 +7,7 @@
 //! machine's. Containers are removed when the run is dropped.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -270,8 +270,10 @@ impl<'a> PodRun<'a> {
     fn volume_source(&self, v: &Value) -> anyhow::Result<String> {
         let name = v["name"].as_str().unwrap_or_default();
         if let Some(path) = v["hostPath"]["path"].as_str() {
-            if v["hostPath"]["type"] == "DirectoryOrCreate" {
-                std::fs::create_dir_all(path)?;
+            match v["hostPath"]["type"].as_str() {
+                Some("DirectoryOrCreate") => std::fs::create_dir_all(path)?,
+                Some("FileOrCreate") if !Path::new(path).exists() => std::fs::write(path, "")?,
+                _ => {}
             }
             return Ok(path.to_string());
         }

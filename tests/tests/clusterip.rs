@@ -109,8 +109,19 @@ fn stopped_agent_leaves_the_datapath_serving_and_cleanup_removes_it() {
     assert_eq!(get(&sandbox, addr(pod_a, 80)).unwrap(), "nginx-a");
 }
 
-#[test]
-fn restarts_under_load_drop_no_connection() {
+/// How an agent restart is done: extra flags and environment.
+#[derive(Clone, Copy)]
+struct Restart<'a> {
+    args: &'a [&'a str],
+    envs: &'a [(&'a str, &'a str)],
+}
+
+/// Restarts the agent of the example sandbox once per `restarts` while 32
+/// clients (half through the ClusterIP, half through the masqueraded
+/// NodePort) make short connections and four long-lived ones stay open;
+/// `check` looks at each new agent. No connection may fail, and each
+/// long-lived one keeps its pod.
+fn restarts_under_load(restarts: &[Restart], check: impl Fn(usize, &Sandbox, &Agent)) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let (sandbox, agent) = example_sandbox();
@@ -135,17 +146,23 @@ fn restarts_under_load_drop_no_connection() {
     // 32 clients making short connections all the time.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // What failed, and when (to match with the agents' logs).
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let workers: Vec<_> = (0..32)
         .map(|i| {
             let target = targets[i % 2];
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (stop, ok, failed, failures) = (stop.clone(), ok.clone(), failed.clone(), failures.clone());
             sandbox
                 .client()
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         match http_get(target) {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                let at = std::time::SystemTime::now();
+                                failures.lock().unwrap().push(format!("{at:?} {target}: {e:#}"));
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
                         };
                     }
                 })
@@ -153,14 +170,17 @@ fn restarts_under_load_drop_no_connection() {
         })
         .collect();
     let mut agent = agent;
-    for round in 0..5 {
+    for (round, restart) in restarts.iter().enumerate() {
         let status = agent.stop().unwrap();
         assert!(status.success(), "round {round}: exit {status}");
-        agent = Agent::start(&sandbox, true).expect("restarted agent");
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), sandbox.manifests_dir.as_os_str()];
+        args.extend(restart.args.iter().map(std::ffi::OsStr::new));
+        agent = Agent::start_with_env(&sandbox, &args, restart.envs, true).expect("restarted agent");
         assert!(
             agent.log().contains("took over the pinned maps"),
             "round {round}: maps not reused"
         );
+        check(round, &sandbox, &agent);
         for (conn, pod) in &mut long_lived {
             assert_eq!(&conn.get().expect("established connection broken by a restart"), pod);
         }
@@ -170,14 +190,107 @@ fn restarts_under_load_drop_no_connection() {
         w.join().unwrap().unwrap();
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("restarts: {ok} connections succeeded, {failed} failed across 5 restarts");
+    eprintln!(
+        "restarts: {ok} connections succeeded, {failed} failed across {} restarts",
+        restarts.len()
+    );
     assert_eq!(
         failed,
         0,
-        "{failed} of {} connections failed across restarts",
-        ok + failed
+        "{failed} of {} connections failed across restarts: {:#?}",
+        ok + failed,
+        failures.lock().unwrap()
     );
     assert!(ok > 100, "too little load: {ok}");
+}
+
+#[test]
+fn restarts_under_load_drop_no_connection() {
+    let same = Restart { args: &[], envs: &[] };
+    restarts_under_load(&[same, same, same, same, same], |round, _, agent| {
+        let log = agent.log();
+        assert!(
+            !log.contains("map: replaced") && !log.contains("map: migrating"),
+            "round {round}: a restart with the same settings did not reuse every map:\n{log}"
+        );
+    });
+}
+
+/// Issue #13 point 5: a new conntrack size or layout migrates the flows.
+#[test]
+fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
+    // lb-agent's test-only layout version override of CONNTRACK.
+    const BUMP: &str = "LB_TEST_CONNTRACK_LAYOUT_VERSION";
+    // Conntrack sizes above what the load fills (~15,000 entries a second
+    // of it; what a smaller table keeps is datapath.rs's migration test),
+    // and a change of the service and backend table sizes in between.
+    const SMALLER_TABLES: [&str; 4] = ["--max-services", "4096", "--max-backends", "16384"];
+    let restarts = [
+        Restart {
+            args: &["--conntrack-max", "131072"],
+            envs: &[],
+        },
+        Restart {
+            args: &["--conntrack-max", "131072"],
+            envs: &[(BUMP, "2")],
+        },
+        Restart {
+            args: &[
+                "--conntrack-max",
+                "262144",
+                SMALLER_TABLES[0],
+                SMALLER_TABLES[1],
+                SMALLER_TABLES[2],
+                SMALLER_TABLES[3],
+            ],
+            envs: &[(BUMP, "2")],
+        },
+        Restart {
+            args: &[
+                "--conntrack-max",
+                "262144",
+                SMALLER_TABLES[0],
+                SMALLER_TABLES[1],
+                SMALLER_TABLES[2],
+                SMALLER_TABLES[3],
+            ],
+            envs: &[(BUMP, "3")],
+        },
+        Restart {
+            args: &["--conntrack-max", "131072"],
+            envs: &[(BUMP, "3")],
+        },
+    ];
+    restarts_under_load(&restarts, |round, sandbox, agent| {
+        let log = agent.log();
+        let migrated = log
+            .lines()
+            .find(|l| l.contains("map: migrated entries") && l.contains("CONNTRACK") && l.contains("before attach"))
+            .unwrap_or_else(|| panic!("round {round}: CONNTRACK not migrated:\n{log}"));
+        let copied = lb_tests::agent::log_field(migrated, "copied").unwrap_or(0);
+        assert!(copied > 0, "round {round}: nothing copied: {migrated}");
+        assert_eq!(
+            lb_tests::agent::log_field(migrated, "dropped"),
+            Some(0),
+            "round {round}: {migrated}"
+        );
+        let services_replaced = log
+            .lines()
+            .any(|l| l.contains("map: replaced") && l.contains("\"SERVICES\""));
+        assert_eq!(
+            services_replaced,
+            round == 2 || round == 4,
+            "round {round}: SERVICES replaced when --max-services changes:\n{log}"
+        );
+        assert!(
+            log.contains("migration done"),
+            "round {round}: previous maps not removed:\n{log}"
+        );
+        assert!(
+            !sandbox.bpf_root.join("migrate").exists(),
+            "round {round}: the moved-aside maps are still pinned"
+        );
+    });
 }
 
 #[test]

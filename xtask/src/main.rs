@@ -33,6 +33,10 @@ enum Task {
         /// Image name and tag.
         #[arg(long, default_value = concat!("localhost/lb-agent:", env!("CARGO_PKG_VERSION")))]
         tag: String,
+        /// Only lay out the image's file system in DIR from the release
+        /// agent already built (deploy/Dockerfile's build stage).
+        #[arg(long, value_name = "DIR")]
+        rootfs_only: Option<std::path::PathBuf>,
     },
     /// Setup, then build the agent (with its embedded eBPF object).
     Build,
@@ -62,7 +66,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup { build_only: false } => setup::run(),
         Task::Setup { build_only: true } => setup::build_prerequisites(),
-        Task::Image { tag } => image(&tag),
+        Task::Image {
+            rootfs_only: Some(dir), ..
+        } => lb_tests::image::assemble_rootfs(&release_agent(), &dir),
+        Task::Image { tag, rootfs_only: None } => image(&tag),
         Task::Build => build(),
         Task::Demo => {
             build()?;
@@ -102,11 +109,10 @@ fn image(tag: &str) -> anyhow::Result<()> {
     setup::run()?;
     step("building the release agent");
     cmd("cargo", &["build", "--release", "--package", "lb-agent"])?;
-    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent");
     step(&format!(
-        "building image {tag} (FROM scratch: the agent and its shared libraries)"
+        "building image {tag} (FROM scratch: the agent, its shared libraries, the cleanup tools)"
     ));
-    let id = lb_tests::image::build(&binary, tag)?;
+    let id = lb_tests::image::build(&release_agent(), tag)?;
     let latest = format!("{}:latest", tag.rsplit_once(':').map_or(tag, |(name, _)| name));
     lb_tests::image::podman(&["tag", &id, &latest])?;
     println!("built {tag} ({latest}), image {id}");
@@ -114,6 +120,10 @@ fn image(tag: &str) -> anyhow::Result<()> {
         "deploy: set the image in deploy/kustomization.yaml, API_SERVER in deploy/params.env, then `kubectl apply -k deploy/`"
     );
     Ok(())
+}
+
+fn release_agent() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent")
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

@@ -1,15 +1,18 @@
 //! Loading the embedded eBPF object and pinning its maps.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{HashOfMaps, MapData},
     programs::{SchedClassifier, Xdp},
 };
 use lb_common::map_names;
 
 use super::maps::BpfMaps;
+use super::migrate::{self, CopyReport, Migration};
 
 /// The eBPF object built by build.rs from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -52,7 +55,17 @@ pub struct Datapath {
     pub ebpf: Ebpf,
     pub maps: BpfMaps,
     pinned: Option<PathBuf>,
-    reused_pins: bool,
+    /// The maps moved aside at start-up, until `finish_migration`.
+    migration: Migration,
+    /// The previous agent's services and backends as its programs see them
+    /// (some maps moved aside), when they were not all reused.
+    previous: Option<BpfMaps>,
+    /// An earlier agent left maps (its services keep their ids).
+    had_pins: bool,
+    /// CONNTRACK_PREV (see migrate.rs).
+    conntrack_prev: HashOfMaps<MapData, u32, MapData>,
+    /// What the copy before attaching did, per migrated map.
+    migrated: BTreeMap<&'static str, CopyReport>,
     /// Pinned socket-hook links (see `attach_socket_hooks`).
     pub(super) sock_links: Vec<aya::programs::links::PinnedLink>,
 }
@@ -68,66 +81,22 @@ fn is_bpffs(dir: &Path) -> bool {
     }
 }
 
-/// What the pinned maps' layout must match to be reused: every shared type's
-/// size and every map's capacity. A different agent version with another
-/// layout starts from fresh maps instead of misreading old ones.
-fn layout_signature(opts: &LoadOptions) -> String {
-    use lb_common::*;
-    use std::mem::size_of;
-    format!(
-        "v1 svc={}/{} slot={} be={} ct={}/{} aff={}/{} sr={} cfg={} rev={}/{} limits={}/{}/{}/{}/{}/{}/{}/{}/{} sizes={}/{}/{}",
-        size_of::<ServiceKey>(),
-        size_of::<ServiceValue>(),
-        size_of::<BackendSlotKey>(),
-        size_of::<Backend>(),
-        size_of::<CtKey>(),
-        size_of::<CtEntry>(),
-        size_of::<AffinityKey>(),
-        size_of::<AffinityValue>(),
-        size_of::<SourceRange>(),
-        size_of::<sock::NodeConfig>(),
-        size_of::<sock::SockNatKey>(),
-        size_of::<sock::SockRevNat>(),
-        limits::MAX_SERVICES,
-        limits::MAX_BACKENDS,
-        limits::MAX_BACKEND_SLOTS,
-        limits::MAX_AFFINITY,
-        limits::MAX_CIDRS,
-        limits::MAX_SOURCE_RANGES,
-        limits::MAX_SOCK_REVNAT,
-        limits::DROP_REASONS,
-        limits::FLOW_EVENTS,
-        opts.conntrack_max,
-        opts.max_services,
-        opts.max_backends,
-    )
+/// The capacities the loader gives maps sized by flags.
+fn capacities(opts: &LoadOptions) -> [(&'static str, u32); 6] {
+    [
+        (map_names::CONNTRACK, opts.conntrack_max),
+        (map_names::SERVICES, opts.max_services),
+        (map_names::SERVICE_STATS, opts.max_services),
+        (map_names::BACKENDS, opts.max_backends),
+        (map_names::BACKEND_STATS, opts.max_backends),
+        (map_names::BACKEND_SLOTS, opts.max_backends.saturating_mul(2)),
+    ]
 }
 
-/// FNV-1a: a stable hash for the layout marker's name.
-fn fnv64(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Bpffs holds only BPF objects and directories: the layout is recorded as
-/// the name of an empty directory.
-fn layout_marker(root: &Path, opts: &LoadOptions) -> PathBuf {
-    root.join(format!("layout-{:016x}", fnv64(&layout_signature(opts))))
-}
-
-fn remove_layout_markers(root: &Path) {
-    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("layout-") {
-            let _ = std::fs::remove_dir(entry.path());
-        }
-    }
-}
-
-/// Prepares `root` for reuse: maps pinned there by an earlier agent are
-/// kept (a restart keeps conntrack, affinity and counters) when their
-/// layout matches this agent's, and removed otherwise.
-fn prepare_pins(root: &Path, opts: &LoadOptions) -> anyhow::Result<bool> {
+/// Prepares `root` for reuse: each map pinned there by an earlier agent is
+/// kept when its shape and layout match this agent's, else moved aside to
+/// be migrated or rebuilt (see `migrate`).
+fn prepare_pins(root: &Path, opts: &LoadOptions) -> anyhow::Result<Migration> {
     std::fs::create_dir_all(root).with_context(|| format!("creating bpf root {}", root.display()))?;
     if !is_bpffs(root) {
         bail!(
@@ -135,16 +104,8 @@ fn prepare_pins(root: &Path, opts: &LoadOptions) -> anyhow::Result<bool> {
             root.display()
         );
     }
-    let marker = layout_marker(root, opts);
-    let reuse = marker.is_dir();
-    if !reuse {
-        for name in map_names::ALL {
-            let _ = std::fs::remove_file(root.join(name));
-        }
-        remove_layout_markers(root);
-        std::fs::create_dir(&marker).with_context(|| format!("creating {}", marker.display()))?;
-    }
-    Ok(reuse)
+    let wanted = migrate::wanted_shapes(EBPF_OBJECT, &capacities(opts))?;
+    Migration::prepare(root, &wanted)
 }
 
 /// Verifies the TC (ingress, egress) and XDP programs (loaded, not attached).
@@ -170,18 +131,18 @@ fn load_packet_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 impl Datapath {
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_max);
-        loader.map_max_entries(map_names::SERVICES, opts.max_services);
-        loader.map_max_entries(map_names::SERVICE_STATS, opts.max_services);
-        loader.map_max_entries(map_names::BACKENDS, opts.max_backends);
-        loader.map_max_entries(map_names::BACKEND_STATS, opts.max_backends);
-        loader.map_max_entries(map_names::BACKEND_SLOTS, opts.max_backends.saturating_mul(2));
-        let mut reused = false;
-        let pin_paths: Vec<(&str, PathBuf)> = match &opts.bpf_root {
+        for (name, capacity) in capacities(opts) {
+            loader.map_max_entries(name, capacity);
+        }
+        let (mut migration, had_pins) = match &opts.bpf_root {
             Some(root) => {
-                reused = prepare_pins(root, opts)?;
-                map_names::ALL.iter().map(|n| (*n, root.join(n))).collect()
+                let had_pins = root.join(map_names::SERVICES).exists();
+                (prepare_pins(root, opts)?, had_pins)
             }
+            None => (Migration::none(), false),
+        };
+        let pin_paths: Vec<(&str, PathBuf)> = match &opts.bpf_root {
+            Some(root) => map_names::ALL.iter().map(|n| (*n, root.join(n))).collect(),
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
@@ -191,6 +152,9 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (needs root, BTF and a 6.x kernel)")?;
+        if let Some(root) = &opts.bpf_root {
+            migrate::record_versions(root)?;
+        }
         load_packet_programs(&mut ebpf)?;
         for name in super::sock::SOCK_PROGRAMS {
             let prog: &mut aya::programs::CgroupSockAddr = ebpf
@@ -199,12 +163,42 @@ impl Datapath {
                 .try_into()?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
-        let maps = BpfMaps::take(&mut ebpf)?;
+        let mut maps = BpfMaps::take(&mut ebpf)?;
+        let mut conntrack_prev: HashOfMaps<MapData, u32, MapData> = ebpf
+            .take_map(map_names::CONNTRACK_PREV)
+            .context("map CONNTRACK_PREV missing from the eBPF object")?
+            .try_into()?;
+        migration.share_conntrack(&mut conntrack_prev);
+        let migrated = migration.copy_entries(&mut maps, false);
+        let previous = match &opts.bpf_root {
+            Some(root) if had_pins && map_names::ALL.iter().any(|n| migration.moved(n)) => {
+                // What adopting reads, as the previous programs see it; the
+                // rest (not read) from this agent's maps.
+                let pin = |name: &str| match name {
+                    map_names::SERVICES | map_names::BACKEND_SLOTS | map_names::BACKENDS | map_names::SOURCE_RANGES => {
+                        migration.previous_pin(root, name)
+                    }
+                    _ => root.join(name),
+                };
+                match BpfMaps::build(|name| super::maps::from_pin_path(&pin(name))) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!("the previous services cannot be read (their ids start afresh): {e:#}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(Datapath {
             ebpf,
             maps,
             pinned: opts.bpf_root.clone(),
-            reused_pins: reused,
+            had_pins: had_pins && (previous.is_some() || !map_names::ALL.iter().any(|n| migration.moved(n))),
+            migration,
+            previous,
+            conntrack_prev,
+            migrated,
             sock_links: Vec::new(),
         })
     }
@@ -224,11 +218,19 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
         load_packet_programs(&mut ebpf)?;
         let maps = BpfMaps::take(&mut ebpf)?;
+        let conntrack_prev = ebpf
+            .take_map(map_names::CONNTRACK_PREV)
+            .context("map CONNTRACK_PREV missing from the eBPF object")?
+            .try_into()?;
         Ok(Datapath {
             ebpf,
             maps,
             pinned: None,
-            reused_pins: true,
+            migration: Migration::none(),
+            previous: None,
+            had_pins: true,
+            conntrack_prev,
+            migrated: BTreeMap::new(),
             sock_links: Vec::new(),
         })
     }
@@ -238,9 +240,23 @@ impl Datapath {
         self.pinned.as_deref()
     }
 
-    /// Were the maps taken over from an earlier agent?
-    pub fn reused_pins(&self) -> bool {
-        self.reused_pins
+    /// The maps an earlier agent left, as its programs see them (some may
+    /// have been moved aside for migration), when there are any: the
+    /// services and backends to take over with their ids.
+    pub fn previous_maps(&self) -> Option<&BpfMaps> {
+        self.had_pins.then(|| self.previous.as_ref().unwrap_or(&self.maps))
+    }
+
+    /// What start-up's copy (before attaching) did with each migrated map.
+    pub fn migrated(&self) -> &BTreeMap<&'static str, CopyReport> {
+        &self.migrated
+    }
+
+    /// Once the new programs are attached everywhere: the last copy of the
+    /// migrated maps' entries, then the maps moved aside are unpinned.
+    pub fn finish_migration(&mut self) {
+        self.migration.finish(&mut self.maps, &mut self.conntrack_prev);
+        self.previous = None;
     }
 
     pub fn ingress_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {

@@ -11,8 +11,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendId, BackendSlotKey, CtEntry, CtKey, CtKind, DropReason, FlowEvent, RawAddr, ServiceKey,
-    ServiceValue, SourceRange, TrafficCounter, map_names, proto, sock::NodeConfig,
+    AffinityKey, AffinityValue, Backend, BackendId, BackendSlotKey, CtEntry, CtKey, CtKind, DropReason, FlowEvent,
+    RawAddr, ServiceKey, ServiceValue, SourceRange, TrafficCounter, map_names, proto,
+    sock::{NodeConfig, SockNatKey, SockRevNat},
 };
 
 use crate::model::Cidr;
@@ -36,6 +37,8 @@ pub struct BpfMaps {
     pub slots: HashMap<MapData, BackendSlotKey, BackendId>,
     pub backends: HashMap<MapData, BackendId, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub sock_revnat: HashMap<MapData, SockNatKey, SockRevNat>,
     pub service_stats: PerCpuArray<MapData, TrafficCounter>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounter>,
     pub drop_stats: PerCpuArray<MapData, u64>,
@@ -62,8 +65,11 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
 }
 
 fn from_pin(root: &Path, name: &str) -> anyhow::Result<Map> {
-    let path = root.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
+    from_pin_path(&root.join(name))
+}
+
+pub(super) fn from_pin_path(path: &Path) -> anyhow::Result<Map> {
+    let data = MapData::from_pin(path).with_context(|| {
         format!(
             "opening pinned map {} (is an agent running with this --bpf-root?)",
             path.display()
@@ -110,12 +116,14 @@ impl BpfMaps {
         Self::build(|name| from_pin(root, name))
     }
 
-    fn build(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+    pub(super) fn build(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
         Ok(BpfMaps {
             services: get(map_names::SERVICES)?.try_into()?,
             slots: get(map_names::BACKEND_SLOTS)?.try_into()?,
             backends: get(map_names::BACKENDS)?.try_into()?,
             conntrack: get(map_names::CONNTRACK)?.try_into()?,
+            affinity: get(map_names::AFFINITY)?.try_into()?,
+            sock_revnat: get(map_names::SOCK_REVNAT)?.try_into()?,
             service_stats: get(map_names::SERVICE_STATS)?.try_into()?,
             backend_stats: get(map_names::BACKEND_STATS)?.try_into()?,
             drop_stats: get(map_names::DROP_STATS)?.try_into()?,

@@ -3,6 +3,7 @@
 pub mod attach;
 pub mod load;
 pub mod maps;
+pub mod migrate;
 pub mod pins;
 pub mod sock;
 pub mod xdp;

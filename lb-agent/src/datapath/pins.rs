@@ -1,6 +1,7 @@
 //! Removing what an agent pinned under its bpf root (`lb-agent cleanup`,
 //! `--cleanup-on-exit`): the maps, the links directory (unpinning a link
-//! detaches its program), the layout marker, then the root itself. Works on
+//! detaches its program), the layout records and maps left mid-migration,
+//! then the root itself. Works on
 //! a half-removed tree (what is already gone is not an error) and leaves
 //! alone what is not the agent's, reporting it.
 
@@ -34,7 +35,11 @@ impl std::fmt::Display for Leftovers {
 
 /// Names the agent creates directly under its bpf root.
 fn is_agents(name: &str) -> bool {
-    map_names::ALL.contains(&name) || name == LINK_DIR || name.starts_with("layout-")
+    map_names::ALL.contains(&name)
+        || name == LINK_DIR
+        || name == super::migrate::MIGRATE_DIR
+        || name == super::migrate::LAYOUT_DIR
+        || name.starts_with("layout-")
 }
 
 /// Removes the agent's pins under `root`; returns what is left (empty when
