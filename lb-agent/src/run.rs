@@ -378,6 +378,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
             () = sleep_until(next_full) => {
                 next_full = tokio::time::Instant::now() + args.sync_period;
                 if resync_read.is_none() {
+                    info!("periodic resync: reading the maps (changes keep being applied meanwhile)");
                     let root = args.bpf_root.clone();
                     resync_read = Some(tokio::task::spawn_blocking(move || {
                         let maps = crate::datapath::BpfMaps::open_pinned(&root)?;

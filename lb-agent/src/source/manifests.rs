@@ -258,11 +258,7 @@ impl ManifestSource {
                     let paths: Vec<PathBuf> = e
                         .paths
                         .into_iter()
-                        .filter(|p| {
-                            file_name
-                                .as_ref()
-                                .is_none_or(|name| p.file_name() == name.as_deref())
-                        })
+                        .filter(|p| file_name.as_ref().is_none_or(|name| p.file_name() == name.as_deref()))
                         .collect();
                     if paths.is_empty() {
                         return;
@@ -594,7 +590,10 @@ impl Work {
             }
             Work::ForgetIfGone(paths) => {
                 let (changed, errors) = source.forget_if_gone(&paths);
-                ((changed || !errors.is_empty()).then(|| (source.snapshot(), errors)), BTreeSet::new())
+                (
+                    (changed || !errors.is_empty()).then(|| (source.snapshot(), errors)),
+                    BTreeSet::new(),
+                )
             }
         }
     }
@@ -671,7 +670,13 @@ endpoints:
     fn named_paths_are_read_and_missing_ones_dropped_only_when_still_gone() {
         let dir = tempdir();
         let web = write(&dir, "web.yaml", GOOD);
-        let other = write(&dir, "other.yaml", &GOOD.replace("name: web", "name: db").replace("198.19.0.10", "198.19.0.11"));
+        let other = write(
+            &dir,
+            "other.yaml",
+            &GOOD
+                .replace("name: web", "name: db")
+                .replace("198.19.0.10", "198.19.0.11"),
+        );
         let mut source = ManifestSource::new(&dir);
         let (snap, errors) = source.load();
         assert!(errors.is_empty(), "{errors:?}");
