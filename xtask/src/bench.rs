@@ -13,7 +13,7 @@
 //! stream's throughput, and UDP packets per second with a new flow in every
 //! packet (XDP live-frame generator; NodePort with externalTrafficPolicy
 //! Local, so DNAT only). For ours also: program cost in ns/packet
-//! (BPF_PROG_TEST_RUN), and at the largest N the latency of one endpoint
+//! (BPF_PROG_TEST_RUN), and at every N the latency and CPU time of one endpoint
 //! change and, for iptables, of the equivalent iptables-restore.
 //! Writes bench/results/latest.md and bench/results/latest.svg.
 
@@ -35,7 +35,7 @@ use crate::step;
 const CLIENTS: usize = 32;
 /// MiB of the single-stream download.
 const STREAM_MIB: usize = 256;
-/// Endpoint changes timed at the largest N.
+/// Endpoint changes timed at each N.
 const ENDPOINT_CHANGES: usize = 100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -226,8 +226,17 @@ struct Measured {
     pps: Option<Pps>,
     /// lb_ingress and lb_xdp, new flows and established: ns per packet.
     cost: Option<[f64; 4]>,
-    /// One endpoint change → applied: p50, p99.
-    change: Option<(Duration, Duration)>,
+    /// One endpoint change → applied.
+    change: Option<Change>,
+}
+
+/// One endpoint change → applied, over `ENDPOINT_CHANGES` changes.
+struct Change {
+    p50: Duration,
+    p99: Duration,
+    /// CPU time (user + system) spent per change: the agent's for ours,
+    /// iptables-restore's for kube-proxy's partial sync.
+    cpu: Duration,
 }
 
 /// What the clients saw.
@@ -404,12 +413,7 @@ fn map_memory_kib(root: &Path) -> Option<u64> {
 
 /// One endpoint of the last TCP service removed and restored, over and
 /// over: manifest write → the agent logs the sync that applied it.
-fn endpoint_changes(
-    sandbox: &Sandbox,
-    agent: &Agent,
-    n: usize,
-    pods: &[(String, Ipv4Addr)],
-) -> anyhow::Result<(Duration, Duration)> {
+fn endpoint_changes(sandbox: &Sandbox, agent: &Agent, n: usize, pods: &[(String, Ipv4Addr)]) -> anyhow::Result<Change> {
     let service = |pods: &[(String, Ipv4Addr)]| {
         let def = ServiceDef {
             name: "changing",
@@ -421,25 +425,56 @@ fn endpoint_changes(
     sandbox.write_manifest("changing.yaml", &service(pods))?;
     agent.wait_manifest_synced(0, Duration::from_secs(30))?;
     let mut took = Vec::new();
+    let cpu_before = process_cpu(agent.pid());
     for k in 0..ENDPOINT_CHANGES {
         let endpoints = if k % 2 == 0 { &pods[..pods.len() - 1] } else { pods };
         let from = agent.log_position();
         sandbox.write_manifest("changing.yaml", &service(endpoints))?;
         took.push(agent.wait_manifest_synced(from, Duration::from_secs(30))?);
     }
+    let cpu = process_cpu(agent.pid()).saturating_sub(cpu_before);
+    Ok(change(took, cpu))
+}
+
+fn change(mut took: Vec<Duration>, cpu: Duration) -> Change {
     took.sort();
-    Ok((percentile(&took, 0.5), percentile(&took, 0.99)))
+    Change {
+        p50: percentile(&took, 0.5),
+        p99: percentile(&took, 0.99),
+        cpu: cpu / ENDPOINT_CHANGES as u32,
+    }
+}
+
+/// User + system CPU time of a process so far (/proc/PID/stat).
+fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// CPU time used by this process's waited-for children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage into a struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// The same change for kube-proxy: a partial iptables-restore of one
 /// service's chains, `ENDPOINT_CHANGES` times.
-fn iptables_changes(
-    sandbox: &Sandbox,
-    tool: &str,
-    n: usize,
-    pods: &[(String, Ipv4Addr)],
-) -> anyhow::Result<(Duration, Duration)> {
+fn iptables_changes(sandbox: &Sandbox, tool: &str, n: usize, pods: &[(String, Ipv4Addr)]) -> anyhow::Result<Change> {
     let mut took = Vec::new();
+    let cpu_before = children_cpu();
     for k in 0..ENDPOINT_CHANGES {
         let endpoints = if k % 2 == 0 { &pods[..pods.len() - 1] } else { pods };
         let t = Instant::now();
@@ -448,11 +483,10 @@ fn iptables_changes(
             .iptables_restore(tool, &["--noflush"], &one_service_update(n - 1, endpoints))?;
         took.push(t.elapsed());
     }
-    took.sort();
-    Ok((percentile(&took, 0.5), percentile(&took, 0.99)))
+    Ok(change(took, children_cpu().saturating_sub(cpu_before)))
 }
 
-fn run_case(dp: Datapath, n: usize, largest: bool, seconds: f64) -> anyhow::Result<Measured> {
+fn run_case(dp: Datapath, n: usize, seconds: f64) -> anyhow::Result<Measured> {
     let pods = example_pods();
     let names: Vec<&str> = pods.iter().map(|(n, _)| n.as_str()).collect();
     let sandbox = Sandbox::new("lbbench-", &names)?;
@@ -520,14 +554,13 @@ fn run_case(dp: Datapath, n: usize, largest: bool, seconds: f64) -> anyhow::Resu
     if dp == Datapath::Xdp {
         m.cost = Some(program_cost(&sandbox, node_port(n))?);
     }
-    if largest {
-        m.change = match (dp, &agent) {
-            (Datapath::Tc, Some(a)) => Some(endpoint_changes(&sandbox, a, n, &pods)?),
-            (Datapath::IptablesNft, _) => Some(iptables_changes(&sandbox, "iptables-nft-restore", n, &pods)?),
-            (Datapath::IptablesLegacy, _) => Some(iptables_changes(&sandbox, "iptables-legacy-restore", n, &pods)?),
-            _ => None,
-        };
-    }
+    // At every N: the cost of one change is what must not grow with the cluster.
+    m.change = match (dp, &agent) {
+        (Datapath::Tc, Some(a)) => Some(endpoint_changes(&sandbox, a, n, &pods)?),
+        (Datapath::IptablesNft, _) => Some(iptables_changes(&sandbox, "iptables-nft-restore", n, &pods)?),
+        (Datapath::IptablesLegacy, _) => Some(iptables_changes(&sandbox, "iptables-legacy-restore", n, &pods)?),
+        _ => None,
+    };
     // Last: the sinks it attaches drop everything the pods receive.
     let pps = udp_pps(&sandbox, udp_target, dp == Datapath::Ceiling, seconds)?;
     if pps.received < pps.sent / 2.0 {
@@ -609,8 +642,7 @@ pub fn run(services: &[usize], seconds: u64, only: &[String]) -> anyhow::Result<
                 "{n} services, {}: program, then measure ({seconds} s loads)",
                 dp.name()
             ));
-            let m = run_case(dp, n, n == largest, seconds as f64)
-                .with_context(|| format!("{} with {n} services", dp.name()))?;
+            let m = run_case(dp, n, seconds as f64).with_context(|| format!("{} with {n} services", dp.name()))?;
             results.push((n, dp, m));
         }
     }
@@ -711,10 +743,19 @@ fn report(results: &[(usize, Datapath, Measured)], largest: usize) -> String {
             );
         }
     }
-    let mut e = String::from("| datapath | p50 | p99 |\n|---|---:|---:|\n");
-    for dp in [Datapath::Tc, Datapath::IptablesNft, Datapath::IptablesLegacy] {
-        if let Some((p50, p99)) = get(largest, dp).and_then(|m| m.change) {
-            let _ = writeln!(e, "| {} | {} | {} |", dp.name(), ms(p50), ms(p99));
+    let mut e = String::from("| services | datapath | p50 | p99 | CPU per change |\n|---:|---|---:|---:|---:|\n");
+    for &n in &ns {
+        for dp in [Datapath::Tc, Datapath::IptablesNft, Datapath::IptablesLegacy] {
+            if let Some(c) = get(n, dp).and_then(|m| m.change.as_ref()) {
+                let _ = writeln!(
+                    e,
+                    "| {n} | {} | {} | {} | {} |",
+                    dp.name(),
+                    ms(c.p50),
+                    ms(c.p99),
+                    ms(c.cpu)
+                );
+            }
         }
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -733,9 +774,11 @@ ceiling target a pod directly.\n\n{t}\n\
 ## Ratios\n\n{r}\n\
 Ours (TC) at {largest} services ÷ ours at {first_n}: {own_ratio} (new conns/s).\n\n\
 ## Program cost (BPF_PROG_TEST_RUN, per packet, UDP to the NodePort)\n\n{c}\n\
-## One endpoint change at {largest} services\n\n\
-Ours: manifest write → the agent logs the sync that applied it ({ENDPOINT_CHANGES} changes).\n\
-iptables: kube-proxy's partial sync, `iptables-restore --noflush` of the service's chains.\n\n{e}",
+## One endpoint change\n\n\
+Ours: manifest write → the agent logs the sync that applied it ({ENDPOINT_CHANGES} changes);\n\
+CPU: the agent's user + system time per change (its manifests source reads only the\n\
+changed file). iptables: kube-proxy's partial sync, `iptables-restore --noflush` of the\n\
+service's chains; CPU: iptables-restore's.\n\n{e}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel.trim()
     )
