@@ -106,6 +106,23 @@ impl KeepAlive {
     }
 }
 
+/// GET `path` over HTTP/1.0 (the agent's /metrics, /healthz, health
+/// check ports): the whole response, status line and headers included.
+pub fn raw_http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    conn.read_to_string(&mut out)
+        .with_context(|| format!("reading from {addr}"))?;
+    Ok(out)
+}
+
+/// The status code of a whole HTTP response.
+pub fn status_of(response: &str) -> Option<u16> {
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// One UDP datagram and its answer.
 pub fn udp_query(addr: SocketAddr) -> anyhow::Result<String> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;

@@ -461,18 +461,11 @@ fn invalid_manifest_is_reported_and_other_services_keep_working() {
     assert_eq!(counts.values().sum::<usize>(), 30);
 }
 
-/// A whole HTTP/1.0 response from inside the node namespace.
+/// A whole HTTP/1.0 response from 127.0.0.1:`port` in the node namespace.
 fn node_get(sandbox: &Sandbox, port: u16, path: &'static str) -> String {
     sandbox
         .node
-        .run(move || -> anyhow::Result<String> {
-            use std::io::{Read, Write};
-            let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-            let mut out = String::new();
-            conn.read_to_string(&mut out)?;
-            Ok(out)
-        })
+        .run(move || lb_tests::client::raw_http_get(([127, 0, 0, 1], port).into(), path))
         .unwrap()
         .expect("request to the agent")
 }

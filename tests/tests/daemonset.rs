@@ -7,13 +7,12 @@
 //! processes, answer its probes, log JSON, and survive a container kill
 //! without dropping a connection.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lb_tests::client::{KeepAlive, http_get, tally};
+use lb_tests::client::{KeepAlive, http_get, raw_http_get, status_of, tally};
 use lb_tests::fake_apiserver::FakeApiServer;
 use lb_tests::image;
 use lb_tests::manifests::{self, NGINX_VIP};
@@ -60,18 +59,9 @@ impl Drop for TestImage {
 
 /// The HTTP status of GET `path` on the node's health port, if any answer.
 fn probe(sandbox: &Sandbox, path: &'static str, port: u16) -> Option<u16> {
-    sandbox
-        .node
-        .run(move || -> anyhow::Result<u16> {
-            let mut c = TcpStream::connect_timeout(&SocketAddr::from((NODE_GATEWAY, port)), Duration::from_secs(1))?;
-            c.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(c, "GET {path} HTTP/1.0\r\n\r\n")?;
-            let mut out = String::new();
-            c.read_to_string(&mut out)?;
-            Ok(out.split_whitespace().nth(1).unwrap_or_default().parse()?)
-        })
-        .ok()?
-        .ok()
+    let addr = SocketAddr::from((NODE_GATEWAY, port));
+    let response = sandbox.node.run(move || raw_http_get(addr, path)).ok()?.ok()?;
+    status_of(&response)
 }
 
 /// The probe of `kind` (readinessProbe, livenessProbe, startupProbe): path and port.

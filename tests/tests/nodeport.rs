@@ -563,7 +563,7 @@ fn udp_affinity_health_and_load(xdp: XdpMode) {
     // healthCheckNodePort: 200 where the eTP Local service has a local endpoint, 503 elsewhere.
     for (node, code, local) in [(N1, "200", 1), (N2, "503", 0)] {
         let response = ext
-            .run(move || raw_get(SocketAddr::from((node, 32000))))
+            .run(move || lb_tests::client::raw_http_get(SocketAddr::from((node, 32000)), "/healthz"))
             .unwrap()
             .expect("health check");
         let status = response.split_whitespace().nth(1).unwrap_or_default();
@@ -590,17 +590,6 @@ fn udp_affinity_health_and_load(xdp: XdpMode) {
     assert_eq!(failures, 0, "{failures} of 1000 connections failed");
     // External traffic above went to node 1's NodePorts only.
     assert_xdp_used(xdp, &agents[..1]);
-}
-
-/// A whole HTTP/1.0 response, status line included.
-fn raw_get(addr: SocketAddr) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
-    let mut out = String::new();
-    conn.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 #[test]

@@ -19,14 +19,7 @@ fn vip() -> SocketAddr {
 fn node_get(sandbox: &Sandbox, port: u16, path: &'static str) -> String {
     sandbox
         .node
-        .run(move || -> anyhow::Result<String> {
-            use std::io::{Read, Write};
-            let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-            let mut out = String::new();
-            conn.read_to_string(&mut out)?;
-            Ok(out)
-        })
+        .run(move || lb_tests::client::raw_http_get(([127, 0, 0, 1], port).into(), path))
         .unwrap()
         .expect("request to the agent")
 }
