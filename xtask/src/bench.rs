@@ -82,17 +82,30 @@ const ALL: [Datapath; 6] = [
     Datapath::Xdp,
 ];
 
+/// Cluster IP of service `i`: 250 per /24 in 198.19.0.0/16 (64,000), then
+/// in 198.18.16.0 and up — clear of the nodes, pods and clients (198.18.0-2.x).
 fn vip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8)
+    let (net, i) = if i < 64_000 { (19, i) } else { (18, i - 64_000 + 16 * 250) };
+    Ipv4Addr::new(198, net, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
-/// Services the benchmark can create: each has its own NodePort, from
-/// 30000 up (a widened --service-node-port-range, as large clusters use);
-/// the UDP service gets the one after the last.
-const MAX_SERVICES: usize = 20_000;
+/// Services the benchmark can create.
+const MAX_SERVICES: usize = 100_000;
+/// NodePorts it hands out, from 30000 up (a widened
+/// --service-node-port-range, as large clusters use): the last services
+/// get one — the measured ones are the last — earlier ones are ClusterIP only.
+const NODE_PORTS: usize = 20_000;
 
-fn node_port(i: usize) -> u16 {
-    30000 + i as u16
+/// The NodePort of service `i` of a run with `n` services (`n`: the UDP
+/// service, `n + 1`: the changing one), if it has one.
+fn node_port(i: usize, n: usize) -> Option<u16> {
+    let first = (n + 2).saturating_sub(NODE_PORTS);
+    (i >= first).then(|| 30000 + (i - first) as u16)
+}
+
+/// The NodePort of one of the last services (they all have one).
+fn last_node_port(i: usize, n: usize) -> u16 {
+    node_port(i, n).expect("the last services have NodePorts")
 }
 
 fn svc_name(i: usize) -> &'static str {
@@ -110,7 +123,10 @@ fn manifests(n: usize, pods: &[(String, Ipv4Addr)]) -> String {
                 cluster_ip: vip(i),
                 ..nginx_service(pods)
             };
-            typed_service(&def, "NodePort", Some(node_port(i)))
+            match node_port(i, n) {
+                Some(port) => typed_service(&def, "NodePort", Some(port)),
+                None => typed_service(&def, "ClusterIP", None),
+            }
         })
         .collect();
     let udp = ServiceDef {
@@ -118,7 +134,7 @@ fn manifests(n: usize, pods: &[(String, Ipv4Addr)]) -> String {
         cluster_ip: vip(n),
         ..udp_service(pods)
     };
-    docs.push(typed_service(&udp, "NodePort", Some(node_port(n))).replacen(
+    docs.push(typed_service(&udp, "NodePort", Some(last_node_port(n, n))).replacen(
         "  type: NodePort\n",
         "  type: NodePort\n  externalTrafficPolicy: Local\n",
         1,
@@ -182,18 +198,16 @@ fn iptables_rules(n: usize, pods: &[(String, Ipv4Addr)]) -> String {
             "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 8080 -j KUBE-SVC-{i}",
             vip(i)
         );
-        let _ = writeln!(
-            r,
-            "-A KUBE-NODEPORTS -p tcp -m tcp --dport {} -j KUBE-EXT-{i}",
-            node_port(i)
-        );
+        if let Some(port) = node_port(i, n) {
+            let _ = writeln!(r, "-A KUBE-NODEPORTS -p tcp -m tcp --dport {port} -j KUBE-EXT-{i}");
+        }
         service_chains(&mut r, i, pods);
     }
     // The UDP service, externalTrafficPolicy Local: local endpoints, no masquerade.
     let _ = writeln!(
         r,
         "-A KUBE-NODEPORTS -p udp -m udp --dport {} -j KUBE-EXT-U",
-        node_port(n)
+        last_node_port(n, n)
     );
     r.push_str("-A KUBE-EXT-U -s 127.0.0.0/8 -j KUBE-MARK-MASQ\n-A KUBE-EXT-U -j KUBE-SVL-U\n");
     endpoint_rules(&mut r, "KUBE-SVL-U", "KUBE-SEP-U", "udp", UDP_PORT, pods);
@@ -420,7 +434,7 @@ fn endpoint_changes(sandbox: &Sandbox, agent: &Agent, n: usize, pods: &[(String,
             cluster_ip: vip(n + 1),
             ..nginx_service(pods)
         };
-        typed_service(&def, "NodePort", Some(node_port(n + 1)))
+        typed_service(&def, "NodePort", Some(last_node_port(n + 1, n)))
     };
     sandbox.write_manifest("changing.yaml", &service(pods))?;
     agent.wait_manifest_synced(0, Duration::from_secs(30))?;
@@ -497,8 +511,8 @@ fn run_case(dp: Datapath, n: usize, seconds: f64) -> anyhow::Result<Measured> {
     let (tcp_target, udp_target) = match dp {
         Datapath::Plain | Datapath::Ceiling => (SocketAddr::from((pod0, 80)), SocketAddr::from((pod0, UDP_PORT))),
         _ => (
-            SocketAddr::from((NODE_GATEWAY, node_port(n - 1))),
-            SocketAddr::from((NODE_GATEWAY, node_port(n))),
+            SocketAddr::from((NODE_GATEWAY, last_node_port(n - 1, n))),
+            SocketAddr::from((NODE_GATEWAY, last_node_port(n, n))),
         ),
     };
     let mut m = Measured::default();
@@ -508,6 +522,11 @@ fn run_case(dp: Datapath, n: usize, seconds: f64) -> anyhow::Result<Measured> {
             sandbox.write_manifest("services.yaml", &manifests(n, &pods))?;
             // Changes applied as they come (no rate limit, no debounce): the
             // endpoint-change latency is the datapath's, not a setting's.
+            // Room for every frontend (cluster IP, NodePorts per node
+            // address, address markers) and backend (3 pods each).
+            // (The agent's defaults, 65,536 and 262,144, hold 10,000 services.)
+            let max_services = (4 * n).max(65_536);
+            let max_backends = (12 * n).max(262_144);
             let mut args: Vec<std::ffi::OsString> = vec![
                 "--manifests".into(),
                 sandbox.manifests_dir.clone().into(),
@@ -515,6 +534,10 @@ fn run_case(dp: Datapath, n: usize, seconds: f64) -> anyhow::Result<Measured> {
                 "0s".into(),
                 "--manifests-debounce".into(),
                 "0s".into(),
+                "--max-services".into(),
+                max_services.to_string().into(),
+                "--max-backends".into(),
+                max_backends.to_string().into(),
             ];
             if dp == Datapath::Xdp {
                 for a in ["--xdp-mode", "native", "--xdp-interfaces"] {
@@ -552,7 +575,7 @@ fn run_case(dp: Datapath, n: usize, seconds: f64) -> anyhow::Result<Measured> {
         m.stream_gbit = Some(stream(&sandbox, tcp_target)?);
     }
     if dp == Datapath::Xdp {
-        m.cost = Some(program_cost(&sandbox, node_port(n))?);
+        m.cost = Some(program_cost(&sandbox, last_node_port(n, n))?);
     }
     // At every N: the cost of one change is what must not grow with the cluster.
     m.change = match (dp, &agent) {
@@ -625,7 +648,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 pub fn run(services: &[usize], seconds: u64, only: &[String]) -> anyhow::Result<()> {
     if let Some(&n) = services.iter().find(|&&n| n == 0 || n > MAX_SERVICES) {
-        bail!("--services {n}: choose 1..={MAX_SERVICES} (one NodePort each, from 30000 up)");
+        bail!("--services {n}: choose 1..={MAX_SERVICES}");
     }
     if let Some(bad) = only.iter().find(|o| !ALL.iter().any(|d| d.key() == o.as_str())) {
         bail!("--only {bad}: choose from plain, ceiling, nft, legacy, tc, xdp");
