@@ -658,12 +658,21 @@ impl Endpoints {
             let addr: std::net::SocketAddr = v
                 .parse()
                 .with_context(|| format!("--{flag} {v:?}: expected ADDRESS:PORT"))?;
-            crate::health::listen(addr).map(Some).with_context(|| {
+            let listener = crate::health::listen(addr).with_context(|| {
                 format!(
                     "--{flag} {addr}: cannot listen (another process, e.g. kube-proxy, holds the port?); \
                      stop it, pass another --{flag}, or \"\" to turn the endpoint off"
                 )
-            })
+            });
+            match listener {
+                Ok(l) => Ok(Some(l)),
+                // kube-proxy's bindAddressHardFail: false logs and goes on.
+                Err(e) if !args.bind_address_hard_fail => {
+                    tracing::error!("{e:#}; running without it (--bind-address-hard-fail=false)");
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
         };
         Ok(Endpoints {
             metrics: bind("metrics-bind-address", &args.metrics_bind_address)?,
