@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::datapath::xdp::XdpModeArg;
-use crate::model::Cidr;
+use crate::model::{Cidr, NodePortAddress};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -227,10 +227,11 @@ pub struct RunArgs {
     /// Interval of full resyncs, which repair any map entry that differs from the model.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
-    /// Only node addresses in these CIDRs get NodePorts (comma-separated);
-    /// default: every address of the node.
+    /// Only node addresses in these CIDRs get NodePorts (comma-separated),
+    /// or kube-proxy's keywords `primary` (the Node object's primary
+    /// address per family), `localhost`, `all`; default: every address.
     #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<Cidr>,
+    pub nodeport_addresses: Vec<NodePortAddress>,
     /// Pod CIDRs of the cluster (comma-separated, one per family): traffic
     /// to cluster IPs from outside them is masqueraded.
     #[arg(long, value_delimiter = ',')]
@@ -356,7 +357,9 @@ pub struct ConfigFile {
 impl ConfigFile {
     /// Every setting of `args` (the effective configuration).
     pub fn from_args(a: &RunArgs) -> Self {
-        let strings = |v: &[Cidr]| Some(v.iter().map(ToString::to_string).collect());
+        fn strings<T: ToString>(v: &[T]) -> Option<Vec<String>> {
+            Some(v.iter().map(ToString::to_string).collect())
+        }
         let duration = |d: Duration| Some(format_duration(d));
         ConfigFile {
             node_name: a.node_name.clone(),
@@ -503,6 +506,8 @@ impl RunArgs {
             };
         }
         let cidrs = |list: &Vec<String>| -> Result<Vec<Cidr>, String> { list.iter().map(|c| c.parse()).collect() };
+        let nodeport =
+            |list: &Vec<String>| -> Result<Vec<NodePortAddress>, String> { list.iter().map(|c| c.parse()).collect() };
         let algorithm = |v: &String| match v.as_str() {
             "random" | "maglev" => Ok(v.clone()),
             _ => Err(format!("{v:?}: expected random or maglev")),
@@ -534,7 +539,7 @@ impl RunArgs {
         take!(min_sync_period, duration);
         take!(sync_period, duration);
         take!(manifests_debounce, duration);
-        take!(nodeport_addresses, cidrs);
+        take!(nodeport_addresses, nodeport);
         take!(cluster_cidr, cidrs);
         take!(service_cluster_ip_range, cidrs);
         take!(cgroup_root);

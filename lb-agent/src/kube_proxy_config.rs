@@ -459,28 +459,12 @@ fn map_kube_proxy(c: KubeProxyConfiguration, outcome: &mut ConfigOutcome) -> Res
         .map(String::from)
         .collect();
     check_cidrs("clusterCIDR", &cluster_cidr)?;
-    let nodeport_addresses = c
-        .node_port_addresses
-        .map(|list| {
-            let mut cidrs = Vec::new();
-            for entry in list {
-                match entry.as_str() {
-                    "all" => cidrs.extend(["0.0.0.0/0".into(), "::/0".into()]),
-                    "localhost" => cidrs.extend(["127.0.0.0/8".into(), "::1/128".into()]),
-                    "primary" => {
-                        return Err(field_err(
-                            "nodePortAddresses",
-                            "\"primary\" is not supported yet: list the CIDRs of the node's primary addresses",
-                        ));
-                    }
-                    _ => cidrs.push(entry),
-                }
-            }
-            Ok(cidrs)
-        })
-        .transpose()?
-        .filter(|l| !l.is_empty());
-    check_cidrs("nodePortAddresses", nodeport_addresses.as_deref().unwrap_or_default())?;
+    let nodeport_addresses = c.node_port_addresses.filter(|l| !l.is_empty());
+    for entry in nodeport_addresses.iter().flatten() {
+        entry
+            .parse::<crate::model::NodePortAddress>()
+            .map_err(|e| field_err("nodePortAddresses", e))?;
+    }
     let hostname = c.hostname_override.trim().to_lowercase();
     Ok(ConfigFile {
         // kube-proxy lower-cases the name (node names are DNS subdomains).
@@ -659,10 +643,8 @@ mod tests {
         assert_eq!(args.healthz_bind_address, "[::]:10256");
         assert_eq!(args.metrics_bind_address, "0.0.0.0:10249");
         assert!(args.bind_address_hard_fail);
-        assert_eq!(
-            cidrs(&args.nodeport_addresses),
-            ["198.18.0.0/24", "127.0.0.0/8", "::1/128"]
-        );
+        let nodeport: Vec<String> = args.nodeport_addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(nodeport, ["198.18.0.0/24", "localhost", "primary"]);
         assert_eq!(args.conntrack_entries(4), 2 * 65_536, "maxPerCore 0: the minimum alone");
         assert_eq!(args.conntrack_tcp_timeout_established, Duration::from_secs(7200));
         assert_eq!(args.conntrack_tcp_timeout_close_wait, Duration::from_secs(1800));
@@ -740,7 +722,7 @@ mod tests {
         assert!(chain(err("conntrack: {min: -1}\n")).contains("conntrack.min"));
         assert!(chain(err("iptables: {syncPeriod: soon}\n")).contains("iptables.syncPeriod"));
         assert!(chain(err("healthzBindAddress: here\n")).contains("healthzBindAddress"));
-        assert!(chain(err("nodePortAddresses: [primary]\n")).contains("primary"));
+        assert!(chain(err("nodePortAddresses: [primary, 198.18.0.0/99]\n")).contains("nodePortAddresses"));
         assert!(chain(err("logging: {format: xml}\n")).contains("logging.format"));
         let ext = "---\napiVersion: lb-agent.io/v1alpha1\nkind: LbAgentConfiguration\n";
         assert!(chain(err(&format!("{ext}syncPeriod: 5s\n"))).contains("iptables.syncPeriod"));
