@@ -44,6 +44,22 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// The config file's `logging` settings that apply: those the command
+    /// line does not give (kube-proxy copies logging flags over the file's).
+    pub fn config_logging(outcome: &ConfigOutcome, matches: &clap::ArgMatches) -> (Option<u8>, Option<LoggingFormat>) {
+        let from_cli = |id: &str| {
+            std::iter::once(matches)
+                .chain(matches.subcommand().map(|(_, m)| m))
+                .any(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        };
+        (
+            outcome.verbosity.filter(|_| !from_cli("verbosity")),
+            outcome.logging_format.filter(|_| !from_cli("logging_format")),
+        )
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Program the datapath from a source and keep it in sync.
@@ -731,6 +747,28 @@ pub(crate) mod tests {
         assert_eq!(level(&["lb-agent", "--v=2", "stats"]), Ok("debug"));
         assert_eq!(level(&["lb-agent", "run", "-v", "6"]), Ok("trace"));
         assert!(level(&["lb-agent", "stats", "--v", "loud"]).is_err());
+    }
+
+    #[test]
+    fn logging_flags_win_over_the_config_files_logging() {
+        use clap::CommandFactory;
+        let outcome = ConfigOutcome {
+            verbosity: Some(4),
+            logging_format: Some(LoggingFormat::Json),
+            notes: vec![],
+        };
+        let logging =
+            |argv: &[&str]| Cli::config_logging(&outcome, &Cli::command().try_get_matches_from(argv).unwrap());
+        assert_eq!(logging(&["lb-agent", "run"]), (Some(4), Some(LoggingFormat::Json)));
+        assert_eq!(
+            logging(&["lb-agent", "--v=2", "run"]),
+            (None, Some(LoggingFormat::Json))
+        );
+        assert_eq!(
+            logging(&["lb-agent", "run", "--logging-format", "text", "-v", "0"]),
+            (None, None),
+            "given after the subcommand too"
+        );
     }
 
     #[test]

@@ -14,17 +14,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config_notes = Vec::new();
     if let (Command::Run(args), Some(run_matches)) = (&mut cli.command, matches.subcommand_matches("run")) {
         let outcome = args.merge_config_file(run_matches)?;
-        let from_cli = |id: &str| {
-            [&matches, run_matches]
-                .iter()
-                .any(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
-        };
-        if let Some(v) = outcome.verbosity.filter(|_| !from_cli("verbosity")) {
-            cli.verbosity = v;
-        }
-        if let Some(f) = outcome.logging_format.filter(|_| !from_cli("logging_format")) {
-            cli.logging_format = f;
-        }
+        let (verbosity, logging_format) = Cli::config_logging(&outcome, &matches);
+        cli.verbosity = verbosity.unwrap_or(cli.verbosity);
+        cli.logging_format = logging_format.unwrap_or(cli.logging_format);
         config_notes = outcome.notes;
         if let Some(path) = &args.write_config_to {
             let text = lb_agent::kube_proxy_config::effective(args, cli.verbosity, cli.logging_format);
