@@ -479,7 +479,7 @@ impl RunArgs {
     }
 
     /// The run flags' defaults.
-    fn defaults() -> RunArgs {
+    pub(crate) fn defaults() -> RunArgs {
         use clap::{CommandFactory, FromArgMatches};
         let matches = Cli::command()
             .try_get_matches_from(["lb-agent", "run"])

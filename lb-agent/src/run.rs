@@ -883,6 +883,19 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn bind_address_hard_fail_decides_whether_a_failed_bind_ends_the_agent() {
+        // A service VIP range address no interface holds: EADDRNOTAVAIL, no traffic.
+        let mut args = RunArgs::defaults();
+        args.metrics_bind_address = "198.19.255.254:10249".into();
+        args.healthz_bind_address = String::new();
+        let err = Endpoints::bind(&args).err().expect("hard fail by default");
+        assert!(format!("{err:#}").contains("--metrics-bind-address"), "{err:#}");
+        args.bind_address_hard_fail = false;
+        let endpoints = Endpoints::bind(&args).expect("kube-proxy's bindAddressHardFail: false goes on");
+        assert!(endpoints.metrics.is_none() && endpoints.healthz.is_none());
+    }
+
     #[test]
     fn node_eligibility_follows_the_node_object_and_its_deletion() {
         let mut settings = NodeSettings {
