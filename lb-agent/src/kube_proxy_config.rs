@@ -220,7 +220,7 @@ pub enum ConfigError {
     #[error("document {doc}: kind {kind:?}: expected {KUBE_PROXY_KIND} or {EXTENSION_KIND}")]
     Kind { doc: usize, kind: String },
     #[error("more than one {0} document")]
-    Duplicate(&'static str),
+    Duplicate(String),
     #[error("{EXTENSION_KIND}: {key} is set in the {KUBE_PROXY_KIND} as {field}")]
     Duplicated { key: String, field: &'static str },
     #[error("{field}: {message}")]
@@ -273,11 +273,7 @@ pub fn load(text: &str) -> Result<Option<Loaded>, ConfigError> {
             });
         }
         if slot.replace((doc, value)).is_some() {
-            return Err(ConfigError::Duplicate(if expected == KUBE_PROXY_API_VERSION {
-                KUBE_PROXY_KIND
-            } else {
-                EXTENSION_KIND
-            }));
+            return Err(ConfigError::Duplicate(kind));
         }
     }
     let mut outcome = ConfigOutcome::default();
@@ -735,6 +731,7 @@ mod tests {
             "unknown extension keys refused"
         );
         assert!(chain(err("---\nkind: Service\n")).contains("Service"));
+        assert!(chain(err(&format!("---\n{kp}"))).contains("more than one KubeProxyConfiguration"));
         let wrong_version = "apiVersion: kubeproxy.config.k8s.io/v1alpha2\nkind: KubeProxyConfiguration\n";
         assert!(chain(run_config(&[], wrong_version).unwrap_err()).contains("v1alpha1"));
         // Unknown kube-proxy fields: warned, as kube-proxy's lenient decoding does.
