@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::datapath::xdp::XdpModeArg;
-use crate::model::Cidr;
+use crate::model::{Cidr, NodePortAddress};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,7 +26,8 @@ pub struct Cli {
     pub logging_format: LoggingFormat,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LoggingFormat {
     Text,
     Json,
@@ -40,6 +41,22 @@ impl Cli {
             2..=4 => "debug",
             _ => "trace",
         }
+    }
+}
+
+impl Cli {
+    /// The config file's `logging` settings that apply: those the command
+    /// line does not give (kube-proxy copies logging flags over the file's).
+    pub fn config_logging(outcome: &ConfigOutcome, matches: &clap::ArgMatches) -> (Option<u8>, Option<LoggingFormat>) {
+        let from_cli = |id: &str| {
+            std::iter::once(matches)
+                .chain(matches.subcommand().map(|(_, m)| m))
+                .any(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        };
+        (
+            outcome.verbosity.filter(|_| !from_cli("verbosity")),
+            outcome.logging_format.filter(|_| !from_cli("logging_format")),
+        )
     }
 }
 
@@ -119,10 +136,18 @@ pub struct InspectArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// YAML file with any of these flags as camelCase keys (e.g.
-    /// `minSyncPeriod: 1s`); flags given on the command line win.
+    /// Config file: kube-proxy's own (a `KubeProxyConfiguration`, e.g.
+    /// kubeadm's kube-proxy ConfigMap as is, plus an optional
+    /// `LbAgentConfiguration` document for our settings; the file wins over
+    /// flags as in kube-proxy, except --hostname-override, --master, --v and
+    /// --logging-format), or the older flat layout (these flags as camelCase
+    /// keys; flags on the command line win).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Write the effective configuration (kube-proxy's layout plus our
+    /// `LbAgentConfiguration` document) to this file and exit.
+    #[arg(long, value_name = "PATH")]
+    pub write_config_to: Option<PathBuf>,
     /// This node's name (the Node object, endpoints' nodeName); default: the hostname.
     #[arg(long, alias = "hostname-override")]
     pub node_name: Option<String>,
@@ -218,10 +243,11 @@ pub struct RunArgs {
     /// Interval of full resyncs, which repair any map entry that differs from the model.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
-    /// Only node addresses in these CIDRs get NodePorts (comma-separated);
-    /// default: every address of the node.
+    /// Only node addresses in these CIDRs get NodePorts (comma-separated),
+    /// or kube-proxy's keywords `primary` (the Node object's primary
+    /// address per family), `localhost`, `all`; default: every address.
     #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<Cidr>,
+    pub nodeport_addresses: Vec<NodePortAddress>,
     /// Pod CIDRs of the cluster (comma-separated, one per family): traffic
     /// to cluster IPs from outside them is masqueraded.
     #[arg(long, value_delimiter = ',')]
@@ -240,6 +266,11 @@ pub struct RunArgs {
     /// both families.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
+    /// Exit when the metrics or healthz address cannot be bound (kube-proxy's
+    /// bindAddressHardFail); with false the agent logs it and runs without
+    /// that endpoint.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub bind_address_hard_fail: bool,
     /// On exit, detach the programs and remove the pins. By default the
     /// datapath stays in place (pinned) and keeps serving until the next
     /// agent takes it over, as kube-proxy's rules outlive kube-proxy.
@@ -263,7 +294,7 @@ pub struct RunArgs {
 }
 
 /// `--forwarding-mode`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardingMode {
     /// bpf_redirect_neigh to the FIB's next hop (netfilter FORWARD bypassed).
@@ -294,83 +325,223 @@ impl RunArgs {
     }
 }
 
-/// The `--config` file: the run flags as camelCase keys.
-#[derive(Debug, Default, serde::Deserialize)]
+/// Our settings as camelCase keys: the older flat `--config` layout, and
+/// the `LbAgentConfiguration` document next to a `KubeProxyConfiguration`
+/// (there without the keys kube-proxy's document holds).
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ConfigFile {
+pub struct ConfigFile {
     #[serde(alias = "hostnameOverride")]
-    node_name: Option<String>,
-    manifests: Option<PathBuf>,
-    kubeconfig: Option<PathBuf>,
-    master: Option<String>,
-    bpf_root: Option<PathBuf>,
-    interfaces: Option<Vec<String>>,
-    xdp_mode: Option<XdpModeArg>,
-    xdp_interfaces: Option<Vec<String>>,
-    xdp_redirect_interfaces: Option<Vec<String>>,
-    conntrack_max: Option<u32>,
-    conntrack_max_per_core: Option<u32>,
-    conntrack_min: Option<u32>,
-    conntrack_tcp_timeout_established: Option<String>,
-    conntrack_tcp_timeout_close_wait: Option<String>,
-    conntrack_tcp_timeout_close: Option<String>,
-    conntrack_tcp_timeout_syn: Option<String>,
-    conntrack_udp_timeout: Option<String>,
-    conntrack_udp_timeout_stream: Option<String>,
-    min_sync_period: Option<String>,
-    sync_period: Option<String>,
-    manifests_debounce: Option<String>,
-    nodeport_addresses: Option<Vec<String>>,
-    cluster_cidr: Option<Vec<String>>,
-    service_cluster_ip_range: Option<Vec<String>>,
-    masquerade_all: Option<bool>,
-    forwarding_mode: Option<ForwardingMode>,
-    metrics_bind_address: Option<String>,
-    healthz_bind_address: Option<String>,
+    pub node_name: Option<String>,
+    pub manifests: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub master: Option<String>,
+    pub bpf_root: Option<PathBuf>,
+    pub interfaces: Option<Vec<String>>,
+    pub xdp_mode: Option<XdpModeArg>,
+    pub xdp_interfaces: Option<Vec<String>>,
+    pub xdp_redirect_interfaces: Option<Vec<String>>,
+    pub max_services: Option<u32>,
+    pub max_backends: Option<u32>,
+    pub lb_algorithm: Option<String>,
+    pub maglev_table_size: Option<u32>,
+    pub conntrack_max: Option<u32>,
+    pub conntrack_max_per_core: Option<u32>,
+    pub conntrack_min: Option<u32>,
+    pub conntrack_tcp_timeout_established: Option<String>,
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+    pub conntrack_tcp_timeout_close: Option<String>,
+    pub conntrack_tcp_timeout_syn: Option<String>,
+    pub conntrack_udp_timeout: Option<String>,
+    pub conntrack_udp_timeout_stream: Option<String>,
+    pub conntrack_gc_interval: Option<String>,
+    pub min_sync_period: Option<String>,
+    pub sync_period: Option<String>,
+    pub manifests_debounce: Option<String>,
+    pub nodeport_addresses: Option<Vec<String>>,
+    pub cluster_cidr: Option<Vec<String>>,
+    pub service_cluster_ip_range: Option<Vec<String>>,
+    pub cgroup_root: Option<PathBuf>,
+    pub cleanup_on_exit: Option<bool>,
+    pub masquerade_all: Option<bool>,
+    pub forwarding_mode: Option<ForwardingMode>,
+    pub metrics_bind_address: Option<String>,
+    pub healthz_bind_address: Option<String>,
+    pub bind_address_hard_fail: Option<bool>,
+}
+
+impl ConfigFile {
+    /// Every setting of `args` (the effective configuration).
+    pub fn from_args(a: &RunArgs) -> Self {
+        fn strings<T: ToString>(v: &[T]) -> Option<Vec<String>> {
+            Some(v.iter().map(ToString::to_string).collect())
+        }
+        let duration = |d: Duration| Some(format_duration(d));
+        ConfigFile {
+            node_name: a.node_name.clone(),
+            manifests: a.manifests.clone(),
+            kubeconfig: a.kubeconfig.clone(),
+            master: a.master.as_ref().map(ToString::to_string),
+            bpf_root: Some(a.bpf_root.clone()),
+            interfaces: a.interfaces.clone(),
+            xdp_mode: Some(a.xdp_mode),
+            xdp_interfaces: Some(a.xdp_interfaces.clone()),
+            xdp_redirect_interfaces: Some(a.xdp_redirect_interfaces.clone()),
+            max_services: Some(a.max_services),
+            max_backends: Some(a.max_backends),
+            lb_algorithm: Some(a.lb_algorithm.clone()),
+            maglev_table_size: Some(a.maglev_table_size),
+            conntrack_max: a.conntrack_max,
+            conntrack_max_per_core: Some(a.conntrack_max_per_core),
+            conntrack_min: Some(a.conntrack_min),
+            conntrack_tcp_timeout_established: duration(a.conntrack_tcp_timeout_established),
+            conntrack_tcp_timeout_close_wait: duration(a.conntrack_tcp_timeout_close_wait),
+            conntrack_tcp_timeout_close: duration(a.conntrack_tcp_timeout_close),
+            conntrack_tcp_timeout_syn: duration(a.conntrack_tcp_timeout_syn),
+            conntrack_udp_timeout: duration(a.conntrack_udp_timeout),
+            conntrack_udp_timeout_stream: duration(a.conntrack_udp_timeout_stream),
+            conntrack_gc_interval: duration(a.conntrack_gc_interval),
+            min_sync_period: duration(a.min_sync_period),
+            sync_period: duration(a.sync_period),
+            manifests_debounce: duration(a.manifests_debounce),
+            nodeport_addresses: strings(&a.nodeport_addresses),
+            cluster_cidr: strings(&a.cluster_cidr),
+            service_cluster_ip_range: strings(&a.service_cluster_ip_range),
+            cgroup_root: a.cgroup_root.clone(),
+            cleanup_on_exit: Some(a.cleanup_on_exit),
+            masquerade_all: Some(a.masquerade_all),
+            forwarding_mode: Some(a.forwarding_mode),
+            metrics_bind_address: Some(a.metrics_bind_address.clone()),
+            healthz_bind_address: Some(a.healthz_bind_address.clone()),
+            bind_address_hard_fail: Some(a.bind_address_hard_fail),
+        }
+    }
+}
+
+/// What `--config` decided beyond the run flags: logging settings the
+/// file gives (the command line's --v / --logging-format win over them,
+/// as in kube-proxy), and notes to log once logging is set up (fields that
+/// do not apply here, flags the file overrode).
+#[derive(Debug, Default)]
+pub struct ConfigOutcome {
+    pub verbosity: Option<u8>,
+    pub logging_format: Option<LoggingFormat>,
+    pub notes: Vec<String>,
 }
 
 impl RunArgs {
-    /// Fills every flag not given on the command line from `--config`.
-    pub fn merge_config_file(&mut self, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    /// Applies `--config`. kube-proxy's layout (a document with `kind:`):
+    /// the file's values replace the flags, except those kube-proxy lets
+    /// win ([`crate::kube_proxy_config::FLAGS_OVER_FILE`]); the flat
+    /// layout fills only flags not given on the command line.
+    pub fn merge_config_file(&mut self, matches: &clap::ArgMatches) -> anyhow::Result<ConfigOutcome> {
         use anyhow::Context;
-        let Some(path) = &self.config else { return Ok(()) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading --config {}", path.display()))?;
-        let file: ConfigFile =
-            serde_norway::from_str(&text).with_context(|| format!("parsing --config {}", path.display()))?;
-        let from_cli = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
-        let duration = |key: &str, v: &str| {
-            parse_duration(v).map_err(|e| anyhow::anyhow!("--config {}: {key}: {e}", path.display()))
+        let Some(path) = self.config.clone() else {
+            return Ok(ConfigOutcome::default());
         };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading --config {}", path.display()))?;
+        let source = format!("--config {}", path.display());
+        let from_cli = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        if let Some(loaded) = crate::kube_proxy_config::load(&text).with_context(|| format!("parsing {source}"))? {
+            let mut outcome = loaded.outcome;
+            // As kube-proxy: the file replaces the flags (defaults where it
+            // is silent), but for the flags kube-proxy exempts.
+            let mut fresh = RunArgs::defaults();
+            for arg in matches.ids() {
+                let id = arg.as_str();
+                if !from_cli(id) {
+                    continue;
+                }
+                // The flattened struct's own group id is no flag.
+                let group = <RunArgs as clap::Args>::group_id();
+                if crate::kube_proxy_config::FLAGS_OVER_FILE.contains(&id) || group.as_ref() == Some(arg) {
+                    continue;
+                }
+                outcome.notes.push(format!(
+                    "flag --{} ignored: with a KubeProxyConfiguration in --config the file wins (kube-proxy's rule)",
+                    id.replace('_', "-")
+                ));
+            }
+            fresh.config = self.config.take();
+            fresh.write_config_to = self.write_config_to.take();
+            fresh.master = self.master.take();
+            let node_name_from_cli = from_cli("node_name").then(|| self.node_name.take());
+            *self = fresh;
+            self.apply(loaded.settings, &|_| false, &source)?;
+            if let Some(node_name) = node_name_from_cli {
+                self.node_name = node_name;
+            }
+            return Ok(outcome);
+        }
+        let file: ConfigFile = serde_norway::from_str(&text).with_context(|| format!("parsing {source}"))?;
+        self.apply(file, &from_cli, &source)?;
+        Ok(ConfigOutcome::default())
+    }
+
+    /// The run flags' defaults.
+    pub(crate) fn defaults() -> RunArgs {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command()
+            .try_get_matches_from(["lb-agent", "run"])
+            .expect("the run flags' defaults parse");
+        match Cli::from_arg_matches(&matches)
+            .expect("the run flags' defaults parse")
+            .command
+        {
+            Command::Run(args) => *args,
+            _ => unreachable!("parsed `run`"),
+        }
+    }
+
+    /// Sets every flag the file gives and `keep` does not hold back.
+    fn apply(&mut self, file: ConfigFile, keep: &dyn Fn(&str) -> bool, source: &str) -> anyhow::Result<()> {
+        let duration = |key: &str, v: &str| parse_duration(v).map_err(|e| anyhow::anyhow!("{source}: {key}: {e}"));
         macro_rules! take {
             ($field:ident) => {
-                if !from_cli(stringify!($field))
+                if !keep(stringify!($field))
                     && let Some(v) = file.$field
                 {
                     self.$field = v.into();
                 }
             };
             ($field:ident, duration) => {
-                if !from_cli(stringify!($field))
+                if !keep(stringify!($field))
                     && let Some(v) = file.$field
                 {
                     self.$field = duration(stringify!($field), &v)?;
                 }
             };
+            ($field:ident, $parse:expr) => {
+                if !keep(stringify!($field))
+                    && let Some(v) = file.$field
+                {
+                    self.$field = $parse(&v)
+                        .map_err(|e| anyhow::anyhow!("{source}: {}: {e}", stringify!($field)))?
+                        .into();
+                }
+            };
         }
+        let cidrs = |list: &Vec<String>| -> Result<Vec<Cidr>, String> { list.iter().map(|c| c.parse()).collect() };
+        let nodeport =
+            |list: &Vec<String>| -> Result<Vec<NodePortAddress>, String> { list.iter().map(|c| c.parse()).collect() };
+        let algorithm = |v: &String| match v.as_str() {
+            "random" | "maglev" => Ok(v.clone()),
+            _ => Err(format!("{v:?}: expected random or maglev")),
+        };
+        let prime = |v: &u32| parse_prime(&v.to_string());
         take!(node_name);
         take!(manifests);
         take!(kubeconfig);
-        if !from_cli("master")
-            && let Some(v) = file.master
-        {
-            self.master =
-                Some(parse_master(&v).map_err(|e| anyhow::anyhow!("--config {}: master: {e}", path.display()))?);
-        }
+        take!(master, |v: &String| parse_master(v));
         take!(bpf_root);
         take!(interfaces);
         take!(xdp_mode);
         take!(xdp_interfaces);
         take!(xdp_redirect_interfaces);
+        take!(max_services);
+        take!(max_backends);
+        take!(lb_algorithm, algorithm);
+        take!(maglev_table_size, prime);
         take!(conntrack_max);
         take!(conntrack_max_per_core);
         take!(conntrack_min);
@@ -380,41 +551,41 @@ impl RunArgs {
         take!(conntrack_tcp_timeout_syn, duration);
         take!(conntrack_udp_timeout, duration);
         take!(conntrack_udp_timeout_stream, duration);
+        take!(conntrack_gc_interval, duration);
         take!(min_sync_period, duration);
         take!(sync_period, duration);
         take!(manifests_debounce, duration);
+        take!(nodeport_addresses, nodeport);
+        take!(cluster_cidr, cidrs);
+        take!(service_cluster_ip_range, cidrs);
+        take!(cgroup_root);
+        take!(cleanup_on_exit);
         take!(masquerade_all);
         take!(forwarding_mode);
         take!(metrics_bind_address);
         take!(healthz_bind_address);
-        let cidrs = |key: &str, list: Vec<String>| -> anyhow::Result<Vec<Cidr>> {
-            list.iter()
-                .map(|c| {
-                    c.parse::<Cidr>()
-                        .map_err(|e| anyhow::anyhow!("--config {}: {key}: {e}", path.display()))
-                })
-                .collect()
-        };
-        macro_rules! take_cidrs {
-            ($field:ident) => {
-                if !from_cli(stringify!($field))
-                    && let Some(v) = file.$field
-                {
-                    self.$field = cidrs(stringify!($field), v)?;
-                }
-            };
-        }
-        take_cidrs!(nodeport_addresses);
-        take_cidrs!(cluster_cidr);
-        take_cidrs!(service_cluster_ip_range);
+        take!(bind_address_hard_fail);
         if self.manifests.is_some() && (self.kubeconfig.is_some() || self.master.is_some()) {
-            anyhow::bail!(
-                "--manifests excludes --kubeconfig and --master (check --config {})",
-                path.display()
-            );
+            anyhow::bail!("--manifests excludes --kubeconfig and --master (check {source})");
         }
         Ok(())
     }
+}
+
+/// A duration as kube-proxy writes one (`1h0m0s` style, shortest form): `0s`, `250ms`, `1m30s`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let (h, m, s, ms) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s"), (ms, "ms")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    out
 }
 
 /// An API server address: http(s)://HOST[:PORT] (kube-proxy's --master).
@@ -465,10 +636,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn run_args(argv: &[&str], config: &str) -> anyhow::Result<RunArgs> {
+        run_config(argv, config).map(|(args, _)| args)
+    }
+
+    /// `lb-agent run --config FILE ARGV…` with `config` in FILE: the merged
+    /// flags and what `--config` reported.
+    pub(crate) fn run_config(argv: &[&str], config: &str) -> anyhow::Result<(RunArgs, ConfigOutcome)> {
         use clap::{CommandFactory, FromArgMatches};
         let dir = std::env::temp_dir().join(format!(
             "lb-config-{}-{:?}",
@@ -484,8 +661,8 @@ mod tests {
         let Command::Run(mut args) = Cli::from_arg_matches(&matches)?.command else {
             unreachable!()
         };
-        args.merge_config_file(matches.subcommand_matches("run").unwrap())?;
-        Ok(*args)
+        let outcome = args.merge_config_file(matches.subcommand_matches("run").unwrap())?;
+        Ok((*args, outcome))
     }
 
     #[test]
@@ -570,6 +747,28 @@ mod tests {
         assert_eq!(level(&["lb-agent", "--v=2", "stats"]), Ok("debug"));
         assert_eq!(level(&["lb-agent", "run", "-v", "6"]), Ok("trace"));
         assert!(level(&["lb-agent", "stats", "--v", "loud"]).is_err());
+    }
+
+    #[test]
+    fn logging_flags_win_over_the_config_files_logging() {
+        use clap::CommandFactory;
+        let outcome = ConfigOutcome {
+            verbosity: Some(4),
+            logging_format: Some(LoggingFormat::Json),
+            notes: vec![],
+        };
+        let logging =
+            |argv: &[&str]| Cli::config_logging(&outcome, &Cli::command().try_get_matches_from(argv).unwrap());
+        assert_eq!(logging(&["lb-agent", "run"]), (Some(4), Some(LoggingFormat::Json)));
+        assert_eq!(
+            logging(&["lb-agent", "--v=2", "run"]),
+            (None, Some(LoggingFormat::Json))
+        );
+        assert_eq!(
+            logging(&["lb-agent", "run", "--logging-format", "text", "-v", "0"]),
+            (None, None),
+            "given after the subcommand too"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod health;
 pub mod inspect;
 pub mod kube_proxy;
+pub mod kube_proxy_config;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

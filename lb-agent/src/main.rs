@@ -8,7 +8,22 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    // --config before logging: its `logging` section sets --v and
+    // --logging-format where the command line does not (kube-proxy's rule).
+    let mut config_notes = Vec::new();
+    if let (Command::Run(args), Some(run_matches)) = (&mut cli.command, matches.subcommand_matches("run")) {
+        let outcome = args.merge_config_file(run_matches)?;
+        let (verbosity, logging_format) = Cli::config_logging(&outcome, &matches);
+        cli.verbosity = verbosity.unwrap_or(cli.verbosity);
+        cli.logging_format = logging_format.unwrap_or(cli.logging_format);
+        config_notes = outcome.notes;
+        if let Some(path) = &args.write_config_to {
+            let text = lb_agent::kube_proxy_config::effective(args, cli.verbosity, cli.logging_format);
+            std::fs::write(path, text).map_err(|e| anyhow::anyhow!("--write-config-to {}: {e}", path.display()))?;
+            return Ok(());
+        }
+    }
     // RUST_LOG, when set, overrides --v (e.g. RUST_LOG=lb_agent::sync=trace).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cli.log_level()));
     let logs = tracing_subscriber::fmt()
@@ -19,9 +34,9 @@ async fn main() -> anyhow::Result<()> {
         LoggingFormat::Json => logs.json().flatten_event(true).init(),
     }
     match cli.command {
-        Command::Run(mut args) => {
-            if let Some(run_matches) = matches.subcommand_matches("run") {
-                args.merge_config_file(run_matches)?;
+        Command::Run(args) => {
+            for note in config_notes {
+                tracing::warn!("--config: {note}");
             }
             let result = lb_agent::run::run(*args).await;
             // Exit here, not by dropping the runtime: that would wait for a

@@ -156,6 +156,55 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// One `--nodeport-addresses` entry (kube-proxy's nodePortAddresses): a
+/// CIDR, or `primary` (the Node object's primary address per family),
+/// `localhost` (127.0.0.0/8, ::1) or `all`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    Cidr(Cidr),
+    Primary,
+    Localhost,
+    All,
+}
+
+impl NodePortAddress {
+    /// Whether NodePorts listen on `ip`, given the node's primary addresses.
+    pub fn matches(&self, ip: IpAddr, primary: &[IpAddr]) -> bool {
+        match self {
+            NodePortAddress::Cidr(c) => c.contains(ip),
+            NodePortAddress::Primary => primary.contains(&ip),
+            NodePortAddress::Localhost => ip.is_loopback(),
+            NodePortAddress::All => true,
+        }
+    }
+}
+
+impl std::str::FromStr for NodePortAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "primary" => Ok(NodePortAddress::Primary),
+            "localhost" => Ok(NodePortAddress::Localhost),
+            "all" => Ok(NodePortAddress::All),
+            other => other
+                .parse()
+                .map(NodePortAddress::Cidr)
+                .map_err(|e| format!("{e}, primary, localhost or all")),
+        }
+    }
+}
+
+impl fmt::Display for NodePortAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodePortAddress::Cidr(c) => c.fmt(f),
+            NodePortAddress::Primary => f.write_str("primary"),
+            NodePortAddress::Localhost => f.write_str("localhost"),
+            NodePortAddress::All => f.write_str("all"),
+        }
+    }
+}
+
 /// spec.type, with ExternalName handled as `Skip`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceKind {
@@ -583,6 +632,9 @@ impl SliceSpec {
 pub struct NodeSpec {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// The primary address per family: the first InternalIP, else the
+    /// first ExternalIP (kube-proxy's GetNodeHostIPs, for `primary`).
+    pub primary: Vec<IpAddr>,
     /// `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
     /// metadata.deletionTimestamp is set.
@@ -605,6 +657,7 @@ impl NodeSpec {
             .clone()
             .ok_or_else(|| field_err("metadata.name", "missing"))?;
         let mut addresses = Vec::new();
+        let mut internal = Vec::new();
         let mut ignored = Vec::new();
         for (i, a) in node
             .status
@@ -615,7 +668,10 @@ impl NodeSpec {
             if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
                 // A bad address must not lose the node (its eligibility).
                 match parse_ip(&format!("status.addresses[{i}].address"), &a.address) {
-                    Ok(ip) => addresses.push(ip),
+                    Ok(ip) => {
+                        addresses.push(ip);
+                        internal.push(a.type_ == "InternalIP");
+                    }
                     Err(e) => ignored.push(e),
                 }
             }
@@ -627,9 +683,18 @@ impl NodeSpec {
             .flat_map(|s| s.taints.iter().flatten())
             .map(|t| t.key.clone())
             .collect();
+        let mut primary: Vec<IpAddr> = Vec::new();
+        for want_internal in [true, false] {
+            for (ip, _) in addresses.iter().zip(&internal).filter(|(_, i)| **i == want_internal) {
+                if !primary.iter().any(|p| p.is_ipv4() == ip.is_ipv4()) {
+                    primary.push(*ip);
+                }
+            }
+        }
         Ok(NodeSpec {
             name,
             addresses,
+            primary,
             zone,
             deleting: node.metadata.deletion_timestamp.is_some(),
             taints,

@@ -14,7 +14,7 @@ use crate::datapath::xdp::{XdpModeArg, XdpPath};
 use crate::datapath::{ConntrackTimeouts, Datapath, LoadOptions, attach};
 use crate::health::HealthServers;
 use crate::metrics::SharedStatus;
-use crate::model::{Cidr, FamilyFlags, Model, NodeContext, Snapshot};
+use crate::model::{Cidr, FamilyFlags, Model, NodeContext, NodePortAddress, Snapshot};
 use crate::source::{self, SourceState};
 use crate::sync::{MapContents, Syncer};
 use lb_common::cidr_kind;
@@ -134,7 +134,7 @@ async fn start_source(args: &RunArgs, node_name: &str, state: Arc<SourceState>) 
 struct NodeSettings {
     name: String,
     addrs: Vec<std::net::IpAddr>,
-    nodeport_cidrs: Vec<Cidr>,
+    nodeport_cidrs: Vec<NodePortAddress>,
     masquerade_all: bool,
     cluster_cidr_known: FamilyFlags,
     maglev_table_size: u32,
@@ -147,16 +147,15 @@ struct NodeSettings {
 impl NodeSettings {
     fn context(&self, snapshot: &Snapshot) -> NodeContext {
         let mut ctx = NodeContext::from_snapshot(&self.name, snapshot);
-        ctx.nodeport_addrs = self
-            .addrs
-            .iter()
-            .copied()
-            .filter(|ip| self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|c| c.contains(*ip)))
-            .collect();
+        let primary = self.primary_addrs(snapshot);
+        let listens = |ip: std::net::IpAddr| {
+            self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|a| a.matches(ip, primary))
+        };
+        ctx.nodeport_addrs = self.addrs.iter().copied().filter(|ip| listens(*ip)).collect();
         // Host processes reach NodePorts on localhost too (the socket hooks
         // translate them; no packet with 127.0.0.1 reaches the TC program).
         let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
-        if self.nodeport_cidrs.is_empty() || self.nodeport_cidrs.iter().any(|c| c.contains(localhost)) {
+        if listens(localhost) {
             ctx.nodeport_addrs.push(localhost);
         }
         ctx.node_addrs = self.addrs.clone();
@@ -167,16 +166,28 @@ impl NodeSettings {
         ctx
     }
 
+    /// This node's primary addresses (its Node object's), for
+    /// `--nodeport-addresses primary`.
+    fn primary_addrs<'a>(&self, snapshot: &'a Snapshot) -> &'a [std::net::IpAddr] {
+        snapshot
+            .nodes
+            .iter()
+            .find(|n| n.name == self.name)
+            .map(|n| n.primary.as_slice())
+            .unwrap_or_default()
+    }
+
     /// Where healthCheckNodePorts listen: every address (empty) or, with
     /// --nodeport-addresses, the node addresses in them (as kube-proxy).
-    fn health_check_addrs(&self) -> Vec<std::net::IpAddr> {
+    fn health_check_addrs(&self, snapshot: &Snapshot) -> Vec<std::net::IpAddr> {
         if self.nodeport_cidrs.is_empty() {
             return Vec::new();
         }
+        let primary = self.primary_addrs(snapshot);
         self.addrs
             .iter()
             .copied()
-            .filter(|ip| self.nodeport_cidrs.iter().any(|c| c.contains(*ip)))
+            .filter(|ip| self.nodeport_cidrs.iter().any(|a| a.matches(*ip, primary)))
             // A link-local address needs a scope to bind.
             .filter(|ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()))
             .collect()
@@ -291,7 +302,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     // retried as a full resync, and /healthz turns unhealthy if it lasts.
     let first_sync_ok = sync_once(&mut syncer, datapath, &model, applied_generation, &status);
     if first_sync_ok {
-        health.update(&model.health_checks, &node.health_check_addrs());
+        health.update(&model.health_checks, &node.health_check_addrs(&snapshot));
         report_sync(&status, &syncer, &model, Duration::ZERO);
     } else {
         lock_status(&status).pending_since.get_or_insert_with(Instant::now);
@@ -365,7 +376,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
-                            health.update(&model.health_checks, &node.health_check_addrs());
+                            health.update(&model.health_checks, &node.health_check_addrs(&snapshot));
                             report_sync(&status, &syncer, &model, started.elapsed());
                         }
                         ok
@@ -401,7 +412,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
-                            health.update(&model.health_checks, &node.health_check_addrs());
+                            health.update(&model.health_checks, &node.health_check_addrs(&snapshot));
                             report_sync(&status, &syncer, &model, started.elapsed());
                         }
                         ok
@@ -658,12 +669,21 @@ impl Endpoints {
             let addr: std::net::SocketAddr = v
                 .parse()
                 .with_context(|| format!("--{flag} {v:?}: expected ADDRESS:PORT"))?;
-            crate::health::listen(addr).map(Some).with_context(|| {
+            let listener = crate::health::listen(addr).with_context(|| {
                 format!(
                     "--{flag} {addr}: cannot listen (another process, e.g. kube-proxy, holds the port?); \
                      stop it, pass another --{flag}, or \"\" to turn the endpoint off"
                 )
-            })
+            });
+            match listener {
+                Ok(l) => Ok(Some(l)),
+                // kube-proxy's bindAddressHardFail: false logs and goes on.
+                Err(e) if !args.bind_address_hard_fail => {
+                    tracing::error!("{e:#}; running without it (--bind-address-hard-fail=false)");
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
         };
         Ok(Endpoints {
             metrics: bind("metrics-bind-address", &args.metrics_bind_address)?,
@@ -812,7 +832,7 @@ mod tests {
         );
         assert!(ctx.cluster_cidr_known.v4 && !ctx.cluster_cidr_known.v6);
         assert_eq!(
-            settings.health_check_addrs(),
+            settings.health_check_addrs(&Snapshot::default()),
             want,
             "healthCheckNodePorts listen on the --nodeport-addresses node addresses"
         );
@@ -821,10 +841,59 @@ mod tests {
             ..settings
         };
         assert!(
-            everywhere.health_check_addrs().is_empty(),
+            everywhere.health_check_addrs(&Snapshot::default()).is_empty(),
             "no --nodeport-addresses: the wildcard"
         );
         assert_eq!(everywhere.families(), FamilyFlags { v4: true, v6: true });
+    }
+
+    #[test]
+    fn nodeport_addresses_primary_takes_the_node_objects_primary_addresses() {
+        let ip = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+        let settings = NodeSettings {
+            name: "node-1".into(),
+            addrs: vec![ip("198.18.0.11"), ip("198.18.0.12"), ip("fd00:198:18::11")],
+            nodeport_cidrs: vec![NodePortAddress::Primary],
+            masquerade_all: false,
+            cluster_cidr_known: FamilyFlags::default(),
+            maglev_table_size: 0,
+            maglev_default: false,
+            node_object_seen: false,
+        };
+        let node: k8s_openapi::api::core::v1::Node = serde_norway::from_str(
+            "metadata: {name: node-1}\nstatus: {addresses: [{type: Hostname, address: node-1}, \
+             {type: ExternalIP, address: 198.18.0.12}, {type: InternalIP, address: 198.18.0.11}, \
+             {type: ExternalIP, address: 'fd00:198:18::11'}]}\n",
+        )
+        .unwrap();
+        let snapshot = Snapshot {
+            nodes: vec![crate::model::NodeSpec::from_k8s(&node).unwrap()],
+            ..Default::default()
+        };
+        let want = vec![ip("198.18.0.11"), ip("fd00:198:18::11")];
+        assert_eq!(
+            settings.context(&snapshot).nodeport_addrs,
+            want,
+            "the InternalIP before an ExternalIP per family; no localhost"
+        );
+        assert_eq!(settings.health_check_addrs(&snapshot), want);
+        assert!(
+            settings.context(&Snapshot::default()).nodeport_addrs.is_empty(),
+            "no Node object yet: no primary address, no NodePort"
+        );
+    }
+
+    #[tokio::test]
+    async fn bind_address_hard_fail_decides_whether_a_failed_bind_ends_the_agent() {
+        // A service VIP range address no interface holds: EADDRNOTAVAIL, no traffic.
+        let mut args = RunArgs::defaults();
+        args.metrics_bind_address = "198.19.255.254:10249".into();
+        args.healthz_bind_address = String::new();
+        let err = Endpoints::bind(&args).err().expect("hard fail by default");
+        assert!(format!("{err:#}").contains("--metrics-bind-address"), "{err:#}");
+        args.bind_address_hard_fail = false;
+        let endpoints = Endpoints::bind(&args).expect("kube-proxy's bindAddressHardFail: false goes on");
+        assert!(endpoints.metrics.is_none() && endpoints.healthz.is_none());
     }
 
     #[test]

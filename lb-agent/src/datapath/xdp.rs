@@ -21,7 +21,7 @@ use tracing::info;
 use super::Datapath;
 use super::attach::{Attacher, Interface, XdpHook, interface_exists};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpModeArg {
     Off,
