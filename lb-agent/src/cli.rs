@@ -236,6 +236,10 @@ pub struct RunArgs {
     /// Prometheus /metrics address ("" to disable).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
+    /// Also serve per-backend series (`lbagent_backend_packets_total`): one
+    /// per endpoint, unbounded on a big cluster, so off by default.
+    #[arg(long)]
+    pub metrics_per_backend: bool,
     /// /healthz and /livez address ("" to disable); 0.0.0.0 or [::] take
     /// both families.
     #[arg(long, default_value = "0.0.0.0:10256")]

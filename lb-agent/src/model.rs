@@ -774,6 +774,10 @@ pub struct Model {
     pub cluster_ips: BTreeSet<IpAddr>,
     /// healthCheckNodePort → the service and its local endpoint count.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Service ports with a Local traffic policy and no local endpoint, as
+    /// (IPv4, external policy, port name): kube-proxy's
+    /// `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
+    pub no_local_endpoints: BTreeSet<(bool, bool, String)>,
 }
 
 impl Model {
@@ -907,6 +911,11 @@ impl Model {
                     } else {
                         cluster_endpoints(&candidates, node)
                     };
+                    if local_only && endpoints.is_empty() {
+                        model
+                            .no_local_endpoints
+                            .insert((frontend.ip.is_ipv4(), frontend.external, name.clone()));
+                    }
                     let all_endpoints = cluster_endpoints(&candidates, node);
                     let mut flags = 0;
                     if local_only && endpoints.is_empty() && !all_endpoints.is_empty() {

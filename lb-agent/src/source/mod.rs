@@ -25,6 +25,17 @@ struct Stores {
     services: BTreeMap<ObjectKey, ServiceSpec>,
     slices: BTreeMap<ObjectKey, SliceSpec>,
     nodes: BTreeMap<String, NodeSpec>,
+    changes: ChangeLog,
+}
+
+/// Changes seen (kube-proxy's `…_changes_total`) and those not programmed
+/// yet (`…_changes_pending`), each with the generation that brought it.
+#[derive(Default)]
+struct ChangeLog {
+    services_total: u64,
+    endpoints_total: u64,
+    pending_services: BTreeMap<ObjectKey, u64>,
+    pending_slices: BTreeMap<ObjectKey, u64>,
 }
 
 /// The objects a source has seen, shared with the sync loop.
@@ -121,6 +132,24 @@ impl SourceState {
         })
     }
 
+    /// The changes up to `generation` are programmed: no longer pending.
+    pub fn programmed(&self, generation: u64) {
+        let mut s = self.stores();
+        s.changes.pending_services.retain(|_, g| *g > generation);
+        s.changes.pending_slices.retain(|_, g| *g > generation);
+    }
+
+    /// The changes seen and those pending.
+    pub fn change_counts(&self) -> crate::metrics::ChangeCounts {
+        let s = self.stores();
+        crate::metrics::ChangeCounts {
+            services_total: s.changes.services_total,
+            endpoints_total: s.changes.endpoints_total,
+            services_pending: s.changes.pending_services.len(),
+            endpoints_pending: s.changes.pending_slices.len(),
+        }
+    }
+
     /// Completes after a change (changes made before the call count too).
     pub async fn changed(&self) {
         self.changed.notified().await
@@ -128,10 +157,20 @@ impl SourceState {
 }
 
 fn apply_changes(s: &mut Stores, changes: impl IntoIterator<Item = Change>) {
+    // The generation `modify` gives these changes.
+    let generation = s.generation + 1;
     for change in changes {
         match change {
-            Change::Service(k, v) => set(&mut s.services, k, v),
-            Change::Slice(k, v) => set(&mut s.slices, k, v),
+            Change::Service(k, v) => {
+                s.changes.services_total += 1;
+                s.changes.pending_services.insert(k.clone(), generation);
+                set(&mut s.services, k, v)
+            }
+            Change::Slice(k, v) => {
+                s.changes.endpoints_total += 1;
+                s.changes.pending_slices.insert(k.clone(), generation);
+                set(&mut s.slices, k, v)
+            }
             Change::Node(k, v) => set(&mut s.nodes, k, v),
         }
     }
