@@ -774,8 +774,8 @@ pub struct Model {
     pub cluster_ips: BTreeSet<IpAddr>,
     /// healthCheckNodePort → the service and its local endpoint count.
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    /// Service ports with a Local traffic policy and no local endpoint, as
-    /// (IPv4, external policy, port name): kube-proxy's
+    /// Service ports with a Local traffic policy, endpoints, but none on
+    /// this node, as (IPv4, external policy, port name): kube-proxy's
     /// `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
     pub no_local_endpoints: BTreeSet<(bool, bool, String)>,
 }
@@ -911,15 +911,15 @@ impl Model {
                     } else {
                         cluster_endpoints(&candidates, node)
                     };
-                    if local_only && endpoints.is_empty() {
-                        model
-                            .no_local_endpoints
-                            .insert((frontend.ip.is_ipv4(), frontend.external, name.clone()));
-                    }
                     let all_endpoints = cluster_endpoints(&candidates, node);
                     let mut flags = 0;
                     if local_only && endpoints.is_empty() && !all_endpoints.is_empty() {
                         flags |= svc_flags::DROP_IF_EMPTY;
+                        // kube-proxy's "has no local endpoints" DROP, counted
+                        // once per service port, family and policy.
+                        model
+                            .no_local_endpoints
+                            .insert((frontend.ip.is_ipv4(), frontend.external, name.clone()));
                     }
                     // kube-proxy's KUBE-EXT short-circuit: pod and node
                     // sources of an eTP Local frontend go to all endpoints.
@@ -1731,6 +1731,8 @@ mod tests {
             /// Endpoints and flags of the external entry; of the internal one (None: no such entry).
             external: (&'static [&'static str], u32),
             internal: Option<(&'static [&'static str], u32)>,
+            /// Counted in no_local_endpoints: its policies (external or not).
+            no_local: &'static [bool],
         }
         const LOCAL: &str = "198.18.1.1:8080";
         const REMOTE: &str = "198.18.2.1:8080";
@@ -1743,6 +1745,7 @@ mod tests {
                 eps: both(),
                 external: (&[LOCAL], short),
                 internal: Some((&[LOCAL, REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[],
             },
             Case {
                 name: "eTP Local without a local endpoint: external sources dropped, in-cluster reach node-2",
@@ -1750,6 +1753,7 @@ mod tests {
                 eps: vec![Ep::new("198.18.2.1", "node-2")],
                 external: (&[], short | svc_flags::DROP_IF_EMPTY),
                 internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[true],
             },
             Case {
                 name: "eTP Local and iTP Local: the short-circuit still uses every endpoint",
@@ -1757,6 +1761,7 @@ mod tests {
                 eps: vec![Ep::new("198.18.2.1", "node-2")],
                 external: (&[], short | svc_flags::DROP_IF_EMPTY),
                 internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[false, true],
             },
             Case {
                 name: "eTP Local, no endpoint anywhere: both entries empty (REJECT)",
@@ -1764,6 +1769,7 @@ mod tests {
                 eps: vec![],
                 external: (&[], short),
                 internal: Some((&[], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[],
             },
             Case {
                 name: "eTP Cluster: one entry, masqueraded",
@@ -1771,6 +1777,7 @@ mod tests {
                 eps: both(),
                 external: (&[LOCAL, REMOTE], svc_flags::SNAT_ALWAYS),
                 internal: None,
+                no_local: &[],
             },
         ];
         for c in cases {
@@ -1800,6 +1807,12 @@ mod tests {
                     c.name
                 );
             }
+            let no_local: BTreeSet<(bool, bool, String)> = c
+                .no_local
+                .iter()
+                .map(|&external| (true, external, "net-test/web:http".to_string()))
+                .collect();
+            assert_eq!(model.no_local_endpoints, no_local, "{}", c.name);
             let cluster_ip = Frontend {
                 scope: ServiceScope::Internal,
                 ..Frontend::new("198.19.0.10".parse().unwrap(), 80, Protocol::Tcp)

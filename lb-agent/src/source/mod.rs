@@ -192,3 +192,42 @@ pub fn warn_ignored(kind: &str, namespace: &str, name: &str, ignored: &[FieldErr
         tracing::warn!("{kind} {namespace}{slash}{name}: {e}; value ignored");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjectKey {
+        ("ns".into(), name.into())
+    }
+
+    #[test]
+    fn changes_are_counted_and_pending_until_their_generation_is_programmed() {
+        let state = SourceState::default();
+        let first = state.apply([
+            Change::Service(key("a"), None),
+            Change::Slice(key("a-1"), None),
+            Change::Slice(key("a-1"), None),
+        ]);
+        let counts = state.change_counts();
+        assert_eq!(
+            counts,
+            crate::metrics::ChangeCounts {
+                services_total: 1,
+                endpoints_total: 2,
+                services_pending: 1,
+                // One slice changed twice: one pending change.
+                endpoints_pending: 1,
+            }
+        );
+        let second = state.apply([Change::Slice(key("b-1"), None)]);
+        state.programmed(first);
+        let counts = state.change_counts();
+        assert_eq!((counts.services_pending, counts.endpoints_pending), (0, 1));
+        assert_eq!(counts.endpoints_total, 3);
+        state.programmed(second);
+        let counts = state.change_counts();
+        assert_eq!((counts.services_pending, counts.endpoints_pending), (0, 0));
+        assert_eq!((counts.services_total, counts.endpoints_total), (1, 3));
+    }
+}
