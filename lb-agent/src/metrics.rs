@@ -18,6 +18,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::{error, info};
 
+use lb_common::{BackendId, DropReason, FlowEvent, TrafficCounter};
+
 use crate::datapath::BpfMaps;
 use crate::model::FamilyFlags;
 
@@ -509,19 +511,47 @@ fn agent_metrics(registry: &mut Registry, st: &AgentStatus) {
     );
 }
 
+/// What /metrics reads from the datapath: the pinned maps (a fake in tests).
+pub trait DatapathCounters {
+    fn drops(&self, reason: DropReason) -> anyhow::Result<u64>;
+    fn events(&self, event: FlowEvent) -> anyhow::Result<u64>;
+    fn service_counter(&self, id: u32) -> anyhow::Result<TrafficCounter>;
+    fn backend_counter(&self, id: BackendId) -> anyhow::Result<TrafficCounter>;
+    /// (map, entries, capacity) of each map.
+    fn fill(&self) -> Vec<(&'static str, usize, u32)>;
+}
+
+impl DatapathCounters for BpfMaps {
+    fn drops(&self, reason: DropReason) -> anyhow::Result<u64> {
+        BpfMaps::drops(self, reason)
+    }
+    fn events(&self, event: FlowEvent) -> anyhow::Result<u64> {
+        BpfMaps::events(self, event)
+    }
+    fn service_counter(&self, id: u32) -> anyhow::Result<TrafficCounter> {
+        BpfMaps::service_counter(self, id)
+    }
+    fn backend_counter(&self, id: BackendId) -> anyhow::Result<TrafficCounter> {
+        BpfMaps::backend_counter(self, id)
+    }
+    fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+        BpfMaps::fill(self)
+    }
+}
+
 /// Our datapath metrics (`lbagent_*`), read from the pinned maps; the
 /// per-backend series only when asked for (`--metrics-per-backend`: one
 /// series per endpoint is unbounded on a big cluster).
-fn datapath_metrics(registry: &mut Registry, st: &AgentStatus, maps: &BpfMaps, per_backend: bool) {
+fn datapath_metrics(registry: &mut Registry, st: &AgentStatus, maps: &dyn DatapathCounters, per_backend: bool) {
     labelled_counters(
         registry,
         ("drops", "Packets dropped by the datapath, by reason", "reason"),
-        lb_common::DropReason::ALL.map(|r| (r.name(), maps.drops(r))),
+        DropReason::ALL.map(|r| (r.name(), maps.drops(r))),
     );
     labelled_counters(
         registry,
         ("flow_events", "Datapath events that are not drops, by event", "event"),
-        lb_common::FlowEvent::ALL.map(|e| (e.name(), maps.events(e))),
+        FlowEvent::ALL.map(|e| (e.name(), maps.events(e))),
     );
     let svc_packets = counter_family(registry, "service_packets", "Packets balanced, per service port");
     let svc_bytes = counter_family(registry, "service_bytes", "Bytes balanced, per service port");
@@ -559,7 +589,7 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 
 /// The text exposition of everything, now: kube-proxy's metrics,
 /// `process_*`, ours about the agent, and the datapath's when `maps` are given.
-pub fn render(status: &SharedStatus, maps: Option<&BpfMaps>, per_backend: bool) -> String {
+pub fn render(status: &SharedStatus, maps: Option<&dyn DatapathCounters>, per_backend: bool) -> String {
     let mut registry = Registry::default();
     process_metrics(&mut registry);
     let st = lock(status);
@@ -592,11 +622,8 @@ pub async fn serve_metrics(
         get(move || {
             let (status, maps) = (status.clone(), maps.clone());
             async move {
-                let body = render(
-                    &status,
-                    Some(&maps.lock().unwrap_or_else(|e| e.into_inner())),
-                    per_backend,
-                );
+                let maps = maps.lock().unwrap_or_else(|e| e.into_inner());
+                let body = render(&status, Some(&*maps as &dyn DatapathCounters), per_backend);
                 ([(header::CONTENT_TYPE, CONTENT_TYPE)], body)
             }
         }),
@@ -841,6 +868,102 @@ tests:
         std::fs::write(&file, &test).unwrap();
         let (ok, out) = promtool(&["test", "rules", file.to_str().unwrap()], None);
         assert!(ok, "promtool test rules:\n{out}\n{test}");
+        let _ = std::fs::remove_file(file);
+    }
+
+    /// Counters of a datapath that saw one packet of everything.
+    struct FakeDatapath;
+
+    impl DatapathCounters for FakeDatapath {
+        fn drops(&self, _: DropReason) -> anyhow::Result<u64> {
+            Ok(1)
+        }
+        fn events(&self, _: FlowEvent) -> anyhow::Result<u64> {
+            Ok(1)
+        }
+        fn service_counter(&self, _: u32) -> anyhow::Result<TrafficCounter> {
+            Ok(TrafficCounter { packets: 1, bytes: 100 })
+        }
+        fn backend_counter(&self, _: BackendId) -> anyhow::Result<TrafficCounter> {
+            Ok(TrafficCounter { packets: 1, bytes: 100 })
+        }
+        fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+            vec![("CONNTRACK", 1, 65536)]
+        }
+    }
+
+    fn status_with_a_service() -> SharedStatus {
+        let status = ipv4_status();
+        let name = "net-test/web:http".to_string();
+        lock(&status)
+            .services
+            .insert(1, (name.clone(), "198.19.0.10:80/TCP".into()));
+        lock(&status).backends.insert(7, (name, "198.18.1.1:8080".into()));
+        status
+    }
+
+    #[test]
+    fn per_backend_series_only_when_asked_for() {
+        let status = status_with_a_service();
+        let off = render(&status, Some(&FakeDatapath), false);
+        assert!(!off.contains("lbagent_backend_packets"), "{off}");
+        assert!(
+            off.contains(
+                "lbagent_service_packets_total{service=\"net-test/web:http\",frontend=\"198.19.0.10:80/TCP\"} 1"
+            ),
+            "{off}"
+        );
+        let on = render(&status, Some(&FakeDatapath), true);
+        assert!(
+            on.contains("lbagent_backend_packets_total{service=\"net-test/web:http\",endpoint=\"198.18.1.1:8080\"} 1"),
+            "{on}"
+        );
+    }
+
+    /// deploy/grafana's dashboard: every query is valid PromQL (`promtool
+    /// check rules` on them as recording rules) and reads only series we serve.
+    #[test]
+    fn grafana_dashboard_queries_parse_and_read_served_series() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/lb-agent-datapath.json");
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let exposition = render(&status_with_a_service(), Some(&FakeDatapath), true);
+        let served: std::collections::BTreeSet<String> = samples(&exposition)
+            .into_keys()
+            .map(|s| s.split('{').next().unwrap().to_string())
+            .collect();
+        let mut rules = String::from("groups:\n- name: dashboard\n  rules:\n");
+        let panels = dashboard["panels"].as_array().unwrap();
+        assert!(panels.len() >= 10);
+        for (i, panel) in panels.iter().enumerate() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "5m")
+                    .replace("$job", ".+")
+                    .replace("$instance", ".+");
+                let names = expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("lbagent_") || w.starts_with("kubeproxy_"));
+                for name in names {
+                    assert!(
+                        served.contains(name),
+                        "panel {:?}: {name} is not served",
+                        panel["title"]
+                    );
+                }
+                writeln!(
+                    rules,
+                    "  - record: dashboard:panel{i}\n    expr: {}",
+                    serde_json::Value::from(expr)
+                )
+                .unwrap();
+            }
+        }
+        let file = scratch("dashboard-rules.yaml");
+        std::fs::write(&file, &rules).unwrap();
+        let (ok, out) = promtool(&["check", "rules", file.to_str().unwrap()], None);
+        assert!(ok, "promtool check rules:\n{out}\n{rules}");
         let _ = std::fs::remove_file(file);
     }
 }
