@@ -54,8 +54,8 @@ pub struct SyncHistograms {
     pub full: HistogramFamily,
     /// `kubeproxy_sync_partial_proxy_rules_duration_seconds`.
     pub partial: HistogramFamily,
-    /// `kubeproxy_network_programming_duration_seconds` (not observed yet:
-    /// it needs the EndpointSlices' last-change-trigger-time).
+    /// `kubeproxy_network_programming_duration_seconds`: from a slice's
+    /// last-change-trigger-time to the sync that programmed it.
     pub network_programming: HistogramFamily,
 }
 
@@ -159,6 +159,16 @@ impl AgentStatus {
             self.syncs.all.get_or_create(&labels).observe(secs);
             kind.get_or_create(&labels).observe(secs);
         }
+    }
+
+    /// A slice change that began `latency` ago (its trigger time) is
+    /// programmed (kube-proxy's network programming latency).
+    pub fn observe_network_programming(&mut self, ipv6: bool, latency: Duration) {
+        let family = if ipv6 { "IPv6" } else { "IPv4" };
+        self.syncs
+            .network_programming
+            .get_or_create(&vec![("ip_family".to_string(), family.to_string())])
+            .observe(latency.as_secs_f64());
     }
 
     /// A change arrived: the proxy waits for a sync (kube-proxy's
@@ -794,6 +804,7 @@ mod tests {
             for _ in 0..6 {
                 st.observe_sync(false, Duration::from_millis(3));
             }
+            st.observe_network_programming(false, Duration::from_millis(1500));
             *st.healthz_answers.entry(200).or_default() += 1;
         }
         let mut input = String::new();
@@ -845,6 +856,15 @@ tests:
     exp_samples:
     - labels: '{{ip_family="IPv4",{instance}}}'
       value: 0.00398
+  - expr: sum(rate(kubeproxy_network_programming_duration_seconds_count{{job="kube-proxy", instance=~".+"}}[5m]))
+    eval_time: 5m
+    exp_samples:
+    - value: 0.016666666666666666
+  - expr: histogram_quantile(0.99, sum(rate(kubeproxy_network_programming_duration_seconds_bucket{{job="kube-proxy", instance=~".+"}}[5m])) by (instance, le))
+    eval_time: 5m
+    exp_samples:
+    - labels: '{{instance="node-1:10249"}}'
+      value: 1.9900000000000002
   - expr: sum(up{{job="kube-proxy"}})
     eval_time: 5m
     exp_samples:

@@ -488,7 +488,15 @@ pub struct SliceSpec {
     pub endpoints: Vec<EndpointSpec>,
     /// Values skipped as kube-proxy skips them; the sources log them.
     pub ignored: Vec<FieldError>,
+    /// `addressType: IPv6`.
+    pub ipv6: bool,
+    /// The endpoints controller's `endpoints.kubernetes.io/last-change-trigger-time`:
+    /// when the change it carries happened (network programming latency).
+    pub trigger_time: Option<std::time::SystemTime>,
 }
+
+/// The annotation the endpoints controller sets to when a slice's change began.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 impl SliceSpec {
     /// Validates an EndpointSlice. `Ok(None)`: a slice kube-proxy ignores
@@ -568,6 +576,14 @@ impl SliceSpec {
                 node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
             });
         }
+        // An unreadable time is left out (kube-proxy logs and skips it).
+        let trigger_time = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(std::time::SystemTime::from);
         Ok(Some(SliceSpec {
             namespace,
             name,
@@ -575,6 +591,8 @@ impl SliceSpec {
             ports,
             endpoints,
             ignored,
+            ipv6: slice.address_type == "IPv6",
+            trigger_time,
         }))
     }
 }
@@ -1296,6 +1314,8 @@ mod tests {
             ports,
             endpoints: eps.into_iter().map(|e| e.0).collect(),
             ignored: vec![],
+            ipv6: false,
+            trigger_time: None,
         }
     }
 
@@ -2257,5 +2277,21 @@ mod tests {
         assert_eq!((e[0].ready, e[0].serving, e[0].terminating), (true, true, false));
         assert_eq!((e[1].ready, e[1].serving, e[1].terminating), (false, true, true));
         assert_eq!(e[1].zone_hints, ["zone-a"]);
+        assert_eq!((spec.ipv6, spec.trigger_time), (false, None));
+    }
+
+    #[test]
+    fn slice_trigger_time_is_read_and_a_bad_one_left_out() {
+        let read = |annotation: &str| {
+            let yaml = format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, labels: {{kubernetes.io/service-name: web}}, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{annotation}'}}}}\naddressType: IPv6\nendpoints: []\n"
+            );
+            let slice: EndpointSlice = serde_norway::from_str(&yaml).unwrap();
+            SliceSpec::from_k8s(&slice).unwrap().unwrap()
+        };
+        let spec = read("2026-12-07T05:00:01.5Z");
+        let want = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_619_601_500);
+        assert_eq!((spec.ipv6, spec.trigger_time), (true, Some(want)));
+        assert_eq!(read("yesterday").trigger_time, None);
     }
 }

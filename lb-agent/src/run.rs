@@ -586,13 +586,20 @@ fn lock_status(status: &SharedStatus) -> std::sync::MutexGuard<'_, crate::metric
 }
 
 /// Copies the source's change counts to the status, after the changes up
-/// to `programmed` (a successful sync's generation) are no longer pending.
+/// to `programmed` (a successful sync's generation) are no longer pending;
+/// their slices' trigger times give the network programming latency.
 fn note_changes(status: &SharedStatus, state: &SourceState, programmed: Option<u64>) {
-    if let Some(generation) = programmed {
-        state.programmed(generation);
-    }
+    let triggers = programmed
+        .map(|generation| state.programmed(generation))
+        .unwrap_or_default();
     let counts = state.change_counts();
-    lock_status(status).changes = counts;
+    let mut st = lock_status(status);
+    st.changes = counts;
+    let now = std::time::SystemTime::now();
+    for (ipv6, at) in triggers {
+        // A trigger time ahead of our clock (skew) counts as zero.
+        st.observe_network_programming(ipv6, now.duration_since(at).unwrap_or_default());
+    }
 }
 
 /// Records a successful sync for /metrics and /healthz.

@@ -9,6 +9,7 @@ pub mod manifests;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use tokio::sync::Notify;
 
@@ -30,12 +31,29 @@ struct Stores {
 
 /// Changes seen (kube-proxy's `…_changes_total`) and those not programmed
 /// yet (`…_changes_pending`), each with the generation that brought it.
-#[derive(Default)]
 struct ChangeLog {
     services_total: u64,
     endpoints_total: u64,
     pending_services: BTreeMap<ObjectKey, u64>,
     pending_slices: BTreeMap<ObjectKey, u64>,
+    /// The trigger times of slice changes not programmed yet, as
+    /// (generation, IPv6, time); like kube-proxy, only those later than
+    /// the start (older ones say nothing about this agent's latency).
+    pending_triggers: Vec<(u64, bool, SystemTime)>,
+    started: SystemTime,
+}
+
+impl Default for ChangeLog {
+    fn default() -> Self {
+        ChangeLog {
+            services_total: 0,
+            endpoints_total: 0,
+            pending_services: BTreeMap::new(),
+            pending_slices: BTreeMap::new(),
+            pending_triggers: Vec::new(),
+            started: SystemTime::now(),
+        }
+    }
 }
 
 /// The objects a source has seen, shared with the sync loop.
@@ -133,10 +151,16 @@ impl SourceState {
     }
 
     /// The changes up to `generation` are programmed: no longer pending.
-    pub fn programmed(&self, generation: u64) {
+    /// Returns their trigger times, as (IPv6, time).
+    pub fn programmed(&self, generation: u64) -> Vec<(bool, SystemTime)> {
         let mut s = self.stores();
         s.changes.pending_services.retain(|_, g| *g > generation);
         s.changes.pending_slices.retain(|_, g| *g > generation);
+        let (done, pending) = std::mem::take(&mut s.changes.pending_triggers)
+            .into_iter()
+            .partition(|(g, _, _)| *g <= generation);
+        s.changes.pending_triggers = pending;
+        done.into_iter().map(|(_, v6, t)| (v6, t)).collect()
     }
 
     /// The changes seen and those pending.
@@ -169,6 +193,11 @@ fn apply_changes(s: &mut Stores, changes: impl IntoIterator<Item = Change>) {
             Change::Slice(k, v) => {
                 s.changes.endpoints_total += 1;
                 s.changes.pending_slices.insert(k.clone(), generation);
+                if let Some(slice) = &v
+                    && let Some(t) = slice.trigger_time.filter(|t| *t > s.changes.started)
+                {
+                    s.changes.pending_triggers.push((generation, slice.ipv6, t));
+                }
                 set(&mut s.slices, k, v)
             }
             Change::Node(k, v) => set(&mut s.nodes, k, v),
@@ -229,5 +258,35 @@ mod tests {
         let counts = state.change_counts();
         assert_eq!((counts.services_pending, counts.endpoints_pending), (0, 0));
         assert_eq!((counts.services_total, counts.endpoints_total), (1, 3));
+    }
+
+    fn slice_triggered_at(name: &str, trigger_time: SystemTime) -> Change {
+        let spec = SliceSpec {
+            namespace: "ns".into(),
+            name: name.into(),
+            service_name: "a".into(),
+            ports: vec![],
+            endpoints: vec![],
+            ignored: vec![],
+            ipv6: true,
+            trigger_time: Some(trigger_time),
+        };
+        Change::Slice(key(name), Some(spec))
+    }
+
+    #[test]
+    fn trigger_times_after_the_start_are_handed_back_once_programmed() {
+        let state = SourceState::default();
+        let hour = std::time::Duration::from_secs(3600);
+        let recent = SystemTime::now();
+        let first = state.apply([
+            slice_triggered_at("a-1", recent),
+            // Before the agent started: not this agent's latency.
+            slice_triggered_at("a-2", recent - hour),
+        ]);
+        let second = state.apply([slice_triggered_at("a-3", recent)]);
+        assert_eq!(state.programmed(first), [(true, recent)]);
+        assert_eq!(state.programmed(first), []);
+        assert_eq!(state.programmed(second), [(true, recent)]);
     }
 }
