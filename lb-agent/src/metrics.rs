@@ -649,20 +649,10 @@ mod tests {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
-    /// promtool (Debian's prometheus package, which `cargo xtask setup` installs).
-    fn promtool(args: &[&str], stdin: Option<&Path>) -> (bool, String) {
-        let mut cmd = Command::new("promtool");
-        cmd.args(args);
-        if let Some(path) = stdin {
-            cmd.stdin(std::fs::File::open(path).unwrap());
-        }
-        let out = cmd.output().unwrap_or_else(|e| {
-            panic!("running promtool: {e}; `cargo xtask setup` installs it (Debian package prometheus)")
-        });
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
+    /// promtool on a file (rule and test files name others by path).
+    fn promtool(args: &[&str]) -> (bool, String) {
+        lb_tests::promtool::run(args, "")
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -767,19 +757,9 @@ mod tests {
         }
         assert!(got.contains_key("process_cpu_seconds_total"), "{text}");
         assert!(!text.contains("# EOF"), "classic text format, not OpenMetrics");
-        let file = scratch("exposition.prom");
-        std::fs::write(&file, &text).unwrap();
-        let (ok, out) = promtool(&["check", "metrics"], Some(&file));
-        // kube-proxy's own name for this gauge ends in _total: kept for its
-        // dashboards, so that one lint (and nothing else) is expected.
-        let known =
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total non-counter metrics should not have \"_total\" suffix";
-        let problems: Vec<&str> = out.lines().filter(|l| !l.is_empty() && *l != known).collect();
-        assert!(
-            problems.is_empty() && (ok || out.contains(known)),
-            "promtool check metrics:\n{out}\n{text}"
-        );
-        let _ = std::fs::remove_file(file);
+        if let Err(problems) = lb_tests::promtool::check_metrics(&text) {
+            panic!("promtool check metrics:\n{problems}\n{text}");
+        }
     }
 
     /// kubernetes-mixin's kube-proxy alerts and its Proxy dashboard's
@@ -886,7 +866,7 @@ tests:
         );
         let file = scratch("kube-proxy-test.yaml");
         std::fs::write(&file, &test).unwrap();
-        let (ok, out) = promtool(&["test", "rules", file.to_str().unwrap()], None);
+        let (ok, out) = promtool(&["test", "rules", file.to_str().unwrap()]);
         assert!(ok, "promtool test rules:\n{out}\n{test}");
         let _ = std::fs::remove_file(file);
     }
@@ -982,7 +962,7 @@ tests:
         }
         let file = scratch("dashboard-rules.yaml");
         std::fs::write(&file, &rules).unwrap();
-        let (ok, out) = promtool(&["check", "rules", file.to_str().unwrap()], None);
+        let (ok, out) = promtool(&["check", "rules", file.to_str().unwrap()]);
         assert!(ok, "promtool check rules:\n{out}\n{rules}");
         let _ = std::fs::remove_file(file);
     }

@@ -511,6 +511,12 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
+    // A real scrape passes Prometheus' own checks.
+    let (_, body) = metrics.split_once("\r\n\r\n").expect("an HTTP body");
+    assert!(body.contains("kubeproxy_"), "{body}");
+    if let Err(problems) = lb_tests::promtool::check_metrics(body) {
+        panic!("promtool check metrics on the scrape:\n{problems}\n{body}");
+    }
     let health = node_get(&sandbox, 10256, "/healthz");
     assert!(
         health.starts_with("HTTP/1.0 200") && health.contains("\"lastUpdated\""),
