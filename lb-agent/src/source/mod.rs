@@ -96,19 +96,23 @@ impl SourceState {
         generation
     }
 
-    /// Replaces every object (a complete read) and marks the state synced.
+    /// Replaces every object (a complete read) and marks the state synced;
+    /// the objects that differ count as changes.
     pub fn replace_all(&self, snapshot: Snapshot) -> u64 {
         self.modify(|s| {
-            s.services = snapshot
+            let services = snapshot
                 .services
                 .into_iter()
                 .map(|x| ((x.namespace.clone(), x.name.clone()), x))
                 .collect();
-            s.slices = snapshot
+            let slices = snapshot
                 .slices
                 .into_iter()
                 .map(|x| ((x.namespace.clone(), x.name.clone()), x))
                 .collect();
+            let mut changes = differences(&s.services, services, Change::Service);
+            changes.extend(differences(&s.slices, slices, Change::Slice));
+            apply_changes(s, changes);
             s.nodes = snapshot.nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
             s.synced = true;
         })
@@ -178,6 +182,26 @@ impl SourceState {
     pub async fn changed(&self) {
         self.changed.notified().await
     }
+}
+
+/// The changes that turn `old` into `new`: removals, then additions and
+/// modifications.
+fn differences<V: PartialEq>(
+    old: &BTreeMap<ObjectKey, V>,
+    new: BTreeMap<ObjectKey, V>,
+    change: fn(ObjectKey, Option<V>) -> Change,
+) -> Vec<Change> {
+    let mut changes: Vec<Change> = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|k| change(k.clone(), None))
+        .collect();
+    changes.extend(
+        new.into_iter()
+            .filter(|(k, v)| old.get(k) != Some(v))
+            .map(|(k, v)| change(k, Some(v))),
+    );
+    changes
 }
 
 fn apply_changes(s: &mut Stores, changes: impl IntoIterator<Item = Change>) {
@@ -272,6 +296,34 @@ mod tests {
             trigger_time: Some(trigger_time),
         };
         Change::Slice(key(name), Some(spec))
+    }
+
+    #[test]
+    fn a_complete_read_counts_the_objects_that_differ() {
+        let state = SourceState::default();
+        let now = SystemTime::now();
+        let slices = |names: &[(&str, SystemTime)]| Snapshot {
+            slices: names
+                .iter()
+                .map(|(n, t)| match slice_triggered_at(n, *t) {
+                    Change::Slice(_, Some(spec)) => spec,
+                    _ => unreachable!(),
+                })
+                .collect(),
+            ..Snapshot::default()
+        };
+        let first = state.replace_all(slices(&[("a-1", now), ("a-2", now)]));
+        assert_eq!(state.change_counts().endpoints_total, 2);
+        state.programmed(first);
+        // a-1 unchanged, a-2 changed, a-3 added.
+        let later = now + std::time::Duration::from_secs(1);
+        state.replace_all(slices(&[("a-1", now), ("a-2", later), ("a-3", now)]));
+        let counts = state.change_counts();
+        assert_eq!((counts.endpoints_total, counts.endpoints_pending), (4, 2));
+        // a-1 and a-2 removed.
+        state.replace_all(slices(&[("a-3", now)]));
+        assert_eq!(state.change_counts().endpoints_total, 6);
+        assert_eq!(state.snapshot().unwrap().0, slices(&[("a-3", now)]));
     }
 
     #[test]
