@@ -1,7 +1,10 @@
 //! Prometheus `/metrics` like kube-proxy's (`--metrics-bind-address`,
 //! default 127.0.0.1:10249); `/healthz` and `/livez` are in `health`.
-//! Kernel counters are read from the pinned maps at scrape time; the
-//! agent's own numbers come from `AgentStatus`, which the sync loop updates.
+//! Served in Prometheus' classic text format: kube-proxy's own metrics
+//! (`kubeproxy_*`, so its dashboards and alerts work), `process_*`, and
+//! ours (`lbagent_*`). Kernel counters are read from the pinned maps at
+//! scrape time; the agent's own numbers come from `AgentStatus`, which the
+//! sync loop updates.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -256,6 +259,16 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Label
     family
 }
 
+/// Answers of a health endpoint, one counter per HTTP status (`code`).
+fn status_code_counters(registry: &mut Registry, (name, help): (&str, &str), answers: &BTreeMap<u16, u64>) {
+    let family = counter_family(registry, name, help);
+    for (code, n) in answers {
+        family
+            .get_or_create(&vec![("code".into(), code.to_string())])
+            .inc_by(*n);
+    }
+}
+
 fn unix_seconds(t: Option<SystemTime>) -> f64 {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0.0, |d| d.as_secs_f64())
@@ -378,25 +391,19 @@ fn kube_proxy_metrics(registry: &mut Registry, st: &AgentStatus) {
             .get_or_create(&family_labels(family))
             .inc_by(st.errors.get(operation::SYNC).copied().unwrap_or(0));
     }
-    for (name, help, answers) in [
+    status_code_counters(
+        registry,
         (
             "kubeproxy_proxy_healthz",
             "[ALPHA] Cumulative proxy healthz HTTP status",
-            &st.healthz_answers,
         ),
-        (
-            "kubeproxy_proxy_livez",
-            "[ALPHA] Cumulative proxy livez HTTP status",
-            &st.livez_answers,
-        ),
-    ] {
-        let family = counter_family(registry, name, help);
-        for (code, n) in answers {
-            family
-                .get_or_create(&vec![("code".into(), code.to_string())])
-                .inc_by(*n);
-        }
-    }
+        &st.healthz_answers,
+    );
+    status_code_counters(
+        registry,
+        ("kubeproxy_proxy_livez", "[ALPHA] Cumulative proxy livez HTTP status"),
+        &st.livez_answers,
+    );
 }
 
 /// The process metrics of Prometheus' Go client (kube-proxy's
@@ -488,21 +495,16 @@ fn agent_metrics(registry: &mut Registry, st: &AgentStatus) {
         st.service_ports as i64,
     );
     gauge(registry, "backends", "Backends programmed", st.backends.len() as i64);
-    for (name, help, answers) in [
-        (
-            "proxy_healthz",
-            "/healthz answers by HTTP status code",
-            &st.healthz_answers,
-        ),
-        ("proxy_livez", "/livez answers by HTTP status code", &st.livez_answers),
-    ] {
-        let family = counter_family(registry, name, help);
-        for (code, n) in answers {
-            family
-                .get_or_create(&vec![("code".into(), code.to_string())])
-                .inc_by(*n);
-        }
-    }
+    status_code_counters(
+        registry,
+        ("proxy_healthz", "/healthz answers by HTTP status code"),
+        &st.healthz_answers,
+    );
+    status_code_counters(
+        registry,
+        ("proxy_livez", "/livez answers by HTTP status code"),
+        &st.livez_answers,
+    );
     let errors = counter_family(
         registry,
         "errors",
@@ -655,10 +657,9 @@ mod tests {
         lb_tests::promtool::run(args, "")
     }
 
+    /// A file of this test process in the temporary directory.
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("lbagent-metrics-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+        std::env::temp_dir().join(format!("lbagent-metrics-{}-{name}", std::process::id()))
     }
 
     fn ipv4_status() -> SharedStatus {
