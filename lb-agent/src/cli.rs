@@ -262,6 +262,10 @@ pub struct RunArgs {
     /// Prometheus /metrics address ("" to disable).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
+    /// Also serve per-backend series (`lbagent_backend_packets_total`): one
+    /// per endpoint, unbounded on a big cluster, so off by default.
+    #[arg(long)]
+    pub metrics_per_backend: bool,
     /// /healthz and /livez address ("" to disable); 0.0.0.0 or [::] take
     /// both families.
     #[arg(long, default_value = "0.0.0.0:10256")]
@@ -363,6 +367,7 @@ pub struct ConfigFile {
     pub service_cluster_ip_range: Option<Vec<String>>,
     pub cgroup_root: Option<PathBuf>,
     pub cleanup_on_exit: Option<bool>,
+    pub metrics_per_backend: Option<bool>,
     pub masquerade_all: Option<bool>,
     pub forwarding_mode: Option<ForwardingMode>,
     pub metrics_bind_address: Option<String>,
@@ -409,6 +414,7 @@ impl ConfigFile {
             service_cluster_ip_range: strings(&a.service_cluster_ip_range),
             cgroup_root: a.cgroup_root.clone(),
             cleanup_on_exit: Some(a.cleanup_on_exit),
+            metrics_per_backend: Some(a.metrics_per_backend),
             masquerade_all: Some(a.masquerade_all),
             forwarding_mode: Some(a.forwarding_mode),
             metrics_bind_address: Some(a.metrics_bind_address.clone()),
@@ -560,6 +566,7 @@ impl RunArgs {
         take!(service_cluster_ip_range, cidrs);
         take!(cgroup_root);
         take!(cleanup_on_exit);
+        take!(metrics_per_backend);
         take!(masquerade_all);
         take!(forwarding_mode);
         take!(metrics_bind_address);

@@ -537,7 +537,15 @@ pub struct SliceSpec {
     pub endpoints: Vec<EndpointSpec>,
     /// Values skipped as kube-proxy skips them; the sources log them.
     pub ignored: Vec<FieldError>,
+    /// `addressType: IPv6`.
+    pub ipv6: bool,
+    /// The endpoints controller's `endpoints.kubernetes.io/last-change-trigger-time`:
+    /// when the change it carries happened (network programming latency).
+    pub trigger_time: Option<std::time::SystemTime>,
 }
+
+/// The annotation the endpoints controller sets to when a slice's change began.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 impl SliceSpec {
     /// Validates an EndpointSlice. `Ok(None)`: a slice kube-proxy ignores
@@ -617,6 +625,14 @@ impl SliceSpec {
                 node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
             });
         }
+        // An unreadable time is left out (kube-proxy logs and skips it).
+        let trigger_time = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(std::time::SystemTime::from);
         Ok(Some(SliceSpec {
             namespace,
             name,
@@ -624,6 +640,8 @@ impl SliceSpec {
             ports,
             endpoints,
             ignored,
+            ipv6: slice.address_type == "IPv6",
+            trigger_time,
         }))
     }
 }
@@ -839,6 +857,10 @@ pub struct Model {
     pub cluster_ips: BTreeSet<IpAddr>,
     /// healthCheckNodePort → the service and its local endpoint count.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Service ports with a Local traffic policy, endpoints, but none on
+    /// this node, as (IPv4, external policy, port name): kube-proxy's
+    /// `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
+    pub no_local_endpoints: BTreeSet<(bool, bool, String)>,
 }
 
 impl Model {
@@ -976,6 +998,11 @@ impl Model {
                     let mut flags = 0;
                     if local_only && endpoints.is_empty() && !all_endpoints.is_empty() {
                         flags |= svc_flags::DROP_IF_EMPTY;
+                        // kube-proxy's "has no local endpoints" DROP, counted
+                        // once per service port, family and policy.
+                        model
+                            .no_local_endpoints
+                            .insert((frontend.ip.is_ipv4(), frontend.external, name.clone()));
                     }
                     // kube-proxy's KUBE-EXT short-circuit: pod and node
                     // sources of an eTP Local frontend go to all endpoints.
@@ -1352,6 +1379,8 @@ mod tests {
             ports,
             endpoints: eps.into_iter().map(|e| e.0).collect(),
             ignored: vec![],
+            ipv6: false,
+            trigger_time: None,
         }
     }
 
@@ -1787,6 +1816,8 @@ mod tests {
             /// Endpoints and flags of the external entry; of the internal one (None: no such entry).
             external: (&'static [&'static str], u32),
             internal: Option<(&'static [&'static str], u32)>,
+            /// Counted in no_local_endpoints: its policies (external or not).
+            no_local: &'static [bool],
         }
         const LOCAL: &str = "198.18.1.1:8080";
         const REMOTE: &str = "198.18.2.1:8080";
@@ -1799,6 +1830,7 @@ mod tests {
                 eps: both(),
                 external: (&[LOCAL], short),
                 internal: Some((&[LOCAL, REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[],
             },
             Case {
                 name: "eTP Local without a local endpoint: external sources dropped, in-cluster reach node-2",
@@ -1806,6 +1838,7 @@ mod tests {
                 eps: vec![Ep::new("198.18.2.1", "node-2")],
                 external: (&[], short | svc_flags::DROP_IF_EMPTY),
                 internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[true],
             },
             Case {
                 name: "eTP Local and iTP Local: the short-circuit still uses every endpoint",
@@ -1813,6 +1846,7 @@ mod tests {
                 eps: vec![Ep::new("198.18.2.1", "node-2")],
                 external: (&[], short | svc_flags::DROP_IF_EMPTY),
                 internal: Some((&[REMOTE], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[false, true],
             },
             Case {
                 name: "eTP Local, no endpoint anywhere: both entries empty (REJECT)",
@@ -1820,6 +1854,7 @@ mod tests {
                 eps: vec![],
                 external: (&[], short),
                 internal: Some((&[], svc_flags::SNAT_OUTSIDE_CLUSTER)),
+                no_local: &[],
             },
             Case {
                 name: "eTP Cluster: one entry, masqueraded",
@@ -1827,6 +1862,7 @@ mod tests {
                 eps: both(),
                 external: (&[LOCAL, REMOTE], svc_flags::SNAT_ALWAYS),
                 internal: None,
+                no_local: &[],
             },
         ];
         for c in cases {
@@ -1856,6 +1892,12 @@ mod tests {
                     c.name
                 );
             }
+            let no_local: BTreeSet<(bool, bool, String)> = c
+                .no_local
+                .iter()
+                .map(|&external| (true, external, "net-test/web:http".to_string()))
+                .collect();
+            assert_eq!(model.no_local_endpoints, no_local, "{}", c.name);
             let cluster_ip = Frontend {
                 scope: ServiceScope::Internal,
                 ..Frontend::new("198.19.0.10".parse().unwrap(), 80, Protocol::Tcp)
@@ -2300,5 +2342,21 @@ mod tests {
         assert_eq!((e[0].ready, e[0].serving, e[0].terminating), (true, true, false));
         assert_eq!((e[1].ready, e[1].serving, e[1].terminating), (false, true, true));
         assert_eq!(e[1].zone_hints, ["zone-a"]);
+        assert_eq!((spec.ipv6, spec.trigger_time), (false, None));
+    }
+
+    #[test]
+    fn slice_trigger_time_is_read_and_a_bad_one_left_out() {
+        let read = |annotation: &str| {
+            let yaml = format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, labels: {{kubernetes.io/service-name: web}}, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{annotation}'}}}}\naddressType: IPv6\nendpoints: []\n"
+            );
+            let slice: EndpointSlice = serde_norway::from_str(&yaml).unwrap();
+            SliceSpec::from_k8s(&slice).unwrap().unwrap()
+        };
+        let spec = read("2026-12-07T05:00:01.5Z");
+        let want = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_619_601_500);
+        assert_eq!((spec.ipv6, spec.trigger_time), (true, Some(want)));
+        assert_eq!(read("yesterday").trigger_time, None);
     }
 }

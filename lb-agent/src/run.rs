@@ -303,9 +303,10 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     let first_sync_ok = sync_once(&mut syncer, datapath, &model, applied_generation, &status);
     if first_sync_ok {
         health.update(&model.health_checks, &node.health_check_addrs(&snapshot));
-        report_sync(&status, &syncer, &model, Duration::ZERO);
+        report_sync(&status, &syncer, &model);
+        note_changes(&status, &state, Some(applied_generation));
     } else {
-        lock_status(&status).pending_since.get_or_insert_with(Instant::now);
+        lock_status(&status).queue_change();
     }
     info!(
         service_ports = model.services.len(),
@@ -360,7 +361,8 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
         tokio::select! {
             () = state.changed() => {
                 pending = true;
-                lock_status(&status).pending_since.get_or_insert_with(Instant::now);
+                lock_status(&status).queue_change();
+                note_changes(&status, &state, None);
             }
             () = sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)), if sync_at.is_some() => {
                 limiter.take();
@@ -371,13 +373,13 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                     Some((snapshot, generation)) => {
                         lock_status(&status).node_eligible = node.eligible(&snapshot);
                         let model = node.build_model(&snapshot);
-                        let started = Instant::now();
                         let ok = sync_once(&mut syncer, datapath, &model, generation, &status);
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
                             health.update(&model.health_checks, &node.health_check_addrs(&snapshot));
-                            report_sync(&status, &syncer, &model, started.elapsed());
+                            report_sync(&status, &syncer, &model);
+                            note_changes(&status, &state, Some(generation));
                         }
                         ok
                     }
@@ -407,13 +409,13 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                     (Ok(actual), Some((snapshot, generation))) => {
                         lock_status(&status).node_eligible = node.eligible(&snapshot);
                         let model = node.build_model(&snapshot);
-                        let started = Instant::now();
                         let ok = resync_once(&mut syncer, datapath, &model, actual, generation, &status);
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
                             health.update(&model.health_checks, &node.health_check_addrs(&snapshot));
-                            report_sync(&status, &syncer, &model, started.elapsed());
+                            report_sync(&status, &syncer, &model);
+                            note_changes(&status, &state, Some(generation));
                         }
                         ok
                     }
@@ -427,7 +429,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                 };
                 if !ok {
                     pending = true;
-                    lock_status(&status).pending_since.get_or_insert_with(Instant::now);
+                    lock_status(&status).queue_change();
                 }
             }
             event = links.recv() => {
@@ -594,12 +596,34 @@ fn lock_status(status: &SharedStatus) -> std::sync::MutexGuard<'_, crate::metric
     status.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Copies the source's change counts to the status, after the changes up
+/// to `programmed` (a successful sync's generation) are no longer pending;
+/// their slices' trigger times give the network programming latency.
+fn note_changes(status: &SharedStatus, state: &SourceState, programmed: Option<u64>) {
+    let triggers = programmed
+        .map(|generation| state.programmed(generation))
+        .unwrap_or_default();
+    let counts = state.change_counts();
+    let mut st = lock_status(status);
+    st.changes = counts;
+    let now = std::time::SystemTime::now();
+    for (ipv6, at) in triggers {
+        // A trigger time ahead of our clock (skew) counts as zero.
+        st.observe_network_programming(ipv6, now.duration_since(at).unwrap_or_default());
+    }
+}
+
 /// Records a successful sync for /metrics and /healthz.
-fn report_sync(status: &SharedStatus, syncer: &Syncer, model: &Model, took: Duration) {
+fn report_sync(status: &SharedStatus, syncer: &Syncer, model: &Model) {
     let mut st = lock_status(status);
     st.last_sync = Some(std::time::SystemTime::now());
     st.pending_since = None;
-    st.sync_seconds.observe(took.as_secs_f64());
+    st.no_local_endpoints.clear();
+    for (v4, external, _) in &model.no_local_endpoints {
+        let family = if *v4 { "IPv4" } else { "IPv6" };
+        let policy = if *external { "external" } else { "internal" };
+        *st.no_local_endpoints.entry((family, policy)).or_default() += 1;
+    }
     st.service_ports = model.services.len();
     st.services.clear();
     st.backends.clear();
@@ -696,9 +720,9 @@ impl Endpoints {
         if let Some(listener) = self.metrics {
             let maps = crate::datapath::BpfMaps::open_pinned(&args.bpf_root)
                 .context("opening the pinned maps for /metrics")?;
-            let status = status.clone();
+            let (status, per_backend) = (status.clone(), args.metrics_per_backend);
             tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve_metrics(listener, status, maps).await {
+                if let Err(e) = crate::metrics::serve_metrics(listener, status, maps, per_backend).await {
                     error!("metrics server: {e:#}");
                 }
             });
@@ -735,8 +759,9 @@ fn sync_once(
     status: &SharedStatus,
 ) -> bool {
     let started = Instant::now();
+    let full = syncer.full_resync_pending();
     let result = syncer.sync(&mut datapath.maps, model);
-    after_sync(syncer, datapath, model, generation, status, started, result)
+    after_sync(syncer, datapath, model, generation, status, (started, full), result)
 }
 
 /// The periodic full resync, against maps read on another thread.
@@ -750,7 +775,7 @@ fn resync_once(
 ) -> bool {
     let started = Instant::now();
     let result = syncer.resync_against(&mut datapath.maps, model, actual);
-    after_sync(syncer, datapath, model, generation, status, started, result)
+    after_sync(syncer, datapath, model, generation, status, (started, true), result)
 }
 
 /// What follows every sync: stale UDP flows cleared, the outcome logged
@@ -761,9 +786,10 @@ fn after_sync(
     model: &Model,
     generation: u64,
     status: &SharedStatus,
-    started: Instant,
+    (started, full): (Instant, bool),
     result: Result<crate::sync::SyncReport, crate::sync::SyncError>,
 ) -> bool {
+    lock_status(status).observe_sync(full, started.elapsed());
     match result {
         Ok(report) => {
             let stale = syncer.take_stale_udp_flows();

@@ -16,6 +16,7 @@ pub mod image;
 pub mod manifests;
 pub mod netns;
 pub mod podspec;
+pub mod promtool;
 pub mod sandbox;
 pub mod sctp;
 pub mod servers;

@@ -2,6 +2,7 @@
 //! Each test builds its own sandbox (namespaces, pins, agent) and removes it.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -472,9 +473,24 @@ fn node_get(sandbox: &Sandbox, port: u16, path: &'static str) -> String {
 
 #[test]
 fn metrics_and_health_endpoints_report_the_datapath() {
-    let (sandbox, _agent) = example_sandbox();
+    let sandbox = Sandbox::new("lbt-", &PODS).expect("sandbox");
+    sandbox.write_manifest("net-test.yaml", &manifests::example()).unwrap();
+    let manifests = OsStr::new("--manifests");
+    let per_backend = OsStr::new("--metrics-per-backend");
+    let _agent = Agent::start_with(
+        &sandbox,
+        &[manifests, sandbox.manifests_dir.as_os_str(), per_backend],
+        true,
+    )
+    .expect("agent");
     spread(&sandbox, addr(NGINX_VIP, 8080), 30);
     let metrics = node_get(&sandbox, 10249, "/metrics");
+    assert!(
+        metrics
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{metrics}"
+    );
     let line = metrics
         .lines()
         .find(|l| l.starts_with("lbagent_service_packets_total{") && l.contains("198.19.0.10:8080/TCP"))
@@ -489,8 +505,17 @@ fn metrics_and_health_endpoints_report_the_datapath() {
         "lbagent_sync_duration_seconds_count",
         "lbagent_map_capacity{map=\"CONNTRACK\"}",
         "lbagent_backend_packets_total{",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+        "process_resident_memory_bytes",
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+    }
+    // A real scrape passes Prometheus' own checks.
+    let (_, body) = metrics.split_once("\r\n\r\n").expect("an HTTP body");
+    assert!(body.contains("kubeproxy_"), "{body}");
+    if let Err(problems) = lb_tests::promtool::check_metrics(body) {
+        panic!("promtool check metrics on the scrape:\n{problems}\n{body}");
     }
     let health = node_get(&sandbox, 10256, "/healthz");
     assert!(

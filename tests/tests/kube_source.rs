@@ -92,22 +92,60 @@ fn initial_list_then_service_add_modify_delete_reach_the_maps() {
 
 #[test]
 fn slices_split_and_not_ready_endpoints_fall_back_to_terminating() {
-    let (_sandbox, api, agent) = cluster();
-    // A second slice for nginx-service: endpoints are merged.
-    api.apply(yaml(
+    let (sandbox, api, agent) = cluster();
+    // A second slice for nginx-service: endpoints are merged. Its change
+    // began now (the endpoints controller's trigger time).
+    let now = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
+        .output()
+        .unwrap();
+    let now = String::from_utf8(now.stdout).unwrap();
+    api.apply(yaml(&format!(
         r#"
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {name: nginx-service-second, namespace: net-test, labels: {kubernetes.io/service-name: nginx-service}}
+metadata:
+  name: nginx-service-second
+  namespace: net-test
+  labels: {{kubernetes.io/service-name: nginx-service}}
+  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: "{}"}}
 addressType: IPv4
-ports: [{name: "", protocol: TCP, port: 80}]
+ports: [{{name: "", protocol: TCP, port: 80}}]
 endpoints:
 - addresses: ["198.18.1.14"]
-  conditions: {ready: true}
+  conditions: {{ready: true}}
 "#,
-    ));
+        now.trim()
+    )));
     let four = backends(&["198.18.1.11", "198.18.1.12", "198.18.1.13", "198.18.1.14"]);
     agent.wait_for_services(|v| has(v, NGINX, &four), WAIT).unwrap();
+    // kube-proxy's network programming latency: that one change, programmed
+    // within the test's few seconds.
+    let deadline = std::time::Instant::now() + WAIT;
+    let metrics = loop {
+        let metrics = sandbox
+            .node
+            .run(|| lb_tests::client::raw_http_get(([127, 0, 0, 1], 10249).into(), "/metrics"))
+            .unwrap()
+            .unwrap();
+        if metrics.contains("kubeproxy_network_programming_duration_seconds_count")
+            || std::time::Instant::now() > deadline
+        {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for needle in [
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n",
+        "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"+Inf\"} 1\n",
+        "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"5\"} 1\n",
+    ] {
+        assert!(metrics.contains(needle), "no {needle} in\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 0\n"),
+        "{metrics}"
+    );
 
     // Every endpoint stops being ready; one is still serving while terminating.
     api.delete("EndpointSlice", "net-test", "nginx-service-second");

@@ -85,7 +85,11 @@ const ALL: [Datapath; 6] = [
 /// Cluster IP of service `i`: 250 per /24 in 198.19.0.0/16 (64,000), then
 /// in 198.18.16.0 and up — clear of the nodes, pods and clients (198.18.0-2.x).
 fn vip(i: usize) -> Ipv4Addr {
-    let (net, i) = if i < 64_000 { (19, i) } else { (18, i - 64_000 + 16 * 250) };
+    let (net, i) = if i < 64_000 {
+        (19, i)
+    } else {
+        (18, i - 64_000 + 16 * 250)
+    };
     Ipv4Addr::new(198, net, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 

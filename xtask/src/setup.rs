@@ -26,6 +26,9 @@ const TEST_PACKAGES: &[&str] = &[
     "runc",
     "binutils",
     "ca-certificates",
+    // promtool: lb-agent's metrics tests check the exposition and run
+    // kubernetes-mixin's kube-proxy alerts on it.
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -9,6 +9,7 @@ pub mod manifests;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use tokio::sync::Notify;
 
@@ -25,6 +26,34 @@ struct Stores {
     services: BTreeMap<ObjectKey, ServiceSpec>,
     slices: BTreeMap<ObjectKey, SliceSpec>,
     nodes: BTreeMap<String, NodeSpec>,
+    changes: ChangeLog,
+}
+
+/// Changes seen (kube-proxy's `…_changes_total`) and those not programmed
+/// yet (`…_changes_pending`), each with the generation that brought it.
+struct ChangeLog {
+    services_total: u64,
+    endpoints_total: u64,
+    pending_services: BTreeMap<ObjectKey, u64>,
+    pending_slices: BTreeMap<ObjectKey, u64>,
+    /// The trigger times of slice changes not programmed yet, as
+    /// (generation, IPv6, time); like kube-proxy, only those later than
+    /// the start (older ones say nothing about this agent's latency).
+    pending_triggers: Vec<(u64, bool, SystemTime)>,
+    started: SystemTime,
+}
+
+impl Default for ChangeLog {
+    fn default() -> Self {
+        ChangeLog {
+            services_total: 0,
+            endpoints_total: 0,
+            pending_services: BTreeMap::new(),
+            pending_slices: BTreeMap::new(),
+            pending_triggers: Vec::new(),
+            started: SystemTime::now(),
+        }
+    }
 }
 
 /// The objects a source has seen, shared with the sync loop.
@@ -67,19 +96,23 @@ impl SourceState {
         generation
     }
 
-    /// Replaces every object (a complete read) and marks the state synced.
+    /// Replaces every object (a complete read) and marks the state synced;
+    /// the objects that differ count as changes.
     pub fn replace_all(&self, snapshot: Snapshot) -> u64 {
         self.modify(|s| {
-            s.services = snapshot
+            let services = snapshot
                 .services
                 .into_iter()
                 .map(|x| ((x.namespace.clone(), x.name.clone()), x))
                 .collect();
-            s.slices = snapshot
+            let slices = snapshot
                 .slices
                 .into_iter()
                 .map(|x| ((x.namespace.clone(), x.name.clone()), x))
                 .collect();
+            let mut changes = differences(&s.services, services, Change::Service);
+            changes.extend(differences(&s.slices, slices, Change::Slice));
+            apply_changes(s, changes);
             s.nodes = snapshot.nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
             s.synced = true;
         })
@@ -121,17 +154,76 @@ impl SourceState {
         })
     }
 
+    /// The changes up to `generation` are programmed: no longer pending.
+    /// Returns their trigger times, as (IPv6, time).
+    pub fn programmed(&self, generation: u64) -> Vec<(bool, SystemTime)> {
+        let mut s = self.stores();
+        s.changes.pending_services.retain(|_, g| *g > generation);
+        s.changes.pending_slices.retain(|_, g| *g > generation);
+        let (done, pending) = std::mem::take(&mut s.changes.pending_triggers)
+            .into_iter()
+            .partition(|(g, _, _)| *g <= generation);
+        s.changes.pending_triggers = pending;
+        done.into_iter().map(|(_, v6, t)| (v6, t)).collect()
+    }
+
+    /// The changes seen and those pending.
+    pub fn change_counts(&self) -> crate::metrics::ChangeCounts {
+        let s = self.stores();
+        crate::metrics::ChangeCounts {
+            services_total: s.changes.services_total,
+            endpoints_total: s.changes.endpoints_total,
+            services_pending: s.changes.pending_services.len(),
+            endpoints_pending: s.changes.pending_slices.len(),
+        }
+    }
+
     /// Completes after a change (changes made before the call count too).
     pub async fn changed(&self) {
         self.changed.notified().await
     }
 }
 
+/// The changes that turn `old` into `new`: removals, then additions and
+/// modifications.
+fn differences<V: PartialEq>(
+    old: &BTreeMap<ObjectKey, V>,
+    new: BTreeMap<ObjectKey, V>,
+    change: fn(ObjectKey, Option<V>) -> Change,
+) -> Vec<Change> {
+    let mut changes: Vec<Change> = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|k| change(k.clone(), None))
+        .collect();
+    changes.extend(
+        new.into_iter()
+            .filter(|(k, v)| old.get(k) != Some(v))
+            .map(|(k, v)| change(k, Some(v))),
+    );
+    changes
+}
+
 fn apply_changes(s: &mut Stores, changes: impl IntoIterator<Item = Change>) {
+    // The generation `modify` gives these changes.
+    let generation = s.generation + 1;
     for change in changes {
         match change {
-            Change::Service(k, v) => set(&mut s.services, k, v),
-            Change::Slice(k, v) => set(&mut s.slices, k, v),
+            Change::Service(k, v) => {
+                s.changes.services_total += 1;
+                s.changes.pending_services.insert(k.clone(), generation);
+                set(&mut s.services, k, v)
+            }
+            Change::Slice(k, v) => {
+                s.changes.endpoints_total += 1;
+                s.changes.pending_slices.insert(k.clone(), generation);
+                if let Some(slice) = &v
+                    && let Some(t) = slice.trigger_time.filter(|t| *t > s.changes.started)
+                {
+                    s.changes.pending_triggers.push((generation, slice.ipv6, t));
+                }
+                set(&mut s.slices, k, v)
+            }
             Change::Node(k, v) => set(&mut s.nodes, k, v),
         }
     }
@@ -151,5 +243,102 @@ pub fn warn_ignored(kind: &str, namespace: &str, name: &str, ignored: &[FieldErr
     let slash = if namespace.is_empty() { "" } else { "/" };
     for e in ignored {
         tracing::warn!("{kind} {namespace}{slash}{name}: {e}; value ignored");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjectKey {
+        ("ns".into(), name.into())
+    }
+
+    #[test]
+    fn changes_are_counted_and_pending_until_their_generation_is_programmed() {
+        let state = SourceState::default();
+        let first = state.apply([
+            Change::Service(key("a"), None),
+            Change::Slice(key("a-1"), None),
+            Change::Slice(key("a-1"), None),
+        ]);
+        let counts = state.change_counts();
+        assert_eq!(
+            counts,
+            crate::metrics::ChangeCounts {
+                services_total: 1,
+                endpoints_total: 2,
+                services_pending: 1,
+                // One slice changed twice: one pending change.
+                endpoints_pending: 1,
+            }
+        );
+        let second = state.apply([Change::Slice(key("b-1"), None)]);
+        state.programmed(first);
+        let counts = state.change_counts();
+        assert_eq!((counts.services_pending, counts.endpoints_pending), (0, 1));
+        assert_eq!(counts.endpoints_total, 3);
+        state.programmed(second);
+        let counts = state.change_counts();
+        assert_eq!((counts.services_pending, counts.endpoints_pending), (0, 0));
+        assert_eq!((counts.services_total, counts.endpoints_total), (1, 3));
+    }
+
+    fn slice_triggered_at(name: &str, trigger_time: SystemTime) -> Change {
+        let spec = SliceSpec {
+            namespace: "ns".into(),
+            name: name.into(),
+            service_name: "a".into(),
+            ports: vec![],
+            endpoints: vec![],
+            ignored: vec![],
+            ipv6: true,
+            trigger_time: Some(trigger_time),
+        };
+        Change::Slice(key(name), Some(spec))
+    }
+
+    #[test]
+    fn a_complete_read_counts_the_objects_that_differ() {
+        let state = SourceState::default();
+        let now = SystemTime::now();
+        let slices = |names: &[(&str, SystemTime)]| Snapshot {
+            slices: names
+                .iter()
+                .map(|(n, t)| match slice_triggered_at(n, *t) {
+                    Change::Slice(_, Some(spec)) => spec,
+                    _ => unreachable!(),
+                })
+                .collect(),
+            ..Snapshot::default()
+        };
+        let first = state.replace_all(slices(&[("a-1", now), ("a-2", now)]));
+        assert_eq!(state.change_counts().endpoints_total, 2);
+        state.programmed(first);
+        // a-1 unchanged, a-2 changed, a-3 added.
+        let later = now + std::time::Duration::from_secs(1);
+        state.replace_all(slices(&[("a-1", now), ("a-2", later), ("a-3", now)]));
+        let counts = state.change_counts();
+        assert_eq!((counts.endpoints_total, counts.endpoints_pending), (4, 2));
+        // a-1 and a-2 removed.
+        state.replace_all(slices(&[("a-3", now)]));
+        assert_eq!(state.change_counts().endpoints_total, 6);
+        assert_eq!(state.snapshot().unwrap().0, slices(&[("a-3", now)]));
+    }
+
+    #[test]
+    fn trigger_times_after_the_start_are_handed_back_once_programmed() {
+        let state = SourceState::default();
+        let hour = std::time::Duration::from_secs(3600);
+        let recent = SystemTime::now();
+        let first = state.apply([
+            slice_triggered_at("a-1", recent),
+            // Before the agent started: not this agent's latency.
+            slice_triggered_at("a-2", recent - hour),
+        ]);
+        let second = state.apply([slice_triggered_at("a-3", recent)]);
+        assert_eq!(state.programmed(first), [(true, recent)]);
+        assert_eq!(state.programmed(first), []);
+        assert_eq!(state.programmed(second), [(true, recent)]);
     }
 }
