@@ -80,12 +80,16 @@ pub fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
 const CLEANUP_TOOLS: &[&str] = &[
     "iptables-legacy",
     "iptables-legacy-save",
+    "iptables-legacy-restore",
     "ip6tables-legacy",
     "ip6tables-legacy-save",
+    "ip6tables-legacy-restore",
     "iptables-nft",
     "iptables-nft-save",
+    "iptables-nft-restore",
     "ip6tables-nft",
     "ip6tables-nft-save",
+    "ip6tables-nft-restore",
     "nft",
 ];
 /// Where the tools are looked up on the build host and put in the image.
