@@ -333,6 +333,18 @@ COMMIT
     }
 
     #[test]
+    fn gotos_and_jumps_from_others_chains_go_too() {
+        let dump = "*nat\n:MY-CHAIN - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
+                    -A MY-CHAIN -s 198.18.0.0/16 -g KUBE-MARK-MASQ\n\
+                    -A MY-CHAIN -j KUBE-MARK-DROP\nCOMMIT\n";
+        let removal = plan_removal("nat", dump).unwrap();
+        assert_eq!(
+            removal.script,
+            "*nat\n:KUBE-MARK-MASQ - [0:0]\n-D MY-CHAIN -s 198.18.0.0/16 -g KUBE-MARK-MASQ\n-X KUBE-MARK-MASQ\nCOMMIT\n"
+        );
+    }
+
+    #[test]
     fn kubelets_chains_alone_need_no_change() {
         let dump = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n";
         assert_eq!(plan_removal("mangle", dump), None);

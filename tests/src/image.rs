@@ -75,7 +75,8 @@ pub fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// What `lb-agent cleanup --cleanup-kube-proxy` runs (kube-proxy's rules
-/// live in iptables-legacy, iptables-nft and nftables): the image carries
+/// live in iptables-legacy, iptables-nft — both families, read with *-save
+/// and removed with *-restore — and nftables): the image carries
 /// them, with what the loader needs and iptables' extension modules.
 const CLEANUP_TOOLS: &[&str] = &[
     "iptables-legacy",

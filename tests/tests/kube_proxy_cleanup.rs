@@ -1,6 +1,6 @@
 //! `lb-agent cleanup --cleanup-kube-proxy` removes kube-proxy's chains and
 //! tables like `kube-proxy --cleanup` — iptables and ip6tables, legacy and
-//! nft backends, the nftables `kube-proxy` tables — from a node namespace
+//! nft backends, the nftables `kube-proxy` tables, ipvs mode's kube-ipvs0 — from a node namespace
 //! holding rules as kube-proxy and kubelet really write them, keeps kubelet's
 //! chains and everybody else's rules, and changes nothing on a second run.
 
@@ -84,6 +84,20 @@ fn kube_proxy_chains_and_tables_are_removed_and_others_kept() {
         sh(&ns, "nft", &["add", "chain", family, "kube-proxy", "services"]);
     }
     sh(&ns, "nft", &["add", "table", "ip", "someone-else"]);
+    // kube-proxy's ipvs mode binds service addresses to a dummy of this name
+    // (a veth here: this kernel has no dummy module; removal goes by name).
+    ns.ip(&[
+        "link",
+        "add",
+        "kube-ipvs0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "kube-ipvs0-peer",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "198.19.0.10/32", "dev", "kube-ipvs0"]).unwrap();
 
     cleanup(&ns);
 
@@ -119,6 +133,10 @@ fn kube_proxy_chains_and_tables_are_removed_and_others_kept() {
     let tables = nft_tables(&ns);
     assert!(!tables.contains("kube-proxy"), "{tables}");
     assert!(tables.contains("table ip someone-else"), "{tables}");
+    assert!(
+        ns.ip(&["link", "show", "kube-ipvs0"]).is_err(),
+        "kube-ipvs0 is still there"
+    );
 
     // Again: nothing of kube-proxy's is left, so nothing changes.
     cleanup(&ns);
