@@ -108,10 +108,13 @@ pub struct CleanupArgs {
     /// The agent's --bpf-root.
     #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
     pub bpf_root: PathBuf,
-    /// Remove kube-proxy's KUBE-* chains (iptables-legacy, iptables-nft)
-    /// and nftables `kube-proxy` tables in this namespace — and nothing
-    /// of ours unless --datapath is given too (the DaemonSet's takeover
-    /// init container runs this at every start).
+    /// Remove what kube-proxy left in this namespace, like `kube-proxy
+    /// --cleanup`: its iptables chains and the jumps to them (iptables and
+    /// ip6tables, legacy and nft; kubelet's KUBE-FIREWALL,
+    /// KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT stay), its nftables
+    /// `kube-proxy` tables and ipvs mode's kube-ipvs0 — and nothing of ours
+    /// unless --datapath is given too (the DaemonSet's takeover init
+    /// container runs this at every start).
     #[arg(long)]
     pub cleanup_kube_proxy: bool,
     /// Remove this agent's datapath (programs, links, pins): what

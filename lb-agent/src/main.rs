@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
                 Default::default()
             };
             let kube_proxy = if args.cleanup_kube_proxy {
-                lb_agent::kube_proxy::cleanup()
+                lb_agent::kube_proxy::cleanup().await
             } else {
                 Ok(())
             };

@@ -75,17 +75,22 @@ pub fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// What `lb-agent cleanup --cleanup-kube-proxy` runs (kube-proxy's rules
-/// live in iptables-legacy, iptables-nft and nftables): the image carries
+/// live in iptables-legacy, iptables-nft — both families, read with *-save
+/// and removed with *-restore — and nftables): the image carries
 /// them, with what the loader needs and iptables' extension modules.
 const CLEANUP_TOOLS: &[&str] = &[
     "iptables-legacy",
     "iptables-legacy-save",
+    "iptables-legacy-restore",
     "ip6tables-legacy",
     "ip6tables-legacy-save",
+    "ip6tables-legacy-restore",
     "iptables-nft",
     "iptables-nft-save",
+    "iptables-nft-restore",
     "ip6tables-nft",
     "ip6tables-nft-save",
+    "ip6tables-nft-restore",
     "nft",
 ];
 /// Where the tools are looked up on the build host and put in the image.
