@@ -85,6 +85,10 @@ pub enum Command {
     },
     /// Entries and capacity of the datapath maps.
     Maps(InspectArgs),
+    /// The pinned datapath at a glance, read from the pins only (the agent
+    /// may be down): version, layouts, attached links, node settings, map
+    /// fill levels.
+    Status(InspectArgs),
     /// Run one crafted packet through the loaded program on the live maps
     /// and show what happens to it (run in the node's network namespace).
     Trace {
@@ -132,9 +136,19 @@ pub struct InspectArgs {
     /// The running agent's --bpf-root.
     #[arg(long, default_value = "/sys/fs/bpf/lb-agent")]
     pub bpf_root: PathBuf,
-    /// Output format.
-    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
-    pub output: String,
+    /// Output format: a table (wide: with extra columns), or the view's
+    /// fields as JSON or YAML.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// How an inspect command prints its view.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
 }
 
 #[derive(Args, Debug, Clone)]

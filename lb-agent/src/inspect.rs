@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::path::Path;
 
 use lb_common::{BackendSlotKey, RawAddr, ServiceScope, map_names, proto};
 use serde::Serialize;
 
+use crate::cli::Output;
 use crate::datapath::BpfMaps;
 use crate::datapath::maps::dump;
 
@@ -116,77 +116,113 @@ pub fn services(maps: &BpfMaps) -> anyhow::Result<ServicesView> {
     })
 }
 
-pub fn print_services(bpf_root: &Path, output: &str) -> anyhow::Result<()> {
-    let view = services(&BpfMaps::open_pinned(bpf_root)?)?;
-    if output == "json" {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-        return Ok(());
+/// A view an inspect command prints: its fields as JSON/YAML, or a table.
+pub trait View: Serialize {
+    /// Column headers; `wide` adds the extra columns.
+    fn columns(wide: bool) -> Vec<&'static str>;
+    /// One table row per item, as many cells as `columns(wide)`.
+    fn rows(&self, wide: bool) -> Vec<Vec<String>>;
+    /// Lines printed under the table.
+    fn footer(&self) -> Option<String> {
+        None
     }
-    let mut table = comfy_table::Table::new();
-    table
-        .load_preset(comfy_table::presets::NOTHING)
-        .set_header(["FRONTEND", "ID", "REV", "BACKENDS"]);
-    for s in &view.services {
-        let backends = if s.backends.is_empty() {
-            "<none>".to_string()
-        } else {
-            s.backends.join(",")
-        };
-        table.add_row([
-            s.frontend.clone(),
-            s.service_id.to_string(),
-            s.revision.to_string(),
-            backends,
-        ]);
-    }
-    println!("{table}");
-    if view.orphan_slots + view.orphan_backends > 0 {
-        println!(
-            "orphans: {} slots, {} backends",
-            view.orphan_slots, view.orphan_backends
-        );
+}
+
+/// Prints `view` in the chosen format.
+pub fn print<V: View>(view: &V, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(view)?),
+        Output::Yaml => print!("{}", serde_norway::to_string(view)?),
+        Output::Table | Output::Wide => {
+            println!("{}", table_of(view, output == Output::Wide));
+            if let Some(footer) = view.footer() {
+                println!("{footer}");
+            }
+        }
     }
     Ok(())
 }
 
-/// Rows with named columns, printed like kubectl (table) or as JSON.
-pub struct Rows {
-    pub columns: Vec<&'static str>,
-    pub rows: Vec<Vec<String>>,
+/// `view` as a table.
+fn table_of<V: View>(view: &V, wide: bool) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(V::columns(wide));
+    for r in view.rows(wide) {
+        table.add_row(r);
+    }
+    table
 }
 
-impl Rows {
-    pub fn print(&self, output: &str) -> anyhow::Result<()> {
-        if output == "json" {
-            let items: Vec<serde_json::Map<String, serde_json::Value>> = self
-                .rows
-                .iter()
-                .map(|r| {
-                    self.columns
-                        .iter()
-                        .zip(r)
-                        .map(|(c, v)| {
-                            let value = v
-                                .parse::<u64>()
-                                .map(serde_json::Value::from)
-                                .unwrap_or_else(|_| v.clone().into());
-                            (c.to_lowercase(), value)
-                        })
-                        .collect()
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&items)?);
-            return Ok(());
+impl View for ServicesView {
+    fn columns(wide: bool) -> Vec<&'static str> {
+        let mut c = vec!["FRONTEND", "ID", "REV", "BACKENDS"];
+        if wide {
+            c.extend(["COUNT", "MISSING-SLOTS"]);
         }
-        let mut table = comfy_table::Table::new();
-        table
-            .load_preset(comfy_table::presets::NOTHING)
-            .set_header(self.columns.clone());
-        for r in &self.rows {
-            table.add_row(r.clone());
+        c
+    }
+    fn rows(&self, wide: bool) -> Vec<Vec<String>> {
+        self.services
+            .iter()
+            .map(|s| {
+                let backends = if s.backends.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    s.backends.join(",")
+                };
+                let mut row = vec![
+                    s.frontend.clone(),
+                    s.service_id.to_string(),
+                    s.revision.to_string(),
+                    backends,
+                ];
+                if wide {
+                    row.extend([s.backends.len().to_string(), s.missing_slots.to_string()]);
+                }
+                row
+            })
+            .collect()
+    }
+    fn footer(&self) -> Option<String> {
+        (self.orphan_slots + self.orphan_backends > 0).then(|| {
+            format!(
+                "orphans: {} slots, {} backends",
+                self.orphan_slots, self.orphan_backends
+            )
+        })
+    }
+}
+
+impl<T: Row> View for Vec<T> {
+    fn columns(wide: bool) -> Vec<&'static str> {
+        let mut c = T::COLUMNS.to_vec();
+        if wide {
+            c.extend(T::WIDE_COLUMNS);
         }
-        println!("{table}");
-        Ok(())
+        c
+    }
+    fn rows(&self, wide: bool) -> Vec<Vec<String>> {
+        self.iter()
+            .map(|item| {
+                let mut row = item.cells();
+                if wide {
+                    row.extend(item.wide_cells());
+                }
+                row
+            })
+            .collect()
+    }
+}
+
+/// One item of a list view (one table row, one JSON object).
+pub trait Row: Serialize {
+    const COLUMNS: &'static [&'static str];
+    const WIDE_COLUMNS: &'static [&'static str] = &[];
+    fn cells(&self) -> Vec<String>;
+    fn wide_cells(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -194,9 +230,32 @@ fn frontend_of(key: &lb_common::ServiceKey) -> String {
     format!("{}/{}", endpoint(ip_of(&key.addr), key.port), proto_name(key.proto))
 }
 
+/// One counter of `lb-agent stats`.
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StatRow {
+    /// service, backend, drop or event.
+    pub kind: &'static str,
+    pub name: String,
+    pub packets: u64,
+    /// Bytes (services and backends only).
+    pub bytes: Option<u64>,
+}
+
+impl Row for StatRow {
+    const COLUMNS: &'static [&'static str] = &["KIND", "NAME", "PACKETS", "BYTES"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.kind.into(),
+            self.name.clone(),
+            self.packets.to_string(),
+            self.bytes.map_or("-".into(), |b| b.to_string()),
+        ]
+    }
+}
+
 /// Packets and bytes per service port and per backend, and drops by reason:
 /// what `iptables -t nat -vnL` counted per chain.
-pub fn stats(maps: &BpfMaps) -> anyhow::Result<Rows> {
+pub fn stats(maps: &BpfMaps) -> anyhow::Result<Vec<StatRow>> {
     let mut rows = Vec::new();
     let backends: HashMap<u32, lb_common::Backend> = dump(&maps.backends, map_names::BACKENDS)?.into_iter().collect();
     let mut frontends = HashMap::new();
@@ -206,34 +265,63 @@ pub fn stats(maps: &BpfMaps) -> anyhow::Result<Rows> {
         }
         let c = maps.service_counter(value.service_id)?;
         frontends.insert(value.service_id, frontend_of(&key));
-        rows.push(vec![
-            "service".into(),
-            frontend_of(&key),
-            c.packets.to_string(),
-            c.bytes.to_string(),
-        ]);
+        rows.push(StatRow {
+            kind: "service",
+            name: frontend_of(&key),
+            packets: c.packets,
+            bytes: Some(c.bytes),
+        });
     }
     for (id, b) in &backends {
         let c = maps.backend_counter(*id)?;
         // The same endpoint serves several frontends: name it by both.
         let frontend = frontends.get(&b.service_id).map_or("?", String::as_str);
-        let name = format!("{frontend} -> {}", endpoint(ip_of(&b.addr), b.port));
-        rows.push(vec!["backend".into(), name, c.packets.to_string(), c.bytes.to_string()]);
+        rows.push(StatRow {
+            kind: "backend",
+            name: format!("{frontend} -> {}", endpoint(ip_of(&b.addr), b.port)),
+            packets: c.packets,
+            bytes: Some(c.bytes),
+        });
     }
     let drops = lb_common::DropReason::ALL.map(|r| ("drop", r.name(), maps.drops(r)));
     let events = lb_common::FlowEvent::ALL.map(|e| ("event", e.name(), maps.events(e)));
     for (kind, name, count) in drops.into_iter().chain(events) {
-        rows.push(vec![kind.into(), name.into(), count?.to_string(), "-".into()]);
+        rows.push(StatRow {
+            kind,
+            name: name.into(),
+            packets: count?,
+            bytes: None,
+        });
     }
     rows.sort();
-    Ok(Rows {
-        columns: vec!["KIND", "NAME", "PACKETS", "BYTES"],
-        rows,
-    })
+    Ok(rows)
+}
+
+/// One backend slot of `lb-agent backends FRONTEND`.
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub slot: u32,
+    pub id: u32,
+    pub endpoint: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Row for BackendRow {
+    const COLUMNS: &'static [&'static str] = &["SLOT", "ID", "ENDPOINT", "PACKETS", "BYTES"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.slot.to_string(),
+            self.id.to_string(),
+            self.endpoint.clone(),
+            self.packets.to_string(),
+            self.bytes.to_string(),
+        ]
+    }
 }
 
 /// The backends of one frontend (`198.19.0.10:8080/TCP`) with their counters.
-pub fn backends_of(maps: &BpfMaps, frontend: &str) -> anyhow::Result<Rows> {
+pub fn backends_of(maps: &BpfMaps, frontend: &str) -> anyhow::Result<Vec<BackendRow>> {
     let slots: HashMap<BackendSlotKey, u32> = dump(&maps.slots, map_names::BACKEND_SLOTS)?.into_iter().collect();
     let backends: HashMap<u32, lb_common::Backend> = dump(&maps.backends, map_names::BACKENDS)?.into_iter().collect();
     let (_, value) = dump(&maps.services, map_names::SERVICES)?
@@ -251,22 +339,82 @@ pub fn backends_of(maps: &BpfMaps, frontend: &str) -> anyhow::Result<Rows> {
             continue;
         };
         let c = maps.backend_counter(id)?;
-        rows.push(vec![
-            slot.to_string(),
-            id.to_string(),
-            endpoint(ip_of(&b.addr), b.port),
-            c.packets.to_string(),
-            c.bytes.to_string(),
-        ]);
+        rows.push(BackendRow {
+            slot,
+            id,
+            endpoint: endpoint(ip_of(&b.addr), b.port),
+            packets: c.packets,
+            bytes: c.bytes,
+        });
     }
-    Ok(Rows {
-        columns: vec!["SLOT", "ID", "ENDPOINT", "PACKETS", "BYTES"],
-        rows,
-    })
+    Ok(rows)
 }
 
-/// Conntrack entries, optionally only those of one frontend's service id.
-pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows> {
+/// One conntrack entry of `lb-agent conntrack`.
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConntrackRow {
+    /// forward, reply or snat.
+    pub dir: &'static str,
+    pub proto: String,
+    pub src: String,
+    pub dst: String,
+    pub nat: String,
+    /// The masquerade address, "-" when not masqueraded.
+    pub snat: String,
+    pub backend: u32,
+    pub state: &'static str,
+    /// Seconds until the entry expires (negative: expired, not purged yet).
+    pub expires_in: i64,
+    pub service_id: u32,
+}
+
+impl Row for ConntrackRow {
+    const COLUMNS: &'static [&'static str] = &[
+        "DIR",
+        "PROTO",
+        "SRC",
+        "DST",
+        "NAT",
+        "SNAT",
+        "BACKEND",
+        "STATE",
+        "EXPIRES-IN",
+    ];
+    const WIDE_COLUMNS: &'static [&'static str] = &["SERVICE-ID"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.dir.into(),
+            self.proto.clone(),
+            self.src.clone(),
+            self.dst.clone(),
+            self.nat.clone(),
+            self.snat.clone(),
+            self.backend.to_string(),
+            self.state.into(),
+            duration_from_now(self.expires_in),
+        ]
+    }
+    fn wide_cells(&self) -> Vec<String> {
+        vec![self.service_id.to_string()]
+    }
+}
+
+/// `23h59m12s`, `5m0s`, `7s`; `expired` at or before zero.
+pub fn duration_from_now(secs: i64) -> String {
+    if secs <= 0 {
+        return "expired".into();
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// Conntrack entries, optionally only those of one frontend's service id;
+/// expiry relative to `now` (the datapath's clock, monotonic seconds).
+pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>, now: u32) -> anyhow::Result<Vec<ConntrackRow>> {
     let wanted = match frontend {
         Some(f) => Some(
             dump(&maps.services, map_names::SERVICES)?
@@ -282,7 +430,7 @@ pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows>
         if wanted.is_some_and(|id| id != e.service_id) {
             continue;
         }
-        let kind = match k.kind {
+        let dir = match k.kind {
             k if k == lb_common::CtKind::Forward as u8 => "forward",
             k if k == lb_common::CtKind::Snat as u8 => "snat",
             _ => "reply",
@@ -292,36 +440,246 @@ pub fn conntrack(maps: &BpfMaps, frontend: Option<&str>) -> anyhow::Result<Rows>
         } else {
             "-".into()
         };
-        rows.push(vec![
-            kind.into(),
-            proto_name(k.proto),
-            endpoint(ip_of(&k.src_addr), k.src_port),
-            endpoint(ip_of(&k.dst_addr), k.dst_port),
-            endpoint(ip_of(&e.nat_addr), e.nat_port),
+        rows.push(ConntrackRow {
+            dir,
+            proto: proto_name(k.proto),
+            src: endpoint(ip_of(&k.src_addr), k.src_port),
+            dst: endpoint(ip_of(&k.dst_addr), k.dst_port),
+            nat: endpoint(ip_of(&e.nat_addr), e.nat_port),
             snat,
-            e.backend_id.to_string(),
-            lb_common::CtState::of_entry(k.proto, &e).name().into(),
-            e.expires_at.to_string(),
-        ]);
+            backend: e.backend_id,
+            state: lb_common::CtState::of_entry(k.proto, &e).name(),
+            expires_in: i64::from(e.expires_at) - i64::from(now),
+            service_id: e.service_id,
+        });
     }
     rows.sort();
-    Ok(Rows {
-        columns: vec![
-            "DIR", "PROTO", "SRC", "DST", "NAT", "SNAT", "BACKEND", "STATE", "EXPIRES",
-        ],
-        rows,
-    })
+    Ok(rows)
+}
+
+/// Entries and capacity of one map (`lb-agent maps`).
+#[derive(Debug, Serialize)]
+pub struct MapRow {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+impl Row for MapRow {
+    const COLUMNS: &'static [&'static str] = &["MAP", "ENTRIES", "CAPACITY"];
+    const WIDE_COLUMNS: &'static [&'static str] = &["FILL"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.map.into(), self.entries.to_string(), self.capacity.to_string()]
+    }
+    fn wide_cells(&self) -> Vec<String> {
+        let percent = if self.capacity == 0 {
+            0.0
+        } else {
+            100.0 * self.entries as f64 / f64::from(self.capacity)
+        };
+        vec![format!("{percent:.1}%")]
+    }
 }
 
 /// Entries and capacity of the maps.
-pub fn maps_fill(maps: &BpfMaps) -> Rows {
-    let rows = maps
-        .fill()
+pub fn maps_fill(maps: &BpfMaps) -> Vec<MapRow> {
+    maps.fill()
         .into_iter()
-        .map(|(m, n, cap)| vec![m.to_string(), n.to_string(), cap.to_string()])
+        .map(|(map, entries, capacity)| MapRow { map, entries, capacity })
+        .collect()
+}
+
+/// The node settings the datapath runs with (the CONFIG map).
+#[derive(Debug, Serialize)]
+pub struct NodeConfigView {
+    /// Conntrack lifetimes in seconds, as the datapath applies them.
+    pub tcp_syn_timeout: u32,
+    pub tcp_established_timeout: u32,
+    pub tcp_close_wait_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub udp_timeout: u32,
+    pub udp_stream_timeout: u32,
+    /// redirect or stack (`--forwarding-mode`).
+    pub forwarding_mode: &'static str,
+}
+
+impl NodeConfigView {
+    fn of(c: &lb_common::sock::NodeConfig) -> Self {
+        use lb_common::conntrack::ct_timeouts as default;
+        // 0 in CONFIG: the datapath's default.
+        let or = |v: u32, d: u32| if v == 0 { d } else { v };
+        Self {
+            tcp_syn_timeout: or(c.tcp_syn_timeout, default::TCP_SYN),
+            tcp_established_timeout: or(c.tcp_established_timeout, default::TCP_ESTABLISHED),
+            tcp_close_wait_timeout: or(c.tcp_close_wait_timeout, default::TCP_CLOSE_WAIT),
+            tcp_closing_timeout: or(c.tcp_closing_timeout, default::TCP_CLOSING),
+            udp_timeout: or(c.udp_timeout, default::UDP),
+            udp_stream_timeout: or(c.udp_stream_timeout, default::UDP_STREAM),
+            forwarding_mode: if c.flags & lb_common::sock::config_flags::STACK_FORWARDING != 0 {
+                "stack"
+            } else {
+                "redirect"
+            },
+        }
+    }
+}
+
+/// A pinned TC/XDP/socket-hook link (`<root>/links/NAME`).
+#[derive(Debug, Serialize)]
+pub struct LinkView {
+    pub pin: String,
+    /// The interface of a per-interface link, in this network namespace.
+    pub interface: Option<String>,
+}
+
+/// `lb-agent status`: what is pinned under a bpf root, read from the pins
+/// only (the agent may be down).
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// This lb-agent binary's version.
+    pub version: &'static str,
+    pub bpf_root: String,
+    /// Layout versions recorded per map (`NAME-vN`).
+    pub layouts: Vec<String>,
+    pub links: Vec<LinkView>,
+    pub config: NodeConfigView,
+    pub maps: Vec<MapRow>,
+    /// The agent does not record its last sync in the pins.
+    pub last_sync: &'static str,
+}
+
+/// The name of interface `ifindex` in this network namespace.
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires; on
+    // success it is NUL-terminated.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: non-null: buf holds a NUL-terminated name.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    Rows {
-        columns: vec!["MAP", "ENTRIES", "CAPACITY"],
-        rows,
+    names.sort();
+    names
+}
+
+pub fn status(bpf_root: &std::path::Path) -> anyhow::Result<StatusView> {
+    let maps = BpfMaps::open_pinned(bpf_root)?;
+    let config = maps
+        .config
+        .get(&0, 0)
+        .map_err(|e| anyhow::anyhow!("reading CONFIG: {e}"))?;
+    let links = dir_names(&bpf_root.join(crate::datapath::attach::LINK_DIR))
+        .into_iter()
+        .map(|pin| {
+            // Per-interface links end in the ifindex (`xdp-3`).
+            let ifindex = pin.rsplit('-').next().and_then(|n| n.parse().ok());
+            LinkView {
+                interface: ifindex.and_then(interface_name),
+                pin,
+            }
+        })
+        .collect();
+    Ok(StatusView {
+        version: env!("CARGO_PKG_VERSION"),
+        bpf_root: bpf_root.display().to_string(),
+        layouts: dir_names(&bpf_root.join(crate::datapath::migrate::LAYOUT_DIR)),
+        links,
+        config: NodeConfigView::of(&config),
+        maps: maps_fill(&maps),
+        last_sync: "unknown",
+    })
+}
+
+impl View for StatusView {
+    fn columns(_wide: bool) -> Vec<&'static str> {
+        vec!["FIELD", "VALUE"]
+    }
+    fn rows(&self, _wide: bool) -> Vec<Vec<String>> {
+        let c = &self.config;
+        let links: Vec<String> = self
+            .links
+            .iter()
+            .map(|l| match &l.interface {
+                Some(i) => format!("{} ({i})", l.pin),
+                None => l.pin.clone(),
+            })
+            .collect();
+        let rows = vec![
+            ("version", self.version.to_string()),
+            ("bpf root", self.bpf_root.clone()),
+            ("layouts", self.layouts.join(" ")),
+            ("links", links.join(" ")),
+            ("forwarding mode", c.forwarding_mode.to_string()),
+            (
+                "conntrack timeouts",
+                format!(
+                    "tcp syn {}s, established {}s, close-wait {}s, closing {}s; udp {}s, stream {}s",
+                    c.tcp_syn_timeout,
+                    c.tcp_established_timeout,
+                    c.tcp_close_wait_timeout,
+                    c.tcp_closing_timeout,
+                    c.udp_timeout,
+                    c.udp_stream_timeout
+                ),
+            ),
+            ("last sync", self.last_sync.to_string()),
+        ];
+        rows.into_iter().map(|(k, v)| vec![k.to_string(), v]).collect()
+    }
+    fn footer(&self) -> Option<String> {
+        // The fill levels, as `lb-agent maps` shows them.
+        Some(format!("\n{}", table_of(&self.maps, false)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_from_now() {
+        for (secs, shown) in [
+            (86352, "23h59m12s"),
+            (3600, "1h0m0s"),
+            (300, "5m0s"),
+            (59, "59s"),
+            (1, "1s"),
+            (0, "expired"),
+            (-5, "expired"),
+        ] {
+            assert_eq!(duration_from_now(secs), shown, "{secs}");
+        }
+    }
+
+    #[test]
+    fn wide_adds_columns_and_cells() {
+        let rows = vec![MapRow {
+            map: "CONNTRACK",
+            entries: 1,
+            capacity: 4,
+        }];
+        assert_eq!(<Vec<MapRow>>::columns(false), ["MAP", "ENTRIES", "CAPACITY"]);
+        assert_eq!(rows.rows(false), [["CONNTRACK", "1", "4"]]);
+        assert_eq!(<Vec<MapRow>>::columns(true).len(), 4);
+        assert_eq!(rows.rows(true), [["CONNTRACK", "1", "4", "25.0%"]]);
+        let yaml = serde_norway::to_string(&rows).unwrap();
+        assert!(
+            yaml.contains("map: CONNTRACK") && yaml.contains("capacity: 4"),
+            "{yaml}"
+        );
     }
 }

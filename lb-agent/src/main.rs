@@ -1,8 +1,9 @@
 use std::io::IsTerminal;
 
 use clap::{CommandFactory, FromArgMatches};
-use lb_agent::cli::{Cli, Command, LoggingFormat};
+use lb_agent::cli::{Cli, Command, LoggingFormat, Output};
 use lb_agent::datapath::BpfMaps;
+use lb_agent::inspect::{self, print};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -48,13 +49,16 @@ async fn main() -> anyhow::Result<()> {
             }
             std::process::exit(if result.is_ok() { 0 } else { 1 });
         }
-        Command::Services(args) => lb_agent::inspect::print_services(&args.bpf_root, &args.output),
-        Command::Stats(a) => lb_agent::inspect::stats(&BpfMaps::open_pinned(&a.bpf_root)?)?.print(&a.output),
-        Command::Backends { frontend, inspect: a } => {
-            lb_agent::inspect::backends_of(&BpfMaps::open_pinned(&a.bpf_root)?, &frontend)?.print(&a.output)
-        }
+        Command::Services(a) => print(&inspect::services(&BpfMaps::open_pinned(&a.bpf_root)?)?, a.output),
+        Command::Stats(a) => print(&inspect::stats(&BpfMaps::open_pinned(&a.bpf_root)?)?, a.output),
+        Command::Backends { frontend, inspect: a } => print(
+            &inspect::backends_of(&BpfMaps::open_pinned(&a.bpf_root)?, &frontend)?,
+            a.output,
+        ),
         Command::Conntrack { service, inspect: a } => {
-            lb_agent::inspect::conntrack(&BpfMaps::open_pinned(&a.bpf_root)?, service.as_deref())?.print(&a.output)
+            let maps = BpfMaps::open_pinned(&a.bpf_root)?;
+            let now = lb_agent::run::monotonic_secs();
+            print(&inspect::conntrack(&maps, service.as_deref(), now)?, a.output)
         }
         Command::Trace {
             src,
@@ -71,8 +75,10 @@ async fn main() -> anyhow::Result<()> {
                 lb_agent::trace::parse_endpoint(&dst, 0)?,
                 protocol,
             )?;
-            if a.output == "json" {
+            if a.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
+            } else if a.output == Output::Yaml {
+                print!("{}", serde_norway::to_string(&t)?);
             } else {
                 println!("verdict:     {}", t.verdict);
                 println!(
@@ -91,7 +97,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Maps(a) => lb_agent::inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?).print(&a.output),
+        Command::Status(a) => print(&inspect::status(&a.bpf_root)?, a.output),
+        Command::Maps(a) => print(&inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?), a.output),
         Command::Cleanup(args) => {
             // Our own datapath only when asked, or when nothing else is.
             let datapath = args.datapath || !args.cleanup_kube_proxy;

@@ -525,8 +525,8 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     assert!(node_get(&sandbox, 10256, "/livez").starts_with("HTTP/1.0 200"));
 }
 
-/// `lb-agent ARGS --bpf-root ROOT -o json`, in the node namespace.
-fn agent_json(sandbox: &Sandbox, args: &[&str]) -> serde_json::Value {
+/// `lb-agent ARGS --bpf-root ROOT -o FORMAT`'s output, in the node namespace.
+fn agent_output(sandbox: &Sandbox, args: &[&str], format: &str) -> String {
     let bin = lb_tests::agent::agent_bin();
     let out = lb_tests::netns::run(
         sandbox
@@ -535,10 +535,15 @@ fn agent_json(sandbox: &Sandbox, args: &[&str]) -> serde_json::Value {
             .args(args)
             .arg("--bpf-root")
             .arg(&sandbox.bpf_root)
-            .args(["-o", "json"]),
+            .args(["-o", format]),
     )
     .unwrap_or_else(|e| panic!("lb-agent {args:?}: {e:#}"));
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `lb-agent ARGS --bpf-root ROOT -o json`, in the node namespace.
+fn agent_json(sandbox: &Sandbox, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&agent_output(sandbox, args, "json")).unwrap()
 }
 
 #[test]
@@ -572,11 +577,53 @@ fn inspect_and_trace_show_what_the_kernel_does() {
         maps.as_array().unwrap().iter().any(|m| m["map"] == "CONNTRACK"),
         "{maps}"
     );
-    let ct_before = agent_json(&sandbox, &["conntrack", "--service", "198.19.0.10:8080/TCP"])
-        .as_array()
-        .unwrap()
-        .len();
+    let ct = agent_json(&sandbox, &["conntrack", "--service", "198.19.0.10:8080/TCP"]);
+    let ct_before = ct.as_array().unwrap().len();
     assert!(ct_before > 0);
+    // Expiry from now, within the flow's lifetime (not the raw clock).
+    let status = agent_json(&sandbox, &["status"]);
+    let lifetime = status["config"]["tcp_established_timeout"].as_i64().unwrap();
+    for e in ct.as_array().unwrap() {
+        let left = e["expires_in"].as_i64().unwrap();
+        assert!(0 < left && left <= lifetime, "{e} (lifetime {lifetime})");
+    }
+    let table = agent_output(&sandbox, &["conntrack"], "table");
+    assert!(table.contains("EXPIRES-IN"), "{table}");
+    for line in table.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let expiry = line.split_whitespace().last().unwrap();
+        assert!(expiry.ends_with('s') && expiry.len() < 10, "{line}");
+    }
+    // Status from the pins: layouts, links, settings and fill levels.
+    assert_eq!(status["config"]["forwarding_mode"], "redirect", "{status}");
+    assert_eq!(status["last_sync"], "unknown", "{status}");
+    assert!(
+        status["layouts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().starts_with("CONNTRACK-v")),
+        "{status}"
+    );
+    assert!(
+        status["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["interface"].is_string()),
+        "{status}"
+    );
+    assert!(
+        status["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["map"] == "CONNTRACK" && m["entries"].as_u64() > Some(0)),
+        "{status}"
+    );
+    let services = agent_output(&sandbox, &["services"], "yaml");
+    assert!(services.contains("- frontend: 198.19.0.10:8080/TCP"), "{services}");
+    let wide = agent_output(&sandbox, &["maps"], "wide");
+    assert!(wide.contains("FILL"), "{wide}");
 
     // A packet to the service: balanced to a pod, client kept; no trace left in conntrack.
     let t = agent_json(
