@@ -118,7 +118,8 @@ pub fn services(maps: &BpfMaps) -> anyhow::Result<ServicesView> {
 
 /// A view an inspect command prints: its fields as JSON/YAML, or a table.
 pub trait View: Serialize {
-    /// Column headers; `wide` adds the extra columns.
+    /// Column headers (none: a table without header); `wide` adds the
+    /// extra columns.
     fn columns(wide: bool) -> Vec<&'static str>;
     /// One table row per item, as many cells as `columns(wide)`.
     fn rows(&self, wide: bool) -> Vec<Vec<String>>;
@@ -146,9 +147,11 @@ pub fn print<V: View>(view: &V, output: Output) -> anyhow::Result<()> {
 /// `view` as a table.
 fn table_of<V: View>(view: &V, wide: bool) -> comfy_table::Table {
     let mut table = comfy_table::Table::new();
-    table
-        .load_preset(comfy_table::presets::NOTHING)
-        .set_header(V::columns(wide));
+    table.load_preset(comfy_table::presets::NOTHING);
+    let columns = V::columns(wide);
+    if !columns.is_empty() {
+        table.set_header(columns);
+    }
     for r in view.rows(wide) {
         table.add_row(r);
     }
@@ -605,8 +608,9 @@ pub fn status(bpf_root: &std::path::Path) -> anyhow::Result<StatusView> {
 }
 
 impl View for StatusView {
+    /// Field and value lines, no header.
     fn columns(_wide: bool) -> Vec<&'static str> {
-        vec!["FIELD", "VALUE"]
+        Vec::new()
     }
     fn rows(&self, _wide: bool) -> Vec<Vec<String>> {
         let c = &self.config;
