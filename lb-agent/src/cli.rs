@@ -87,8 +87,15 @@ pub enum Command {
     Maps(InspectArgs),
     /// The pinned datapath at a glance, read from the pins only (the agent
     /// may be down): version, layouts, attached links, node settings, map
-    /// fill levels.
-    Status(InspectArgs),
+    /// fill levels; the last sync from a running agent's metrics.
+    Status {
+        /// The agent's metrics endpoint (its --metrics-bind-address, e.g.
+        /// 127.0.0.1:10249), to show when it last synced.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_address: Option<String>,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
     /// Run one crafted packet through the loaded program on the live maps
     /// and show what happens to it (run in the node's network namespace).
     Trace {

@@ -547,8 +547,68 @@ pub struct StatusView {
     pub links: Vec<LinkView>,
     pub config: NodeConfigView,
     pub maps: Vec<MapRow>,
-    /// The agent does not record its last sync in the pins.
-    pub last_sync: &'static str,
+    /// How long ago the running agent last synced, from its /metrics
+    /// (`--metrics-address`); "unknown" without: the pins do not record it.
+    pub last_sync: String,
+    /// That sync's time (unix seconds), when known.
+    pub last_sync_unix: Option<f64>,
+}
+
+/// kube-proxy's gauge of the last successful sync.
+const LAST_SYNC_METRIC: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+
+/// The largest value of the samples of `name` (any labels, e.g. one per
+/// IP family) in a Prometheus text exposition.
+fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once('}')?.1,
+                None => rest,
+            };
+            rest.strip_prefix(' ')?.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .reduce(f64::max)
+}
+
+/// GET http://ADDRESS/metrics (the agent's --metrics-bind-address).
+fn fetch_metrics(address: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(2);
+    let to = address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{address}: no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    // HTTP/1.0: the server closes after the response.
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// (how long ago, unix seconds) of the last sync, from the agent's metrics.
+fn last_sync(metrics_address: Option<&str>) -> (String, Option<f64>) {
+    let Some(address) = metrics_address else {
+        return ("unknown".into(), None);
+    };
+    let at = match fetch_metrics(address) {
+        Ok(body) => metric_value(&body, LAST_SYNC_METRIC),
+        Err(e) => return (format!("unknown (metrics at {address}: {e})"), None),
+    };
+    let Some(at) = at.filter(|t| *t > 0.0) else {
+        return ("never".into(), None);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    (
+        format!("{} ago", duration_from_now((now - at).max(1.0) as i64)),
+        Some(at),
+    )
 }
 
 /// The name of interface `ifindex` in this network namespace.
@@ -579,7 +639,7 @@ fn dir_names(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-pub fn status(bpf_root: &std::path::Path) -> anyhow::Result<StatusView> {
+pub fn status(bpf_root: &std::path::Path, metrics_address: Option<&str>) -> anyhow::Result<StatusView> {
     let maps = BpfMaps::open_pinned(bpf_root)?;
     let config = maps
         .config
@@ -596,6 +656,7 @@ pub fn status(bpf_root: &std::path::Path) -> anyhow::Result<StatusView> {
             }
         })
         .collect();
+    let last_sync = last_sync(metrics_address);
     Ok(StatusView {
         version: env!("CARGO_PKG_VERSION"),
         bpf_root: bpf_root.display().to_string(),
@@ -603,7 +664,8 @@ pub fn status(bpf_root: &std::path::Path) -> anyhow::Result<StatusView> {
         links,
         config: NodeConfigView::of(&config),
         maps: maps_fill(&maps),
-        last_sync: "unknown",
+        last_sync: last_sync.0,
+        last_sync_unix: last_sync.1,
     })
 }
 
@@ -640,7 +702,7 @@ impl View for StatusView {
                     c.udp_stream_timeout
                 ),
             ),
-            ("last sync", self.last_sync.to_string()),
+            ("last sync", self.last_sync.clone()),
         ];
         rows.into_iter().map(|(k, v)| vec![k.to_string(), v]).collect()
     }
@@ -667,6 +729,17 @@ mod tests {
         ] {
             assert_eq!(duration_from_now(secs), shown, "{secs}");
         }
+    }
+
+    #[test]
+    fn metric_values_by_exact_name() {
+        let body = "HTTP/1.0 200 OK\r\n\r\n# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds x\n\
+            kubeproxy_sync_proxy_rules_last_timestamp_seconds_total 3\n\
+            kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1796620000.5\n\
+            kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"} 1796610000\n";
+        assert_eq!(metric_value(body, LAST_SYNC_METRIC), Some(1796620000.5));
+        assert_eq!(metric_value("x 2\nx{a=\"b\"} 3\n", "x"), Some(3.0));
+        assert_eq!(metric_value(body, "absent"), None);
     }
 
     #[test]

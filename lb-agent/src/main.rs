@@ -97,7 +97,10 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status(a) => print(&inspect::status(&a.bpf_root)?, a.output),
+        Command::Status {
+            metrics_address,
+            inspect: a,
+        } => print(&inspect::status(&a.bpf_root, metrics_address.as_deref())?, a.output),
         Command::Maps(a) => print(&inspect::maps_fill(&BpfMaps::open_pinned(&a.bpf_root)?), a.output),
         Command::Cleanup(args) => {
             // Our own datapath only when asked, or when nothing else is.

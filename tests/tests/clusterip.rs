@@ -596,6 +596,10 @@ fn inspect_and_trace_show_what_the_kernel_does() {
     // Status from the pins: layouts, links, settings and fill levels.
     assert_eq!(status["config"]["forwarding_mode"], "redirect", "{status}");
     assert_eq!(status["last_sync"], "unknown", "{status}");
+    // With the agent's metrics: when it last synced.
+    let synced = agent_json(&sandbox, &["status", "--metrics-address", "127.0.0.1:10249"]);
+    assert!(synced["last_sync_unix"].as_f64() > Some(0.0), "{synced}");
+    assert!(synced["last_sync"].as_str().unwrap().ends_with("s ago"), "{synced}");
     assert!(
         status["layouts"]
             .as_array()
