@@ -222,23 +222,25 @@ fn restarts_under_load_drop_no_connection() {
 fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
     // lb-agent's test-only layout version override of CONNTRACK.
     const BUMP: &str = "LB_TEST_CONNTRACK_LAYOUT_VERSION";
-    // Conntrack sizes above what the load fills (~15,000 entries a second
-    // of it; what a smaller table keeps is datapath.rs's migration test),
-    // and a change of the service and backend table sizes in between.
+    // Conntrack sizes well above what the load keeps live (~15,000 entries
+    // a second, each closed flow held 10 s: ~150,000; a table at 131,072
+    // evicted live flows now and then — LRU pressure, not migration). What
+    // a smaller table keeps is datapath.rs's migration test. The service
+    // and backend table sizes change in between.
     const SMALLER_TABLES: [&str; 4] = ["--max-services", "4096", "--max-backends", "16384"];
     let restarts = [
         Restart {
-            args: &["--conntrack-max", "131072"],
+            args: &["--conntrack-max", "393216"],
             envs: &[],
         },
         Restart {
-            args: &["--conntrack-max", "131072"],
+            args: &["--conntrack-max", "393216"],
             envs: &[(BUMP, "2")],
         },
         Restart {
             args: &[
                 "--conntrack-max",
-                "262144",
+                "524288",
                 SMALLER_TABLES[0],
                 SMALLER_TABLES[1],
                 SMALLER_TABLES[2],
@@ -249,7 +251,7 @@ fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
         Restart {
             args: &[
                 "--conntrack-max",
-                "262144",
+                "524288",
                 SMALLER_TABLES[0],
                 SMALLER_TABLES[1],
                 SMALLER_TABLES[2],
@@ -258,7 +260,7 @@ fn upgrades_that_resize_or_relayout_conntrack_drop_no_connection() {
             envs: &[(BUMP, "3")],
         },
         Restart {
-            args: &["--conntrack-max", "131072"],
+            args: &["--conntrack-max", "393216"],
             envs: &[(BUMP, "3")],
         },
     ];
