@@ -300,7 +300,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
     // A service the maps cannot take (ids or a map full) does not stop
     // the agent: the others are programmed, the failure is counted and
     // retried as a full resync, and /healthz turns unhealthy if it lasts.
-    let first_sync_ok = sync_once(&mut syncer, datapath, &model, applied_generation, &status);
+    let first_sync_ok = sync_once(&mut syncer, datapath, &model, applied_generation, &status, None);
     if first_sync_ok {
         health.update(&model.health_checks, &node.health_check_addrs(&snapshot));
         report_sync(&status, &syncer, &model);
@@ -373,7 +373,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                     Some((snapshot, generation)) => {
                         lock_status(&status).node_eligible = node.eligible(&snapshot);
                         let model = node.build_model(&snapshot);
-                        let ok = sync_once(&mut syncer, datapath, &model, generation, &status);
+                        let ok = sync_once(&mut syncer, datapath, &model, generation, &status, None);
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
@@ -409,7 +409,7 @@ async fn serve(args: &RunArgs, datapath: &mut Datapath, endpoints: Endpoints) ->
                     (Ok(actual), Some((snapshot, generation))) => {
                         lock_status(&status).node_eligible = node.eligible(&snapshot);
                         let model = node.build_model(&snapshot);
-                        let ok = resync_once(&mut syncer, datapath, &model, actual, generation, &status);
+                        let ok = sync_once(&mut syncer, datapath, &model, generation, &status, Some(actual));
                         if ok {
                             applied_generation = generation;
                             node_changed = false;
@@ -750,45 +750,24 @@ fn release_freed_memory() {
     }
 }
 
-/// One sync; false when it failed (the next one is then a full resync).
+/// One sync — against maps read on another thread when `read` holds them
+/// (the periodic full resync) — then stale UDP flows cleared and the
+/// outcome logged (a failure counted); false when it failed (the next one
+/// is then a full resync).
 fn sync_once(
     syncer: &mut Syncer,
     datapath: &mut Datapath,
     model: &Model,
     generation: u64,
     status: &SharedStatus,
+    read: Option<MapContents>,
 ) -> bool {
     let started = Instant::now();
-    let full = syncer.full_resync_pending();
-    let result = syncer.sync(&mut datapath.maps, model);
-    after_sync(syncer, datapath, model, generation, status, (started, full), result)
-}
-
-/// The periodic full resync, against maps read on another thread.
-fn resync_once(
-    syncer: &mut Syncer,
-    datapath: &mut Datapath,
-    model: &Model,
-    actual: MapContents,
-    generation: u64,
-    status: &SharedStatus,
-) -> bool {
-    let started = Instant::now();
-    let result = syncer.resync_against(&mut datapath.maps, model, actual);
-    after_sync(syncer, datapath, model, generation, status, (started, true), result)
-}
-
-/// What follows every sync: stale UDP flows cleared, the outcome logged
-/// (a failure counted); true when it succeeded.
-fn after_sync(
-    syncer: &mut Syncer,
-    datapath: &mut Datapath,
-    model: &Model,
-    generation: u64,
-    status: &SharedStatus,
-    (started, full): (Instant, bool),
-    result: Result<crate::sync::SyncReport, crate::sync::SyncError>,
-) -> bool {
+    let full = read.is_some() || syncer.full_resync_pending();
+    let result = match read {
+        Some(actual) => syncer.resync_against(&mut datapath.maps, model, actual),
+        None => syncer.sync(&mut datapath.maps, model),
+    };
     lock_status(status).observe_sync(full, started.elapsed());
     match result {
         Ok(report) => {

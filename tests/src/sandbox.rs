@@ -136,6 +136,15 @@ impl Sandbox {
         format!("veth{}", self.pods.len())
     }
 
+    /// A whole HTTP/1.0 response from 127.0.0.1:`port` in the node
+    /// namespace (the agent's /metrics, /healthz, /livez).
+    pub fn node_get(&self, port: u16, path: &'static str) -> String {
+        self.node
+            .run(move || crate::client::raw_http_get(([127, 0, 0, 1], port).into(), path))
+            .unwrap()
+            .expect("request to the agent")
+    }
+
     pub fn client(&self) -> &Netns {
         &self.clients[0].ns
     }

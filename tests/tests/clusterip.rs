@@ -464,15 +464,6 @@ fn invalid_manifest_is_reported_and_other_services_keep_working() {
     assert_eq!(counts.values().sum::<usize>(), 30);
 }
 
-/// A whole HTTP/1.0 response from 127.0.0.1:`port` in the node namespace.
-fn node_get(sandbox: &Sandbox, port: u16, path: &'static str) -> String {
-    sandbox
-        .node
-        .run(move || lb_tests::client::raw_http_get(([127, 0, 0, 1], port).into(), path))
-        .unwrap()
-        .expect("request to the agent")
-}
-
 #[test]
 fn metrics_and_health_endpoints_report_the_datapath() {
     let sandbox = Sandbox::new("lbt-", &PODS).expect("sandbox");
@@ -486,7 +477,7 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     )
     .expect("agent");
     spread(&sandbox, addr(NGINX_VIP, 8080), 30);
-    let metrics = node_get(&sandbox, 10249, "/metrics");
+    let metrics = sandbox.node_get(10249, "/metrics");
     assert!(
         metrics
             .to_ascii_lowercase()
@@ -519,12 +510,12 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     if let Err(problems) = lb_tests::promtool::check_metrics(body) {
         panic!("promtool check metrics on the scrape:\n{problems}\n{body}");
     }
-    let health = node_get(&sandbox, 10256, "/healthz");
+    let health = sandbox.node_get(10256, "/healthz");
     assert!(
         health.starts_with("HTTP/1.0 200") && health.contains("\"lastUpdated\""),
         "{health}"
     );
-    assert!(node_get(&sandbox, 10256, "/livez").starts_with("HTTP/1.0 200"));
+    assert!(sandbox.node_get(10256, "/livez").starts_with("HTTP/1.0 200"));
 }
 
 /// `lb-agent ARGS --bpf-root ROOT -o FORMAT`'s output, in the node namespace.

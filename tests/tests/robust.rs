@@ -15,18 +15,9 @@ fn vip() -> SocketAddr {
     SocketAddr::from((NGINX_VIP, 8080))
 }
 
-/// A whole HTTP/1.0 response from 127.0.0.1:`port` in the node namespace.
-fn node_get(sandbox: &Sandbox, port: u16, path: &'static str) -> String {
-    sandbox
-        .node
-        .run(move || lb_tests::client::raw_http_get(([127, 0, 0, 1], port).into(), path))
-        .unwrap()
-        .expect("request to the agent")
-}
-
 /// The value of `series` in /metrics.
 fn metric(sandbox: &Sandbox, series: &str) -> u64 {
-    let metrics = node_get(sandbox, 10249, "/metrics");
+    let metrics = sandbox.node_get(10249, "/metrics");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
