@@ -4,19 +4,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use lb_common::{BackendSlotKey, RawAddr, ServiceScope, map_names, proto};
+use lb_common::{BackendSlotKey, ServiceScope, map_names, proto};
 use serde::Serialize;
 
 use crate::cli::Output;
 use crate::datapath::BpfMaps;
 use crate::datapath::maps::dump;
 
-pub fn ip_of(raw: &RawAddr) -> IpAddr {
-    match lb_common::addr::v4_word(raw) {
-        Some(word) => IpAddr::from(word.to_ne_bytes()),
-        None => IpAddr::from(*raw),
-    }
-}
+pub use lb_common::addr::to_ip as ip_of;
 
 fn proto_name(p: u8) -> String {
     match p {

@@ -6,11 +6,11 @@ pub mod health;
 pub mod inspect;
 pub mod kube_proxy;
 pub mod kube_proxy_config;
-pub mod maglev;
 pub mod metrics;
-pub mod model;
 pub mod run;
 pub mod source;
-pub mod sync;
 pub mod trace;
-pub mod tracker;
+
+// The pure control plane lives in lb-control; these keep its modules at
+// the paths the agent's code uses.
+pub use lb_control::{maglev, model, sync, tracker};

@@ -22,3 +22,34 @@ pub const fn v4_word(addr: &RawAddr) -> Option<u32> {
         None
     }
 }
+
+/// The `RawAddr` of an address (IPv4 as IPv4-mapped).
+pub fn from_ip(ip: core::net::IpAddr) -> RawAddr {
+    match ip {
+        core::net::IpAddr::V4(v4) => from_v4_word(u32::from_ne_bytes(v4.octets())),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a `RawAddr` holds (an IPv4-mapped one as IPv4).
+pub fn to_ip(raw: &RawAddr) -> core::net::IpAddr {
+    match v4_word(raw) {
+        Some(word) => core::net::IpAddr::from(word.to_ne_bytes()),
+        None => core::net::IpAddr::from(*raw),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_families_round_trip() {
+        for ip in ["198.18.0.1", "0.0.0.0", "fd00::1", "::"] {
+            let ip: core::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(to_ip(&from_ip(ip)), ip);
+        }
+        let v4: core::net::IpAddr = "198.18.0.1".parse().unwrap();
+        assert_eq!(from_ip(v4)[10..], [0xff, 0xff, 198, 18, 0, 1]);
+    }
+}
